@@ -1,0 +1,1 @@
+//! Feedback capture into Redis Streams. Arrives with its own issue.

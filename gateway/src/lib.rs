@@ -1,0 +1,1 @@
+//! The HTTP gateway (OpenAI-compatible API, keys, limits, policy). Arrives with its own issue.

@@ -1,0 +1,249 @@
+//! The serving engine: a bounded queue in front of one batching thread, and a
+//! handle that can swap the whole engine atomically.
+//!
+//! [`Engine::submit`] validates a request and enqueues it, returning
+//! [`Error::Overloaded`] at once when the queue is full. The returned
+//! [`Generation`] streams [`Event`]s; dropping it cancels the request.
+//! [`EngineHandle::swap`] installs a new engine for new requests while the old
+//! one finishes the requests it already has, then stops.
+
+mod batcher;
+pub mod request;
+mod sequence;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, TokenLogprob};
+
+use crate::error::{Error, Result};
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use batcher::{Batcher, Job};
+
+/// Queueing and batching limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Requests that may wait for admission before `Overloaded` is returned.
+    pub queue_capacity: usize,
+    /// Samples (sequences) decoded together at most.
+    pub max_running: usize,
+    /// Prompt tokens prefilled in one step at most (one larger prompt may
+    /// still run alone).
+    pub max_batch_tokens: usize,
+    pub limits: RequestLimits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { queue_capacity: 256, max_running: 64, max_batch_tokens: 512, limits: RequestLimits::default() }
+    }
+}
+
+/// Live counters for metrics and `/readyz`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub queue_depth: AtomicUsize,
+    pub running: AtomicUsize,
+    pub last_batch_size: AtomicUsize,
+    pub steps: AtomicU64,
+}
+
+/// What a client may know about the model an engine serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The name clients pass as `model`.
+    pub name: String,
+    /// The checkpoint the weights came from (the `system_fingerprint`).
+    pub checkpoint: String,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+}
+
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    next_id: AtomicU64,
+}
+
+impl Engine {
+    /// Starts the batching thread that owns `model`.
+    pub fn start(model: Llama, tokenizer: Tokenizer, info: ModelInfo, config: EngineConfig) -> Result<Self> {
+        let tokenizer = Arc::new(tokenizer);
+        let stats = Arc::new(EngineStats::default());
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let batcher = Batcher::new(model, tokenizer.clone(), config.clone(), stats.clone(), rx);
+        std::thread::Builder::new().name(format!("engine-{}", info.checkpoint)).spawn(move || batcher.run())?;
+        Ok(Self { jobs: tx, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Validates and enqueues. `streaming` only changes validation (`best_of`).
+    pub fn submit(&self, request: GenerateRequest, streaming: bool) -> Result<Generation> {
+        request.validate(self.info.vocab_size, self.info.max_positions, &self.config.limits, streaming)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let summary =
+            GenerationSummary { prompt_tokens: request.prompt.len(), n: request.n, samples: request.samples() };
+        let job = Job { id, request, events: tx, enqueued: Instant::now() };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(Generation { id, events: rx, summary }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Error::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::EngineStopped),
+        }
+    }
+
+    /// Submits and waits for the whole completion.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<Completion> {
+        self.submit(request, false)?.collect().await
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GenerationSummary {
+    prompt_tokens: usize,
+    n: usize,
+    samples: usize,
+}
+
+/// A request in flight. Dropping it cancels the request.
+pub struct Generation {
+    id: u64,
+    events: mpsc::UnboundedReceiver<Event>,
+    summary: GenerationSummary,
+}
+
+impl Generation {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event, or `None` when every sample has finished.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Gathers all events into choices; with `best_of > n`, keeps the `n`
+    /// samples with the highest mean token log-probability.
+    pub async fn collect(mut self) -> Result<Completion> {
+        let mut completion = Completion {
+            prompt: None,
+            choices: (0..self.summary.samples).map(Choice::empty).collect(),
+            prompt_tokens: self.summary.prompt_tokens,
+            completion_tokens: 0,
+        };
+        let mut finished = 0;
+        while finished < self.summary.samples {
+            let Some(event) = self.events.recv().await else {
+                return Err(Error::EngineStopped);
+            };
+            match event {
+                Event::Prompt { tokens } => completion.prompt = Some(tokens),
+                Event::Token { index, text, token } => {
+                    if let Some(choice) = completion.choices.get_mut(index) {
+                        choice.text.push_str(&text);
+                        choice.tokens.extend(token);
+                    }
+                }
+                Event::Finished { index, reason, completion_tokens, mean_logprob } => {
+                    if let Some(choice) = completion.choices.get_mut(index) {
+                        choice.finish_reason = Some(reason);
+                        choice.mean_logprob = mean_logprob;
+                        choice.completion_tokens = completion_tokens;
+                    }
+                    completion.completion_tokens += completion_tokens;
+                    finished += 1;
+                }
+                Event::Failed { message } => return Err(Error::EngineFailure(message)),
+            }
+        }
+        if self.summary.samples > self.summary.n {
+            // Stable sort: equal scores keep sample order.
+            completion.choices.sort_by(|a, b| b.mean_logprob.total_cmp(&a.mean_logprob));
+            completion.choices.truncate(self.summary.n);
+            for (i, choice) in completion.choices.iter_mut().enumerate() {
+                choice.index = i;
+            }
+        }
+        Ok(completion)
+    }
+}
+
+/// A finished request.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The prompt's tokens when `echo` was set.
+    pub prompt: Option<Vec<TokenLogprob>>,
+    pub choices: Vec<Choice>,
+    pub prompt_tokens: usize,
+    /// Tokens generated over all samples, including those `best_of` dropped.
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub index: usize,
+    pub text: String,
+    /// Per-token log-probabilities, when they were requested.
+    pub tokens: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub mean_logprob: f32,
+    pub completion_tokens: usize,
+}
+
+impl Choice {
+    fn empty(index: usize) -> Self {
+        Self {
+            index,
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: None,
+            mean_logprob: 0.0,
+            completion_tokens: 0,
+        }
+    }
+}
+
+/// The engine currently serving, replaceable while requests run.
+///
+/// Each request takes an `Arc<Engine>` when it starts and keeps its
+/// [`Generation`] from that engine, so a swap never moves it. The old
+/// engine's thread exits once its last request ends and its last `Arc` drops.
+pub struct EngineHandle {
+    current: ArcSwap<Engine>,
+}
+
+impl EngineHandle {
+    pub fn new(engine: Engine) -> Self {
+        Self { current: ArcSwap::from_pointee(engine) }
+    }
+
+    pub fn current(&self) -> Arc<Engine> {
+        self.current.load_full()
+    }
+
+    /// Installs `engine` for all new requests; returns the one it replaced.
+    pub fn swap(&self, engine: Engine) -> Arc<Engine> {
+        let old = self.current.swap(Arc::new(engine));
+        tracing::info!(from = %old.info.checkpoint, to = %self.current.load().info.checkpoint, "engine swapped");
+        old
+    }
+}

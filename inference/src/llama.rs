@@ -1,0 +1,565 @@
+//! The Llama-family decoder, one set of weights with two forward passes.
+//!
+//! * [`Llama::hidden_states`] / [`Llama::forward_train`] run a padded batch
+//!   `[B, T]` through differentiable ops only. Several fast candle ops
+//!   (`rms_norm`, `rope*`, `softmax_last_dim`) have no backward pass and detach
+//!   silently, which would leave most parameters untrained; a test checks that
+//!   every parameter receives a gradient.
+//! * [`Llama::forward_batch`] is the serving path: a ragged batch of sequences,
+//!   each bringing its own new tokens (a whole prompt during prefill, one token
+//!   while decoding) and its own KV cache. All new tokens go through the
+//!   projections and MLP as one `[N, hidden]` matrix, so the weights are read
+//!   once per step however many sequences run; only attention is per sequence.
+//!
+//! Covers Llama 2/3, SmolLM2, TinyLlama, Mistral (full attention) and Qwen2
+//! (bias on Q/K/V).
+
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+pub use crate::kv_cache::SequenceCache;
+use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
+
+/// Attention softmax runs in F32 whatever the weights' dtype.
+const ATTENTION_DTYPE: DType = DType::F32;
+
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RopeTables,
+    device: Device,
+    dtype: DType,
+}
+
+/// The new tokens one sequence brings to a serving step, with its cache.
+pub struct BatchChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SequenceCache,
+    /// Return logits for every new token (prompt logprobs for `echo`), not just the last.
+    pub all_logits: bool,
+}
+
+impl Llama {
+    /// Builds the model from a var builder (safetensors for serving, a
+    /// `VarMap` for training). Missing tensors and shape mismatches are
+    /// reported with the tensor's name.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let embed_tokens = candle_nn::embedding(config.vocab_size, config.hidden_size, vb.pp("model.embed_tokens"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(config, vb.pp(format!("model.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(config.hidden_size, config.rms_norm_eps, vb.pp("model.norm"))?;
+        let lm_head = if config.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+        };
+        let rope = RopeTables::new(config, dtype, &device)?;
+        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rope, device, dtype })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Longest sequence (prompt plus completion) the model can hold.
+    pub fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// An empty cache with room for `capacity` positions before it regrows.
+    pub fn new_cache(&self, capacity: usize) -> SequenceCache {
+        let capacity = capacity.clamp(1, self.max_positions());
+        let kv_width = self.config.num_kv_heads() * self.config.head_dim();
+        SequenceCache::new(self.layers.len(), capacity, kv_width, &self.device)
+    }
+
+    /// Final-norm hidden states `[B, T, hidden]` of a right-padded batch of
+    /// token ids `[B, T]`, through differentiable ops only. `residual_dropout`
+    /// is applied to each residual branch (0 disables it; SFT uses 0.2).
+    pub fn hidden_states(&self, input_ids: &Tensor, residual_dropout: f32) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        if t > self.max_positions() {
+            return Err(Error::invalid(
+                "input_ids",
+                format!("sequence of {t} tokens exceeds the model's {} positions", self.max_positions()),
+            ));
+        }
+        let mask = causal_mask(t, 0, &self.device)?;
+        let (cos, sin) = (self.rope.cos.narrow(0, 0, t)?, self.rope.sin.narrow(0, 0, t)?);
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward_train(&x, &cos, &sin, &mask, residual_dropout)?;
+        }
+        self.norm.forward_differentiable(&x)
+    }
+
+    /// Projects hidden states onto the vocabulary.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Logits `[B, T, vocab]` at every position, differentiable.
+    pub fn forward_train(&self, input_ids: &Tensor, residual_dropout: f32) -> Result<Tensor> {
+        self.lm_head(&self.hidden_states(input_ids, residual_dropout)?)
+    }
+
+    /// One serving step over a ragged batch. Appends every chunk's keys and
+    /// values to its cache and returns, per chunk, F32 logits `[rows, vocab]`
+    /// where `rows` is 1 (the last new token) or every new token when
+    /// `all_logits` is set.
+    pub fn forward_batch(&self, chunks: &mut [BatchChunk<'_>]) -> Result<Vec<Tensor>> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for chunk in chunks.iter() {
+            if chunk.tokens.is_empty() {
+                return Err(Error::invalid("prompt", "a sequence brought no tokens to the batch"));
+            }
+            let start = chunk.cache.len;
+            let end = start + chunk.tokens.len();
+            if end > self.max_positions() {
+                return Err(Error::invalid(
+                    "prompt",
+                    format!("sequence would reach {end} tokens, beyond the model's {} positions", self.max_positions()),
+                ));
+            }
+            if let Some(&bad) = chunk.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(Error::invalid(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size),
+                ));
+            }
+            ids.extend_from_slice(chunk.tokens);
+            positions.extend((start..end).map(|p| p as u32));
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = ids.len();
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.rope.cos.index_select(&positions, 0)?;
+        let sin = self.rope.sin.index_select(&positions, 0)?;
+        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, n, &self.device)?)?;
+        let mut caches: Vec<(&mut SequenceCache, usize)> =
+            chunks.iter_mut().map(|c| (&mut *c.cache, c.tokens.len())).collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_batch(&x, &cos, &sin, &mut caches, i)?;
+        }
+        drop(caches);
+        let mut offset = 0;
+        let mut rows = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter_mut() {
+            let len = chunk.tokens.len();
+            chunk.cache.len += len;
+            let take = if chunk.all_logits { len } else { 1 };
+            rows.push((offset + len - take, take));
+            offset += len;
+        }
+        // Only the rows someone asked for go through the (large) vocabulary projection.
+        let index: Vec<u32> = rows.iter().flat_map(|&(s, k)| (s..s + k).map(|r| r as u32)).collect();
+        let picked = x.index_select(&Tensor::from_vec(index.clone(), index.len(), &self.device)?, 0)?;
+        let logits = serve(&self.lm_head, &self.norm.forward_fast(&picked)?)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for (_, take) in rows {
+            out.push(logits.narrow(0, at, take)?);
+            at += take;
+        }
+        Ok(out)
+    }
+}
+
+struct DecoderLayer {
+    attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward_train(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, dropout: f32) -> Result<Tensor> {
+        let h = self.attn.forward_train(&self.input_layernorm.forward_differentiable(x)?, cos, sin, mask)?;
+        let x = (x + residual_dropout(&h, dropout)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
+        Ok((&x + residual_dropout(&h, dropout)?)?)
+    }
+
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [(&mut SequenceCache, usize)],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward_batch(&self.input_layernorm.forward_fast(x)?, cos, sin, caches, layer)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward_serving(&self.post_attention_layernorm.forward_fast(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// The serving path's projection: the CPU few-row kernel where it applies,
+/// candle's matmul elsewhere. `x` is `[N, in]`.
+fn serve(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    match crate::cpu_linear::linear(x, linear.weight(), linear.bias())? {
+        Some(y) => Ok(y),
+        None => Ok(linear.forward(x)?),
+    }
+}
+
+fn residual_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    if p > 0.0 { Ok(candle_nn::ops::dropout(x, p)?) } else { Ok(x.clone()) }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let proj = |out: usize, name: &str| -> Result<Linear> {
+            Ok(if cfg.has_qkv_bias() {
+                candle_nn::linear(cfg.hidden_size, out, vb.pp(name))?
+            } else {
+                candle_nn::linear_no_bias(cfg.hidden_size, out, vb.pp(name))?
+            })
+        };
+        Ok(Self {
+            q_proj: proj(h * d, "q_proj")?,
+            k_proj: proj(kv * d, "k_proj")?,
+            v_proj: proj(kv * d, "v_proj")?,
+            o_proj: candle_nn::linear_no_bias(h * d, cfg.hidden_size, vb.pp("o_proj"))?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn groups(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    fn forward_train(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            Ok(proj.forward(x)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope_slow(&heads(&self.q_proj, h)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(&self.k_proj, kv)?, cos, sin)?;
+        let v = heads(&self.v_proj, kv)?;
+        let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
+        let dtype = q.dtype();
+        let scores = (q.to_dtype(ATTENTION_DTYPE)?.matmul(&k.to_dtype(ATTENTION_DTYPE)?.t()?)?
+            * (1.0 / (d as f64).sqrt()))?
+        .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// `[B, kv, T, D]` to `[B, heads, T, D]`: head `i` reads kv head `i / groups`.
+    fn repeat_kv(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.groups();
+        if g == 1 {
+            return Ok(x.clone());
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        Ok(x.unsqueeze(2)?.broadcast_as((b, kv, g, t, d))?.reshape((b, kv * g, t, d))?)
+    }
+
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [(&mut SequenceCache, usize)],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = serve(&self.q_proj, x)?.reshape((1, n, h, d))?;
+        let k = serve(&self.k_proj, x)?.reshape((1, n, kv, d))?;
+        let v = serve(&self.v_proj, x)?.reshape((n, kv, d))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        let dims = AttentionDims { num_heads: h, num_kv_heads: kv, head_dim: d };
+        let out = attend_batch(&q, &k, &v, caches, layer, dims)?;
+        serve(&self.o_proj, &out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+
+    fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&serve(&self.gate_proj, x)?)?;
+        serve(&self.down_proj, &(gate * serve(&self.up_proj, x)?)?)
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    /// candle's fused kernel: fast, but it has no backward pass.
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+    }
+
+    /// The same function from primitive ops, which all have gradients.
+    fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)?)
+    }
+}
+
+/// Precomputed `cos` / `sin` of every position, `[max_positions, head_dim / 2]`.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let mut inv_freq: Vec<f64> =
+            (0..dim / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            // Llama 3.1: keep high frequencies, divide low ones by `factor`,
+            // interpolate smoothly in between.
+            let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        let positions = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(positions * dim / 2);
+        let mut sin = Vec::with_capacity(positions * dim / 2);
+        for p in 0..positions {
+            for f in &inv_freq {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let shape = (positions, dim / 2);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// Logits of the last position of each row, a convenience for tests and tools.
+pub fn last_position(logits: &Tensor) -> Result<Tensor> {
+    let t = logits.dim(1)?;
+    Ok(logits.i((.., t - 1))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn tiny_config() -> LlamaConfig {
+        serde_json::from_str(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":32,"intermediate_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":50,
+            "max_position_embeddings":64,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#,
+        )
+        .unwrap()
+    }
+
+    /// A randomly initialised model whose parameters are all trainable vars.
+    fn trainable(cfg: &LlamaConfig) -> (VarMap, Llama) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = Llama::new(cfg, vb).unwrap();
+        // Norm weights start at 1 under VarMap's default init hints; perturb
+        // everything so a parameter that is skipped changes the output.
+        for var in varmap.all_vars() {
+            let noise = var.randn_like(0.0, 0.05).unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        (varmap, model)
+    }
+
+    #[test]
+    fn every_parameter_receives_a_gradient() {
+        let mut cfg = tiny_config();
+        cfg.attention_bias = true;
+        let (varmap, model) = trainable(&cfg);
+        let ids = Tensor::new(&[[3u32, 7, 1, 9, 4, 2], [5, 5, 8, 1, 0, 6]], &Device::Cpu).unwrap();
+        let logits = model.forward_train(&ids, 0.0).unwrap();
+        let targets = Tensor::new(&[7u32, 1, 9, 4, 2, 5, 8, 1, 0, 6, 3, 3], &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits.reshape((12, 50)).unwrap(), &targets).unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert!(data.len() > 20, "expected every layer's parameters, got {}", data.len());
+        for (name, var) in data.iter() {
+            let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+            let norm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0, "{name} has a zero gradient");
+        }
+    }
+
+    #[test]
+    fn cached_batched_forward_matches_training_forward() {
+        let cfg = tiny_config();
+        let (_varmap, model) = trainable(&cfg);
+        let seqs: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[9, 8, 7], &[4, 4, 4, 4, 10]];
+        // Reference: each sequence alone through the differentiable path.
+        let reference: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| {
+                let ids = Tensor::new(*s, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                model.forward_train(&ids, 0.0).unwrap().squeeze(0).unwrap()
+            })
+            .collect();
+        // Serving: prefill the first 2 tokens of each as one ragged batch,
+        // then feed the rest one token per step, all sequences together.
+        let mut caches: Vec<SequenceCache> = seqs.iter().map(|_| model.new_cache(4)).collect();
+        let mut got: Vec<Vec<Tensor>> = vec![Vec::new(); 3];
+        let mut pos = 0;
+        while pos < 7 {
+            let step = if pos == 0 { 2 } else { 1 };
+            let mut chunks: Vec<BatchChunk> = Vec::new();
+            let mut owners = Vec::new();
+            for (i, (s, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+                if pos < s.len() {
+                    let end = (pos + step).min(s.len());
+                    chunks.push(BatchChunk { tokens: &s[pos..end], cache, all_logits: true });
+                    owners.push(i);
+                }
+            }
+            let out = model.forward_batch(&mut chunks).unwrap();
+            for (i, logits) in owners.into_iter().zip(out) {
+                got[i].push(logits);
+            }
+            pos += step;
+        }
+        for (i, r) in reference.iter().enumerate() {
+            let g = Tensor::cat(&got[i], 0).unwrap();
+            let diff = (g - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "sequence {i}: max logit difference {diff}");
+        }
+    }
+
+    /// Prompts longer than the direct-loop limit take the matmul attention path.
+    #[test]
+    fn long_prefill_matches_training_forward() {
+        let cfg = tiny_config();
+        let (_varmap, model) = trainable(&cfg);
+        let seq: Vec<u32> = (0..48).map(|i| (i * 7 % 50) as u32).collect();
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let reference = model.forward_train(&ids, 0.0).unwrap().squeeze(0).unwrap();
+        let mut cache = model.new_cache(48);
+        let mut got =
+            model.forward_batch(&mut [BatchChunk { tokens: &seq[..40], cache: &mut cache, all_logits: true }]).unwrap();
+        got.extend(
+            model.forward_batch(&mut [BatchChunk { tokens: &seq[40..], cache: &mut cache, all_logits: true }]).unwrap(),
+        );
+        let got = Tensor::cat(&got, 0).unwrap();
+        let diff = (got - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "max logit difference {diff}");
+    }
+
+    #[test]
+    fn forked_cache_is_independent() {
+        let cfg = tiny_config();
+        let (_varmap, model) = trainable(&cfg);
+        let mut base = model.new_cache(8);
+        model.forward_batch(&mut [BatchChunk { tokens: &[1, 2, 3], cache: &mut base, all_logits: false }]).unwrap();
+        let mut a = base.fork(8).unwrap();
+        let mut b = base.fork(8).unwrap();
+        let la = model.forward_batch(&mut [BatchChunk { tokens: &[5], cache: &mut a, all_logits: false }]).unwrap();
+        model.forward_batch(&mut [BatchChunk { tokens: &[9], cache: &mut b, all_logits: false }]).unwrap();
+        let mut c = base.fork(8).unwrap();
+        let lc = model.forward_batch(&mut [BatchChunk { tokens: &[5], cache: &mut c, all_logits: false }]).unwrap();
+        let diff = (&la[0] - &lc[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "fork shared storage: {diff}");
+        assert_eq!(a.len(), 4);
+    }
+
+    #[test]
+    fn bad_tokens_and_overlong_sequences_are_errors() {
+        let cfg = tiny_config();
+        let (_varmap, model) = trainable(&cfg);
+        let mut cache = model.new_cache(8);
+        let err = model.forward_batch(&mut [BatchChunk { tokens: &[50], cache: &mut cache, all_logits: false }]);
+        assert!(matches!(err, Err(Error::InvalidRequest { .. })));
+        let long = vec![1u32; 65];
+        let err = model.forward_batch(&mut [BatchChunk { tokens: &long, cache: &mut cache, all_logits: false }]);
+        assert!(matches!(err, Err(Error::InvalidRequest { .. })));
+        assert_eq!(cache.len(), 0, "a refused step must not advance the cache");
+    }
+}

@@ -1,0 +1,225 @@
+//! `instructd bench`: prefill and decode throughput and latency of the engine
+//! on one model directory, printed as a table (and optionally JSON).
+//!
+//! Decode runs `c` requests at once (each a distinct prompt, greedy, a fixed
+//! number of tokens with EOS ignored), so the figure is the aggregate
+//! throughput continuous batching gives at that concurrency.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use inference::engine::{Engine, EngineConfig, Event, GenerateRequest};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "models/smollm2-135m-instruct")]
+    model: PathBuf,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Prompt length of every request.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per request in the decode runs.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Concurrent requests for each decode run.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Also print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+const PASSAGE: &str = "The history of the printing press begins with the need to copy texts faster than \
+scribes could. Movable type, ink that clung to metal, and a press adapted from those used for wine and \
+olive oil came together in the fifteenth century. Within fifty years presses operated in hundreds of \
+towns, books became cheaper, and ideas travelled further and faster than ever before. ";
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    workload: String,
+    requests: usize,
+    tokens_per_s: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let load_start = Instant::now();
+    let config = EngineConfig { max_running: 64, queue_capacity: 1024, ..Default::default() };
+    let engine = super::start_engine(&args.model, &args.dtype, config)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let prompts = make_prompts(&engine, args.prompt_tokens, args.concurrency.iter().copied().max().unwrap_or(1))?;
+
+    runtime.block_on(async {
+        // Warm-up: first-touch of weights and allocator pools.
+        run_batch(&engine, &prompts[..1], 4).await?;
+        let mut rows = Vec::new();
+        let mut prefill = Vec::new();
+        for _ in 0..3 {
+            let timings = run_batch(&engine, &prompts[..1], 1).await?;
+            prefill.push(timings[0].ttft);
+        }
+        prefill.sort();
+        let ttft = prefill[1];
+        rows.push(Row {
+            workload: format!("prefill {} tokens", args.prompt_tokens),
+            requests: 1,
+            tokens_per_s: args.prompt_tokens as f64 / ttft.as_secs_f64(),
+            ttft_p50_ms: ms(ttft),
+            ttft_p99_ms: ms(prefill[2]),
+            latency_p50_ms: ms(ttft),
+            latency_p99_ms: ms(prefill[2]),
+        });
+        for &c in &args.concurrency {
+            let start = Instant::now();
+            let timings = run_batch(&engine, &prompts[..c], args.gen_tokens).await?;
+            let wall = start.elapsed().as_secs_f64();
+            let generated: usize = timings.iter().map(|t| t.tokens).sum();
+            let mut ttft: Vec<Duration> = timings.iter().map(|t| t.ttft).collect();
+            let mut latency: Vec<Duration> = timings.iter().map(|t| t.total).collect();
+            ttft.sort();
+            latency.sort();
+            rows.push(Row {
+                workload: format!("decode {c} concurrent x {} tokens", args.gen_tokens),
+                requests: c,
+                tokens_per_s: generated as f64 / wall,
+                ttft_p50_ms: ms(percentile(&ttft, 50.0)),
+                ttft_p99_ms: ms(percentile(&ttft, 99.0)),
+                latency_p50_ms: ms(percentile(&latency, 50.0)),
+                latency_p99_ms: ms(percentile(&latency, 99.0)),
+            });
+        }
+        print_report(&args, load_s, &rows);
+        anyhow::Ok(())
+    })
+}
+
+struct Timing {
+    ttft: Duration,
+    total: Duration,
+    tokens: usize,
+}
+
+/// Submits every prompt at once and waits for all of them.
+async fn run_batch(engine: &Engine, prompts: &[Vec<u32>], max_tokens: usize) -> anyhow::Result<Vec<Timing>> {
+    let start = Instant::now();
+    let mut generations = Vec::new();
+    for prompt in prompts {
+        let mut request = GenerateRequest::new(prompt.clone(), max_tokens);
+        request.sampling.temperature = 0.0;
+        request.ignore_eos = true;
+        generations.push(engine.submit(request, true)?);
+    }
+    let tasks = generations.into_iter().map(|mut generation| async move {
+        let mut first = None;
+        let mut tokens = 0;
+        while let Some(event) = generation.next().await {
+            match event {
+                Event::Token { token: _, .. } => {
+                    first.get_or_insert_with(|| start.elapsed());
+                }
+                Event::Finished { completion_tokens, .. } => {
+                    tokens = completion_tokens;
+                    break;
+                }
+                Event::Failed { message } => anyhow::bail!(message),
+                Event::Prompt { .. } => {}
+            }
+        }
+        let total = start.elapsed();
+        Ok(Timing { ttft: first.unwrap_or(total), total, tokens })
+    });
+    futures_join_all(tasks).await
+}
+
+/// Polls the futures concurrently on the current task (they only await channel receives).
+async fn futures_join_all<F, T>(futures: impl IntoIterator<Item = F>) -> anyhow::Result<Vec<T>>
+where
+    F: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.context("benchmark task panicked")??);
+    }
+    Ok(out)
+}
+
+/// `count` distinct prompts of exactly `len` tokens.
+fn make_prompts(engine: &Engine, len: usize, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let tokenizer = engine.tokenizer();
+    let passage = tokenizer.encode(&PASSAGE.repeat(len / 40 + 2), false)?;
+    (0..count)
+        .map(|i| {
+            let mut ids = tokenizer.encode(&format!("Request {i}. "), false)?;
+            ids.extend(passage.iter().copied());
+            ids.truncate(len);
+            anyhow::ensure!(ids.len() == len, "could not build a {len}-token prompt");
+            Ok(ids)
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_report(args: &BenchArgs, load_s: f64, rows: &[Row]) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| cores.to_string());
+    let peak_rss_mb = peak_rss_kb().map(|kb| kb as f64 / 1024.0);
+    println!(
+        "model {} ({}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
+        args.model.display(),
+        args.dtype
+    );
+    println!();
+    println!("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.workload, r.tokens_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.latency_p50_ms, r.latency_p99_ms
+        );
+    }
+    if let Some(mb) = peak_rss_mb {
+        println!();
+        println!("peak RSS {mb:.0} MB");
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "engine": "instructd", "model": args.model, "dtype": args.dtype, "cpu": cpu, "cores": cores,
+            "threads": threads, "load_s": load_s, "peak_rss_mb": peak_rss_mb, "rows": rows,
+        });
+        println!("{json}");
+    }
+}
+
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

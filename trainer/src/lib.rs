@@ -1,0 +1,1 @@
+//! The continuous trainer (SFT, RM, PPO-ptx). Arrives with its own issue.
