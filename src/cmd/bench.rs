@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Concurrent requests for each decode run.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     concurrency: Vec<usize>,
+    /// Engine compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Also print the results as one JSON object.
     #[arg(long)]
     json: bool,
@@ -46,11 +49,14 @@ struct Row {
     ttft_p99_ms: f64,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
+    /// Time per output token after the first, p50 over requests.
+    tpot_p50_ms: f64,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
-    let config = EngineConfig { max_running: 64, queue_capacity: 1024, ..Default::default() };
+    let config =
+        EngineConfig { max_running: 64, queue_capacity: 1024, compute_threads: args.threads, ..Default::default() };
     let engine = super::start_engine(&args.model, &args.dtype, config)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -75,6 +81,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ttft_p99_ms: ms(prefill[2]),
             latency_p50_ms: ms(ttft),
             latency_p99_ms: ms(prefill[2]),
+            tpot_p50_ms: f64::NAN,
         });
         for &c in &args.concurrency {
             let start = Instant::now();
@@ -83,8 +90,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let generated: usize = timings.iter().map(|t| t.tokens).sum();
             let mut ttft: Vec<Duration> = timings.iter().map(|t| t.ttft).collect();
             let mut latency: Vec<Duration> = timings.iter().map(|t| t.total).collect();
+            let mut tpot: Vec<Duration> =
+                timings.iter().map(|t| (t.total - t.ttft) / (t.tokens.saturating_sub(1).max(1) as u32)).collect();
             ttft.sort();
             latency.sort();
+            tpot.sort();
             rows.push(Row {
                 workload: format!("decode {c} concurrent x {} tokens", args.gen_tokens),
                 requests: c,
@@ -93,6 +103,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ttft_p99_ms: ms(percentile(&ttft, 99.0)),
                 latency_p50_ms: ms(percentile(&latency, 50.0)),
                 latency_p99_ms: ms(percentile(&latency, 99.0)),
+                tpot_p50_ms: ms(percentile(&tpot, 50.0)),
             });
         }
         print_report(&args, load_s, &rows);
@@ -189,7 +200,7 @@ fn print_report(args: &BenchArgs, load_s: f64, rows: &[Row]) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| cores.to_string());
+    let threads = if args.threads == 0 { cores } else { args.threads };
     let peak_rss_mb = peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(
         "model {} ({}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
@@ -197,14 +208,20 @@ fn print_report(args: &BenchArgs, load_s: f64, rows: &[Row]) {
         args.dtype
     );
     println!();
-    println!("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | TPOT p50 ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
+        let tpot = if r.tpot_p50_ms.is_nan() { "-".to_string() } else { format!("{:.1}", r.tpot_p50_ms) };
         println!(
-            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {tpot} |",
             r.workload, r.tokens_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.latency_p50_ms, r.latency_p99_ms
         );
     }
+    println!();
+    println!(
+        "tok/s: prompt tokens per second for prefill; generated tokens over wall time (prefill included) for decode."
+    );
+    println!("TPOT: time per output token after the first, per request.");
     if let Some(mb) = peak_rss_mb {
         println!();
         println!("peak RSS {mb:.0} MB");

@@ -36,11 +36,19 @@ pub struct EngineConfig {
     /// still run alone).
     pub max_batch_tokens: usize,
     pub limits: RequestLimits,
+    /// Threads the engine computes with (0 = one per available core).
+    pub compute_threads: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { queue_capacity: 256, max_running: 64, max_batch_tokens: 512, limits: RequestLimits::default() }
+        Self {
+            queue_capacity: 256,
+            max_running: 64,
+            max_batch_tokens: 512,
+            limits: RequestLimits::default(),
+            compute_threads: 0,
+        }
     }
 }
 
@@ -80,7 +88,21 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let batcher = Batcher::new(model, tokenizer.clone(), config.clone(), stats.clone(), rx);
-        std::thread::Builder::new().name(format!("engine-{}", info.checkpoint)).spawn(move || batcher.run())?;
+        // The batching loop runs on a worker of the engine's own pool, so the
+        // parallel matmuls it starts split across that worker and its
+        // siblings without waking a thread from outside on every call.
+        let threads = match config.compute_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("engine-compute-{i}"))
+            .build()
+            .map_err(|e| Error::EngineFailure(format!("cannot start compute threads: {e}")))?;
+        std::thread::Builder::new()
+            .name(format!("engine-{}", info.checkpoint))
+            .spawn(move || pool.install(move || batcher.run()))?;
         Ok(Self { jobs: tx, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
     }
 
