@@ -72,11 +72,10 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
     if m == 1 {
         return out_t;
     }
-    let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
+    // Write the result row by row: sequential stores, reads `m` floats apart.
+    let mut out = Vec::with_capacity(m * n);
+    for i in 0..m {
+        out.extend((0..n).map(|j| out_t[j * m + i]));
     }
     out
 }
@@ -169,37 +168,5 @@ mod tests {
         assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![11.0, 22.0, 33.0], vec![13.0, 24.0, 37.0]]);
         let x16 = x.to_dtype(DType::BF16).unwrap();
         assert!(linear(&x16, &w, None).unwrap().is_none());
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    #[test]
-    #[ignore]
-    fn print_speed() {
-        for &(m, n, k) in &[
-            (1usize, 1536usize, 576usize),
-            (1, 1536, 576),
-            (4, 1536, 576),
-            (16, 1536, 576),
-            (128, 1536, 576),
-            (1, 49152, 576),
-            (16, 49152, 576),
-        ] {
-            let x = vec![0.5f32; m * k];
-            let w = vec![0.25f32; n * k];
-            let t = std::time::Instant::now();
-            let iters = 20;
-            for _ in 0..iters {
-                std::hint::black_box(super::matmul_transposed(&x, m, &w, n, k));
-            }
-            let s = t.elapsed().as_secs_f64() / iters as f64;
-            println!(
-                "{m}x{n}x{k}: {:.3} ms, {:.1} GFLOP/s, {:.1} GB/s weights",
-                s * 1e3,
-                2.0 * (m * n * k) as f64 / s / 1e9,
-                (n * k * 4) as f64 / s / 1e9
-            );
-        }
     }
 }

@@ -11,6 +11,8 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 use crate::simd;
 
@@ -126,30 +128,53 @@ pub(crate) fn attend_batch(
     let vv = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let (qw, kw) = (dims.q_width(), dims.kv_width());
     let mut out = vec![0f32; n * qw];
-    let mut start = 0;
+    // Split the query and output rows by sequence, then attend to the
+    // sequences in parallel: each owns its cache and its rows.
+    let mut work = Vec::with_capacity(caches.len());
+    let (mut q_rest, mut out_rest, mut start) = (qv.as_slice(), out.as_mut_slice(), 0);
     for (cache, len) in caches.iter_mut() {
-        let len = *len;
-        let offset = cache.len;
-        let LayerCache::Host { k: kc, v: vc } = &mut cache.layers[layer] else {
-            return Err(candle_core::Error::Msg("a device cache in a CPU batch".into()).into());
-        };
-        kc.extend_from_slice(&kv[start * kw..(start + len) * kw]);
-        vc.extend_from_slice(&vv[start * kw..(start + len) * kw]);
-        let q_rows = &qv[start * qw..(start + len) * qw];
-        let out_rows = &mut out[start * qw..(start + len) * qw];
-        if len <= HOST_LOOP_MAX_NEW_TOKENS {
-            attend_host(q_rows, kc, vc, offset, len, dims, out_rows);
-        } else {
-            let total = offset + len;
-            let k_all = Tensor::from_slice(kc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
-            let v_all = Tensor::from_slice(vc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
-            let q_c = Tensor::from_slice(q_rows, (len, dims.num_heads, dims.head_dim), &Device::Cpu)?;
-            let o = attend_matmul(&q_c, &k_all.transpose(0, 1)?, &v_all.transpose(0, 1)?, offset, dims)?;
-            out_rows.copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
-        }
-        start += len;
+        let (q_rows, q_tail) = q_rest.split_at(*len * qw);
+        let (out_rows, out_tail) = std::mem::take(&mut out_rest).split_at_mut(*len * qw);
+        let new_k = &kv[start * kw..(start + *len) * kw];
+        let new_v = &vv[start * kw..(start + *len) * kw];
+        work.push((&mut **cache, q_rows, out_rows, new_k, new_v));
+        (q_rest, out_rest, start) = (q_tail, out_tail, start + *len);
     }
+    work.into_par_iter().try_for_each(|(cache, q_rows, out_rows, new_k, new_v)| {
+        attend_one(cache, layer, q_rows, new_k, new_v, dims, out_rows)
+    })?;
     Ok(Tensor::from_vec(out, (n, qw), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// Appends one sequence's new keys and values to its cache and attends its
+/// new query rows over the whole cache.
+fn attend_one(
+    cache: &mut SequenceCache,
+    layer: usize,
+    q_rows: &[f32],
+    new_k: &[f32],
+    new_v: &[f32],
+    dims: AttentionDims,
+    out_rows: &mut [f32],
+) -> Result<()> {
+    let len = q_rows.len() / dims.q_width();
+    let offset = cache.len;
+    let LayerCache::Host { k: kc, v: vc } = &mut cache.layers[layer] else {
+        return Err(candle_core::Error::Msg("a device cache in a CPU batch".into()).into());
+    };
+    kc.extend_from_slice(new_k);
+    vc.extend_from_slice(new_v);
+    if len <= HOST_LOOP_MAX_NEW_TOKENS {
+        attend_host(q_rows, kc, vc, offset, len, dims, out_rows);
+    } else {
+        let total = offset + len;
+        let k_all = Tensor::from_slice(kc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
+        let v_all = Tensor::from_slice(vc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
+        let q_c = Tensor::from_slice(q_rows, (len, dims.num_heads, dims.head_dim), &Device::Cpu)?;
+        let o = attend_matmul(&q_c, &k_all.transpose(0, 1)?, &v_all.transpose(0, 1)?, offset, dims)?;
+        out_rows.copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(())
 }
 
 /// The direct loop: query row `i` (position `offset + i`) attends to cached

@@ -124,9 +124,15 @@ mod x86 {
         let mut wv = [_mm512_setzero_ps(); C];
         let mut c = 0;
         while c + 16 <= k {
-            // SAFETY (whole block): offsets below the guaranteed lengths.
+            // SAFETY (whole block): offsets below the guaranteed lengths;
+            // prefetches may point past the end, which never faults.
             unsafe {
                 for j in 0..C {
+                    // Weights stream from memory once per step. Fetch the
+                    // next tile's rows (the caller's next `C` rows) while
+                    // this tile computes, so memory stays busy even while
+                    // the caller re-runs this tile for more input rows.
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + C) * w_stride + c) as *const i8);
                     wv[j] = _mm512_loadu_ps(w.add(j * w_stride + c));
                 }
                 for r in 0..R {

@@ -170,6 +170,7 @@ impl Batcher {
         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let logits = self.model.forward_batch(&mut chunks)?;
         drop(chunks);
+        let forward_us = started.elapsed().as_micros() as u64;
         let vocab =
             Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, max_positions: self.model.max_positions() };
         let mut events = Vec::new();
@@ -206,7 +207,7 @@ impl Batcher {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.last_batch_size.store(batch, Ordering::Relaxed);
-        tracing::trace!(batch, tokens, elapsed_us = started.elapsed().as_micros() as u64, "step");
+        tracing::trace!(batch, tokens, forward_us, elapsed_us = started.elapsed().as_micros() as u64, "step");
         Ok(())
     }
 

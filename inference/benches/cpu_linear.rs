@@ -1,0 +1,44 @@
+//! `cargo bench -p inference --bench cpu_linear`: throughput of the serving
+//! path's few-row matmul, on weights that sit in cache and on weights that
+//! stream from memory as they do in a real decode step.
+
+use std::time::Instant;
+
+use inference::cpu_linear::matmul_transposed;
+
+fn main() {
+    println!("| case | rows | ms | GFLOP/s | weight GB/s |");
+    println!("|---|---:|---:|---:|---:|");
+    // One projection-sized matrix, reused (cache resident), and the
+    // SmolLM2 vocabulary projection (113 MB, from memory).
+    for &(label, n, k) in &[("1536x576 cached", 1536usize, 576usize), ("49152x576 lm_head", 49152, 576)] {
+        let w = vec![0.25f32; n * k];
+        for m in [1usize, 4, 16, 128] {
+            let x = vec![0.5f32; m * k];
+            std::hint::black_box(matmul_transposed(&x, m, &w, n, k));
+            let iters = 20;
+            let t = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(matmul_transposed(&x, m, &w, n, k));
+            }
+            report(label, m, t.elapsed().as_secs_f64() / iters as f64, n, k, 1);
+        }
+    }
+    // 120 distinct 1536x576 matrices (424 MB): every weight comes from memory once.
+    let (n, k) = (1536usize, 576usize);
+    let ws: Vec<Vec<f32>> = (0..120).map(|i| vec![0.25f32 + i as f32; n * k]).collect();
+    for m in [1usize, 1, 4, 16, 64] {
+        let x = vec![0.5f32; m * k];
+        let t = Instant::now();
+        for w in &ws {
+            std::hint::black_box(matmul_transposed(&x, m, w, n, k));
+        }
+        report("120 x 1536x576 streamed", m, t.elapsed().as_secs_f64(), n, k, ws.len());
+    }
+}
+
+fn report(label: &str, m: usize, seconds: f64, n: usize, k: usize, matrices: usize) {
+    let flops = 2.0 * (m * n * k * matrices) as f64;
+    let bytes = (n * k * 4 * matrices) as f64;
+    println!("| {label} | {m} | {:.3} | {:.1} | {:.1} |", seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
+}
