@@ -23,6 +23,10 @@ const TILE: usize = 4;
 /// Weight rows per parallel task: large enough to amortise scheduling,
 /// small enough to split the smallest projection over two cores.
 const WEIGHT_ROWS_PER_TASK: usize = 64;
+/// From this many input rows on, tasks split the input rows instead (each
+/// reads all weights, from cache: the multiply, not memory, is the bound).
+const ROW_SPLIT_MIN_ROWS: usize = 32;
+const INPUT_ROWS_PER_TASK: usize = 16;
 
 /// `x` `[m, k]` times `w` `[n, k]` transposed, plus `bias` `[n]`, when both are
 /// contiguous F32 on the CPU; `None` when this kernel does not apply.
@@ -60,14 +64,27 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Te
 
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]`, returned row-major `[m, n]`.
 pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    // Each task owns a block of weight rows and writes the matching block of
-    // the transposed output, so tasks never share output memory.
+    if m >= ROW_SPLIT_MIN_ROWS {
+        // Many rows (prefill): each task takes a block of input rows and all
+        // the weights, writing its own rows of the output in place.
+        let mut out = vec![0f32; m * n];
+        out.par_chunks_mut(INPUT_ROWS_PER_TASK * n).enumerate().for_each(|(task, out_block)| {
+            let i0 = task * INPUT_ROWS_PER_TASK;
+            let rows = out_block.len() / n;
+            let layout = OutLayout { row_stride: n, col_stride: 1 };
+            kernel(&x[i0 * k..(i0 + rows) * k], rows, w, n, k, out_block, layout);
+        });
+        return out;
+    }
+    // Few rows (decode): each task owns a block of weight rows, so the
+    // weights are read once, and writes the matching block of the transposed
+    // output; tasks never share output memory.
     let mut out_t = vec![0f32; n * m];
     out_t.par_chunks_mut(WEIGHT_ROWS_PER_TASK * m).enumerate().for_each(|(task, out_block)| {
         let j0 = task * WEIGHT_ROWS_PER_TASK;
         let rows = out_block.len() / m;
-        let w_block = &w[j0 * k..(j0 + rows) * k];
-        kernel(x, m, w_block, rows, k, out_block);
+        let layout = OutLayout { row_stride: 1, col_stride: m };
+        kernel(x, m, &w[j0 * k..(j0 + rows) * k], rows, k, out_block, layout);
     });
     if m == 1 {
         return out_t;
@@ -80,9 +97,16 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
     out
 }
 
-/// Writes `out_t[j * m + i] = dot(x_i, w_j)` for the `rows` weight rows
-/// given, in tiles of up to `TILE` input rows by `TILE` weight rows.
-fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out_t: &mut [f32]) {
+/// Where `dot(x_i, w_j)` goes: `out[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct OutLayout {
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// Computes `dot(x_i, w_j)` for `m` input rows and `rows` weight rows, in
+/// tiles of up to `TILE` input rows by `TILE` weight rows.
+fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out: &mut [f32], layout: OutLayout) {
     let mut j = 0;
     while j < rows {
         let cols = if rows - j >= TILE { TILE } else { 1 };
@@ -91,15 +115,16 @@ fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out_t: &mut [f3
         while i < m {
             let block = (m - i).min(TILE);
             let xi = &x[i * k..];
+            let at = (i, j);
             match (block, cols) {
-                (4, 4) => store(out_t, m, i, j, &simd::dot_tile::<4, 4>(xi, k, wj, k, k)),
-                (3, 4) => store(out_t, m, i, j, &simd::dot_tile::<3, 4>(xi, k, wj, k, k)),
-                (2, 4) => store(out_t, m, i, j, &simd::dot_tile::<2, 4>(xi, k, wj, k, k)),
-                (1, 4) => store(out_t, m, i, j, &simd::dot_tile::<1, 4>(xi, k, wj, k, k)),
-                (4, _) => store(out_t, m, i, j, &simd::dot_tile::<4, 1>(xi, k, wj, k, k)),
-                (3, _) => store(out_t, m, i, j, &simd::dot_tile::<3, 1>(xi, k, wj, k, k)),
-                (2, _) => store(out_t, m, i, j, &simd::dot_tile::<2, 1>(xi, k, wj, k, k)),
-                _ => store(out_t, m, i, j, &simd::dot_tile::<1, 1>(xi, k, wj, k, k)),
+                (4, 4) => store(out, layout, at, &simd::dot_tile::<4, 4>(xi, k, wj, k, k)),
+                (3, 4) => store(out, layout, at, &simd::dot_tile::<3, 4>(xi, k, wj, k, k)),
+                (2, 4) => store(out, layout, at, &simd::dot_tile::<2, 4>(xi, k, wj, k, k)),
+                (1, 4) => store(out, layout, at, &simd::dot_tile::<1, 4>(xi, k, wj, k, k)),
+                (4, _) => store(out, layout, at, &simd::dot_tile::<4, 1>(xi, k, wj, k, k)),
+                (3, _) => store(out, layout, at, &simd::dot_tile::<3, 1>(xi, k, wj, k, k)),
+                (2, _) => store(out, layout, at, &simd::dot_tile::<2, 1>(xi, k, wj, k, k)),
+                _ => store(out, layout, at, &simd::dot_tile::<1, 1>(xi, k, wj, k, k)),
             }
             i += block;
         }
@@ -107,12 +132,17 @@ fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out_t: &mut [f3
     }
 }
 
-/// Scatters a tile (input rows × weight rows) into the transposed output.
+/// Writes a tile (input rows × weight rows) whose corner is `(i, j)`.
 #[inline(always)]
-fn store<const R: usize, const C: usize>(out_t: &mut [f32], m: usize, i: usize, j: usize, tile: &[[f32; C]; R]) {
+fn store<const R: usize, const C: usize>(
+    out: &mut [f32],
+    layout: OutLayout,
+    (i, j): (usize, usize),
+    tile: &[[f32; C]; R],
+) {
     for (r, row) in tile.iter().enumerate() {
         for (c, v) in row.iter().enumerate() {
-            out_t[(j + c) * m + i + r] = *v;
+            out[(i + r) * layout.row_stride + (j + c) * layout.col_stride] = *v;
         }
     }
 }
@@ -137,7 +167,9 @@ mod tests {
 
     #[test]
     fn matches_naive_for_odd_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (3, 65, 16), (5, 200, 33), (16, 129, 576), (37, 7, 100)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (1, 130, 67), (3, 65, 16), (5, 200, 33), (16, 129, 576), (37, 7, 100), (70, 130, 67)]
+        {
             let x = data(m * k, 0.3);
             let w = data(n * k, 1.1);
             let got = matmul_transposed(&x, m, &w, n, k);
