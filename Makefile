@@ -7,7 +7,7 @@ MODEL_DIR := $(MODELS_DIR)/smollm2-135m-instruct
 RELEASE_BIN := target/release/instructd
 DEBUG_BIN := target/debug/instructd
 
-.PHONY: run test model chat bench lint fmt build-release build-debug
+.PHONY: run test model chat bench bench-compare lint fmt build-release build-debug
 
 ## run: fetch and import the default model if absent, then a short demo.
 run: build-release
@@ -29,6 +29,10 @@ chat: build-release
 bench: build-release
 	$(RELEASE_BIN) model fetch-default --models-dir $(MODELS_DIR)
 	$(RELEASE_BIN) bench --model $(MODEL_DIR)
+
+## bench-compare: the same table for instructd and llama.cpp, back to back.
+bench-compare:
+	bash bench/compare.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

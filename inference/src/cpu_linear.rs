@@ -27,6 +27,8 @@ const WEIGHT_ROWS_PER_TASK: usize = 64;
 /// reads all weights, from cache: the multiply, not memory, is the bound).
 const ROW_SPLIT_MIN_ROWS: usize = 32;
 const INPUT_ROWS_PER_TASK: usize = 16;
+/// Prefetch distance along a weight row when a tile is used once (2 KiB).
+const PREFETCH_AHEAD_FLOATS: usize = 512;
 
 /// `x` `[m, k]` times `w` `[n, k]` transposed, plus `bias` `[n]`, when both are
 /// contiguous F32 on the CPU; `None` when this kernel does not apply.
@@ -111,20 +113,23 @@ fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out: &mut [f32]
     while j < rows {
         let cols = if rows - j >= TILE { TILE } else { 1 };
         let wj = &w[j * k..];
+        // One pass over this weight tile: prefetch ahead along its rows.
+        // Several passes (more input rows than a tile): prefetch the next tile.
+        let prefetch = if m <= TILE { PREFETCH_AHEAD_FLOATS } else { cols * k };
         let mut i = 0;
         while i < m {
             let block = (m - i).min(TILE);
             let xi = &x[i * k..];
             let at = (i, j);
             match (block, cols) {
-                (4, 4) => store(out, layout, at, &simd::dot_tile::<4, 4>(xi, k, wj, k, k)),
-                (3, 4) => store(out, layout, at, &simd::dot_tile::<3, 4>(xi, k, wj, k, k)),
-                (2, 4) => store(out, layout, at, &simd::dot_tile::<2, 4>(xi, k, wj, k, k)),
-                (1, 4) => store(out, layout, at, &simd::dot_tile::<1, 4>(xi, k, wj, k, k)),
-                (4, _) => store(out, layout, at, &simd::dot_tile::<4, 1>(xi, k, wj, k, k)),
-                (3, _) => store(out, layout, at, &simd::dot_tile::<3, 1>(xi, k, wj, k, k)),
-                (2, _) => store(out, layout, at, &simd::dot_tile::<2, 1>(xi, k, wj, k, k)),
-                _ => store(out, layout, at, &simd::dot_tile::<1, 1>(xi, k, wj, k, k)),
+                (4, 4) => store(out, layout, at, &simd::dot_tile::<4, 4>(xi, k, wj, k, k, prefetch)),
+                (3, 4) => store(out, layout, at, &simd::dot_tile::<3, 4>(xi, k, wj, k, k, prefetch)),
+                (2, 4) => store(out, layout, at, &simd::dot_tile::<2, 4>(xi, k, wj, k, k, prefetch)),
+                (1, 4) => store(out, layout, at, &simd::dot_tile::<1, 4>(xi, k, wj, k, k, prefetch)),
+                (4, _) => store(out, layout, at, &simd::dot_tile::<4, 1>(xi, k, wj, k, k, prefetch)),
+                (3, _) => store(out, layout, at, &simd::dot_tile::<3, 1>(xi, k, wj, k, k, prefetch)),
+                (2, _) => store(out, layout, at, &simd::dot_tile::<2, 1>(xi, k, wj, k, k, prefetch)),
+                _ => store(out, layout, at, &simd::dot_tile::<1, 1>(xi, k, wj, k, k, prefetch)),
             }
             i += block;
         }

@@ -33,6 +33,11 @@ fn level() -> Level {
 /// `out[r][c] = x_r · w_c`, where row `r` of `x` starts at `x[r * x_stride]`
 /// and row `c` of `w` at `w[c * w_stride]`. A tile of 4×4 loads 8 vectors
 /// per 16 multiply-adds, which is what lets few-row matmuls approach peak.
+///
+/// `prefetch` is how far (in floats) ahead of each weight load to prefetch:
+/// a little way along the same row when the tile is used once, the next
+/// tile (`C * w_stride`) when the caller re-runs this tile for more input
+/// rows, so that memory stays busy during the re-runs.
 #[inline]
 pub fn dot_tile<const R: usize, const C: usize>(
     x: &[f32],
@@ -40,13 +45,16 @@ pub fn dot_tile<const R: usize, const C: usize>(
     w: &[f32],
     w_stride: usize,
     k: usize,
+    prefetch: usize,
 ) -> [[f32; C]; R] {
     let fits = |len: usize, rows: usize, stride: usize| rows == 0 || len >= (rows - 1) * stride + k;
     assert!(fits(x.len(), R, x_stride) && fits(w.len(), C, w_stride), "dot_tile: slices too short");
     match level() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F and the bounds were checked above.
-        Level::Avx512 => unsafe { x86::dot_tile_avx512::<R, C>(x.as_ptr(), x_stride, w.as_ptr(), w_stride, k) },
+        Level::Avx512 => unsafe {
+            x86::dot_tile_avx512::<R, C>(x.as_ptr(), x_stride, w.as_ptr(), w_stride, k, prefetch)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and FMA and the bounds were checked above.
         Level::Avx2 => unsafe { x86::dot_tile_avx2::<R, C>(x.as_ptr(), x_stride, w.as_ptr(), w_stride, k) },
@@ -58,7 +66,7 @@ pub fn dot_tile<const R: usize, const C: usize>(
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
-    dot_tile::<1, 1>(a, 0, b, 0, k)[0][0]
+    dot_tile::<1, 1>(a, 0, b, 0, k, 0)[0][0]
 }
 
 /// `y += a · x` over the shorter length.
@@ -119,6 +127,7 @@ mod x86 {
         w: *const f32,
         w_stride: usize,
         k: usize,
+        prefetch: usize,
     ) -> [[f32; C]; R] {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let mut wv = [_mm512_setzero_ps(); C];
@@ -128,11 +137,8 @@ mod x86 {
             // prefetches may point past the end, which never faults.
             unsafe {
                 for j in 0..C {
-                    // Weights stream from memory once per step. Fetch the
-                    // next tile's rows (the caller's next `C` rows) while
-                    // this tile computes, so memory stays busy even while
-                    // the caller re-runs this tile for more input rows.
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + C) * w_stride + c) as *const i8);
+                    // Weights stream from memory once per step (see `prefetch`).
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * w_stride + c + prefetch) as *const i8);
                     wv[j] = _mm512_loadu_ps(w.add(j * w_stride + c));
                 }
                 for r in 0..R {
@@ -256,7 +262,7 @@ mod tests {
             let w = data(k, 0.9);
             let naive: Vec<f32> =
                 (0..3).map(|r| (0..k).map(|c| x[r * k + c] as f64 * w[c] as f64).sum::<f64>() as f32).collect();
-            let got = dot_tile::<3, 1>(&x, k, &w, 0, k);
+            let got = dot_tile::<3, 1>(&x, k, &w, 0, k, 0);
             let scalar = dot_tile_scalar::<3, 1>(&x, k, &w, 0, k);
             for r in 0..3 {
                 assert!((got[r][0] - naive[r]).abs() < 1e-3, "k={k} row {r}: {} vs {}", got[r][0], naive[r]);
@@ -274,10 +280,10 @@ mod tests {
         let k = 300;
         let x = data(4 * k, 0.1);
         let w = data(4 * k, 0.7);
-        let tile = dot_tile::<4, 4>(&x, k, &w, k, k);
+        let tile = dot_tile::<4, 4>(&x, k, &w, k, k, 0);
         for r in 0..4 {
             for c in 0..4 {
-                assert_eq!(dot_tile::<1, 1>(&x[r * k..], k, &w[c * k..], k, k)[0][0], tile[r][c]);
+                assert_eq!(dot_tile::<1, 1>(&x[r * k..], k, &w[c * k..], k, k, 0)[0][0], tile[r][c]);
             }
         }
     }
