@@ -1,7 +1,11 @@
 //! End-to-end tests of the `instructd` binary: the commands an operator runs.
 
-use std::path::PathBuf;
+#[path = "support/real_model.rs"]
+mod support;
+
 use std::process::{Command, Output};
+
+use support::real_model_dir;
 
 fn instructd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_instructd")).args(args).output().expect("instructd runs")
@@ -11,21 +15,9 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
-fn real_model() -> PathBuf {
-    let dir = std::env::var_os("INSTRUCTD_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct"));
-    assert!(
-        dir.join("config.json").is_file(),
-        "the real model is missing at {}: run `make test` (it fetches and imports it) or set INSTRUCTD_TEST_MODEL",
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn generate_answers_paris_with_the_default_model() {
-    let model = real_model();
+    let model = real_model_dir();
     let out = instructd(&[
         "generate",
         "--model",

@@ -2,7 +2,8 @@
 //! GGUF). `make test` fetches and imports it first; `INSTRUCTD_TEST_MODEL`
 //! points at the directory.
 
-use std::path::PathBuf;
+#[path = "../../tests/support/real_model.rs"]
+mod support;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -11,18 +12,7 @@ use inference::llama::BatchChunk;
 use inference::load::LoadedModel;
 use inference::model_files::ModelFiles;
 use inference::tokenizer::ChatMessage;
-
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("INSTRUCTD_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2-135m-instruct"));
-    assert!(
-        dir.join("config.json").is_file(),
-        "the real model is missing at {}: run `make test` (it fetches and imports it) or set INSTRUCTD_TEST_MODEL",
-        dir.display()
-    );
-    dir
-}
+use support::real_model_dir;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -38,7 +28,7 @@ fn chat_prompt(loaded: &LoadedModel, text: &str) -> Vec<u32> {
 /// on the same weights must give the same next-token logits as both of ours.
 #[test]
 fn logits_match_candle_transformers_llama() {
-    let dir = model_dir();
+    let dir = real_model_dir();
     let files = ModelFiles::open(&dir).unwrap();
     let loaded = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let ids = chat_prompt(&loaded, "What is the capital of France?");
@@ -80,7 +70,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn greedy_chat_says_paris() {
-    let loaded = LoadedModel::load(model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let loaded = LoadedModel::load(real_model_dir(), DType::F32, &Device::Cpu).unwrap();
     let prompt = chat_prompt(&loaded, "What is the capital of France?");
     let engine = loaded.into_engine("smollm2", "test", EngineConfig::default()).unwrap();
     let mut request = GenerateRequest::new(prompt, 24);
@@ -94,7 +84,7 @@ fn greedy_chat_says_paris() {
 /// give exactly the texts they give one at a time.
 #[test]
 fn concurrent_greedy_requests_match_sequential_ones() {
-    let loaded = LoadedModel::load(model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let loaded = LoadedModel::load(real_model_dir(), DType::F32, &Device::Cpu).unwrap();
     let questions = [
         "What is the capital of France?",
         "Name a primary colour.",
