@@ -106,6 +106,29 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class OtherCpu:
+    """Share of the machine's CPU time that other processes used between
+    start() and pct(): busy time from /proc/stat minus this process's and the
+    server's (`extra_cpu`). llama.cpp's threads spin at barriers, so even a
+    little competition for the cores distorts a row; this says which rows."""
+
+    def __init__(self, extra_cpu=lambda: 0.0):
+        self.extra_cpu = extra_cpu
+        self.start()
+
+    def _own(self) -> float:
+        return sum(os.times()[:2]) + self.extra_cpu()
+
+    def start(self) -> None:
+        self.busy, self.total = cpu_busy_s()
+        self.own = self._own()
+
+    def pct(self) -> float:
+        busy, total = cpu_busy_s()
+        other = (busy - self.busy) - (self._own() - self.own)
+        return 100.0 * max(0.0, other) / max(1e-9, total - self.total)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -191,6 +214,7 @@ def generate_timed(llm, prompt: list[int], n: int) -> tuple[float, float, float]
 def bench_api(args, llm, prompts: dict[int, list[int]]) -> tuple[list[Row], dict]:
     # Warm-up: first touch of the weights, thread pool start.
     generate_timed(llm, prompts[-1], 4)
+    other = OtherCpu()
     prefill = sorted(generate_timed(llm, prompts[-2 - k], 1)[0] for k in range(3))
     ttft = prefill[1]
     rows = [
@@ -204,8 +228,11 @@ def bench_api(args, llm, prompts: dict[int, list[int]]) -> tuple[list[Row], dict
             latency_p99_ms=prefill[2] * 1e3,
         )
     ]
+    other_pct = [other.pct()]
     g = args.gen_tokens
+    other.start()
     first, last, total = generate_timed(llm, prompts[-5], g)
+    other_pct.append(other.pct())
     rows.append(
         Row(
             workload=f"decode 1 x {g} tokens (Python API)",
@@ -217,7 +244,10 @@ def bench_api(args, llm, prompts: dict[int, list[int]]) -> tuple[list[Row], dict
             latency_p99_ms=total * 1e3,
         )
     )
-    extra = {"api_decode_only_tok_s": (g - 1) / (last - first) if g > 1 and last > first else None}
+    extra = {
+        "api_decode_only_tok_s": (g - 1) / (last - first) if g > 1 and last > first else None,
+        "other_cpu_pct": other_pct,
+    }
     return rows, extra
 
 
@@ -357,7 +387,7 @@ def run_concurrent(base: str, prompts: list[str], args, bias: dict[str, float]) 
 def bench_server(args, prompts: dict[int, str], bias: dict[str, float], log_path: str) -> tuple[list[Row], dict]:
     server = Server(args, log_path)
     rows: list[Row] = []
-    extra: dict = {"server_port": server.port, "short_streams": 0}
+    extra: dict = {"server_port": server.port, "short_streams": 0, "other_cpu_pct": []}
     try:
         server.wait_ready(args.server_timeout)
         run_concurrent(server.base, [prompts[-10]], argparse.Namespace(**{**vars(args), "gen_tokens": 4}), bias)
@@ -367,7 +397,9 @@ def bench_server(args, prompts: dict[int, str], bias: dict[str, float], log_path
             # previous prompt's longest common prefix, which must stay ~1 token.
             batch = [prompts[next_index + i] for i in range(c)]
             next_index += c
+            other = OtherCpu(server.cpu_s)
             timings, wall = run_concurrent(server.base, batch, args, bias)
+            extra.setdefault("other_cpu_pct", []).append(other.pct())
             short = [t for t in timings if t.finish_reason != "length"]
             extra["short_streams"] += len(short)
             generated = sum(t.tokens for t in timings)
@@ -466,6 +498,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp:
             server_rows, server_extra = bench_server(args, texts, bias, os.path.join(tmp, "server.log"))
         rows += server_rows
+        server_extra["other_cpu_pct"] = extra["other_cpu_pct"] + server_extra["other_cpu_pct"]
         extra.update(server_extra)
 
     cpu = cpu_name()
@@ -499,9 +532,12 @@ def main(argv=None) -> int:
     other_pct = 100.0 * max(0.0, (busy_end - busy_start) - own) / max(1e-9, total_end - total_start)
     extra["other_processes_cpu_pct"] = other_pct
     print(
-        f"other processes used {other_pct:.0f}% of the machine's CPU time during the run "
-        f"(1-min load average {load_avg_start:.2f} at start, {load_avg_end:.2f} at end, {cores} cores)"
+        f"other processes used {other_pct:.0f}% of the machine's CPU time during the run, per row: "
+        + ", ".join(f"{p:.0f}%" for p in extra["other_cpu_pct"])
+        + f" (1-min load average {load_avg_start:.2f} at start, {load_avg_end:.2f} at end, {cores} cores)"
     )
+    if max(extra["other_cpu_pct"]) > 5:
+        print("WARNING: other processes competed for the CPU; rows above 5% are not comparable")
     if extra.get("short_streams"):
         print(f"WARNING: {extra['short_streams']} streams ended before max_tokens")
     if args.json:
@@ -517,7 +553,7 @@ def main(argv=None) -> int:
             "peak_rss_mb": peak,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
-            "rows": [asdict(r) for r in rows],
+            "rows": [{**asdict(r), "other_cpu_pct": p} for r, p in zip(rows, extra["other_cpu_pct"])],
             **extra,
         }
         print(json.dumps(out))

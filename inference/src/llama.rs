@@ -237,6 +237,53 @@ fn serve(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Several projections of the same input stacked into one weight matrix,
+/// so serving streams them in one pass (one parallel matmul instead of
+/// three for Q/K/V, two for gate/up). The separate `Linear`s become views
+/// into the stacked matrix, so the weights are held once.
+struct Fused {
+    linear: Linear,
+    widths: Vec<usize>,
+}
+
+impl Fused {
+    /// Stacks `parts`, or leaves them alone when any weight is a trainable
+    /// variable (gradients must reach the variables themselves).
+    fn new<const P: usize>(parts: [Linear; P]) -> Result<(Option<Self>, [Linear; P])> {
+        if parts.iter().any(|l| l.weight().is_variable() || l.bias().is_some_and(|b| b.is_variable())) {
+            return Ok((None, parts));
+        }
+        let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = match parts.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
+            Some(biases) => Some(Tensor::cat(&biases, 0)?),
+            None => None,
+        };
+        let widths: Vec<usize> = parts.iter().map(|l| l.weight().dim(0)).collect::<candle_core::Result<_>>()?;
+        let mut views = Vec::with_capacity(P);
+        let mut start = 0;
+        for &width in &widths {
+            let b = bias.as_ref().map(|b| b.narrow(0, start, width)).transpose()?;
+            views.push(Linear::new(weight.narrow(0, start, width)?, b));
+            start += width;
+        }
+        let views: [Linear; P] = views.try_into().map_err(|_| Error::EngineFailure("fused projection count".into()))?;
+        Ok((Some(Self { linear: Linear::new(weight, bias), widths }), views))
+    }
+
+    /// Each projection of `x` `[N, in]`, contiguous.
+    fn forward<const P: usize>(&self, x: &Tensor) -> Result<[Tensor; P]> {
+        let y = serve(&self.linear, x)?;
+        let mut out = Vec::with_capacity(P);
+        let mut start = 0;
+        for &width in &self.widths {
+            out.push(y.narrow(1, start, width)?.contiguous()?);
+            start += width;
+        }
+        out.try_into().map_err(|_| Error::EngineFailure("fused projection count".into()))
+    }
+}
+
 fn residual_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if p > 0.0 { Ok(candle_nn::ops::dropout(x, p)?) } else { Ok(x.clone()) }
 }
@@ -246,6 +293,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Q, K and V as one matrix for serving (absent when training).
+    qkv: Option<Fused>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -261,10 +310,13 @@ impl Attention {
                 candle_nn::linear_no_bias(cfg.hidden_size, out, vb.pp(name))?
             })
         };
+        let (q_proj, k_proj, v_proj) = (proj(h * d, "q_proj")?, proj(kv * d, "k_proj")?, proj(kv * d, "v_proj")?);
+        let (qkv, [q_proj, k_proj, v_proj]) = Fused::new([q_proj, k_proj, v_proj])?;
         Ok(Self {
-            q_proj: proj(h * d, "q_proj")?,
-            k_proj: proj(kv * d, "k_proj")?,
-            v_proj: proj(kv * d, "v_proj")?,
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv,
             o_proj: candle_nn::linear_no_bias(h * d, cfg.hidden_size, vb.pp("o_proj"))?,
             num_heads: h,
             num_kv_heads: kv,
@@ -315,9 +367,13 @@ impl Attention {
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = serve(&self.q_proj, x)?.reshape((1, n, h, d))?;
-        let k = serve(&self.k_proj, x)?.reshape((1, n, kv, d))?;
-        let v = serve(&self.v_proj, x)?.reshape((n, kv, d))?;
+        let [q, k, v] = match &self.qkv {
+            Some(qkv) => qkv.forward(x)?,
+            None => [serve(&self.q_proj, x)?, serve(&self.k_proj, x)?, serve(&self.v_proj, x)?],
+        };
+        let q = q.reshape((1, n, h, d))?;
+        let k = k.reshape((1, n, kv, d))?;
+        let v = v.reshape((n, kv, d))?;
         let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
         let dims = AttentionDims { num_heads: h, num_kv_heads: kv, head_dim: d };
@@ -330,15 +386,21 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// Gate and up as one matrix for serving (absent when training).
+    gate_up: Option<Fused>,
 }
 
 impl Mlp {
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_proj = candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?;
+        let up_proj = candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?;
+        let (gate_up, [gate_proj, up_proj]) = Fused::new([gate_proj, up_proj])?;
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
+            gate_proj,
+            up_proj,
             down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+            gate_up,
         })
     }
 
@@ -348,8 +410,11 @@ impl Mlp {
     }
 
     fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&serve(&self.gate_proj, x)?)?;
-        serve(&self.down_proj, &(gate * serve(&self.up_proj, x)?)?)
+        let [gate, up] = match &self.gate_up {
+            Some(gate_up) => gate_up.forward(x)?,
+            None => [serve(&self.gate_proj, x)?, serve(&self.up_proj, x)?],
+        };
+        serve(&self.down_proj, &(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -531,6 +596,30 @@ mod tests {
         let got = Tensor::cat(&got, 0).unwrap();
         let diff = (got - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "max logit difference {diff}");
+    }
+
+    /// Loaded (non-trainable) weights take the fused Q/K/V and gate/up
+    /// path; it must agree with the separate projections.
+    #[test]
+    fn fused_serving_projections_match_separate_ones() {
+        let mut cfg = tiny_config();
+        cfg.attention_bias = true;
+        let (varmap, trainable_model) = trainable(&cfg);
+        let frozen: std::collections::HashMap<String, Tensor> =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        let frozen_model = Llama::new(&cfg, VarBuilder::from_tensors(frozen, DType::F32, &Device::Cpu)).unwrap();
+        assert!(frozen_model.layers[0].attn.qkv.is_some() && frozen_model.layers[0].mlp.gate_up.is_some());
+        assert!(trainable_model.layers[0].attn.qkv.is_none());
+        let tokens = [3u32, 9, 4, 1, 7];
+        let run = |model: &Llama| {
+            let mut cache = model.new_cache(8);
+            model
+                .forward_batch(&mut [BatchChunk { tokens: &tokens, cache: &mut cache, all_logits: true }])
+                .unwrap()
+                .remove(0)
+        };
+        let diff = (run(&frozen_model) - run(&trainable_model)).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
     #[test]
