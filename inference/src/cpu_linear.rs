@@ -27,8 +27,6 @@ const WEIGHT_ROWS_PER_TASK: usize = 64;
 /// reads all weights, from cache: the multiply, not memory, is the bound).
 const ROW_SPLIT_MIN_ROWS: usize = 32;
 const INPUT_ROWS_PER_TASK: usize = 16;
-/// Prefetch distance along a weight row when a tile is used once (2 KiB).
-const PREFETCH_AHEAD_FLOATS: usize = 512;
 
 /// `x` `[m, k]` times `w` `[n, k]` transposed, plus `bias` `[n]`, when both are
 /// contiguous F32 on the CPU; `None` when this kernel does not apply.
@@ -113,9 +111,10 @@ fn kernel(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, out: &mut [f32]
     while j < rows {
         let cols = if rows - j >= TILE { TILE } else { 1 };
         let wj = &w[j * k..];
-        // One pass over this weight tile: prefetch ahead along its rows.
-        // Several passes (more input rows than a tile): prefetch the next tile.
-        let prefetch = if m <= TILE { PREFETCH_AHEAD_FLOATS } else { cols * k };
+        // Prefetch the next weight tile while this one is multiplied (rows
+        // are contiguous, so that is `cols` rows ahead), keeping memory busy
+        // also while the tile is re-run for more input rows.
+        let prefetch = cols * k;
         let mut i = 0;
         while i < m {
             let block = (m - i).min(TILE);

@@ -34,10 +34,8 @@ fn level() -> Level {
 /// and row `c` of `w` at `w[c * w_stride]`. A tile of 4×4 loads 8 vectors
 /// per 16 multiply-adds, which is what lets few-row matmuls approach peak.
 ///
-/// `prefetch` is how far (in floats) ahead of each weight load to prefetch:
-/// a little way along the same row when the tile is used once, the next
-/// tile (`C * w_stride`) when the caller re-runs this tile for more input
-/// rows, so that memory stays busy during the re-runs.
+/// `prefetch` is how far (in floats) ahead of each weight load to prefetch;
+/// callers streaming a matrix pass the next tile's offset.
 #[inline]
 pub fn dot_tile<const R: usize, const C: usize>(
     x: &[f32],
