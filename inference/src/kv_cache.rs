@@ -25,6 +25,11 @@ const HOST_LOOP_MAX_NEW_TOKENS: usize = 32;
 /// samples of one) does not reserve memory it may never use.
 const MAX_UPFRONT_POSITIONS: usize = 1024;
 
+/// Positions to reserve for a cache meant to hold `capacity`.
+fn upfront(capacity: usize) -> usize {
+    capacity.min(MAX_UPFRONT_POSITIONS)
+}
+
 /// Shapes of one attention layer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttentionDims {
@@ -60,11 +65,11 @@ pub(crate) enum LayerCache {
 
 impl SequenceCache {
     pub(crate) fn new(layers: usize, capacity: usize, kv_width: usize, device: &Device) -> Self {
-        let reserve = capacity.min(MAX_UPFRONT_POSITIONS) * kv_width;
+        let reserve = upfront(capacity) * kv_width;
         let layers = (0..layers)
             .map(|_| match device {
                 Device::Cpu => LayerCache::Host { k: Vec::with_capacity(reserve), v: Vec::with_capacity(reserve) },
-                _ => LayerCache::Device(KvCache::new(1, capacity.clamp(1, MAX_UPFRONT_POSITIONS))),
+                _ => LayerCache::Device(KvCache::new(1, upfront(capacity).max(1))),
             })
             .collect();
         Self { layers, len: 0 }
@@ -89,14 +94,14 @@ impl SequenceCache {
                 LayerCache::Host { k, v } => {
                     let reserve = |src: &Vec<f32>| {
                         let per_pos = src.len().checked_div(self.len).unwrap_or(0);
-                        let mut copy = Vec::with_capacity(capacity.min(MAX_UPFRONT_POSITIONS).max(self.len) * per_pos);
+                        let mut copy = Vec::with_capacity(upfront(capacity).max(self.len) * per_pos);
                         copy.extend_from_slice(src);
                         copy
                     };
                     LayerCache::Host { k: reserve(k), v: reserve(v) }
                 }
                 LayerCache::Device(cache) => {
-                    let mut copy = KvCache::new(1, capacity.min(MAX_UPFRONT_POSITIONS).max(self.len).max(1));
+                    let mut copy = KvCache::new(1, upfront(capacity).max(self.len).max(1));
                     if let (Some(k), Some(v)) = (cache.k()?, cache.v()?) {
                         // `append` copies into the new cache's own buffer; it needs contiguous input.
                         copy.append(&k.contiguous()?, &v.contiguous()?)?;

@@ -60,6 +60,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let config =
         EngineConfig { max_running: 64, queue_capacity: 1024, compute_threads: args.threads, ..Default::default() };
+    let threads = config.resolved_compute_threads();
     let engine = super::start_engine(&args.model, &args.dtype, config)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -98,7 +99,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             row.workload = format!("decode {c} concurrent x {} tokens", args.gen_tokens);
             rows.push(row);
         }
-        print_report(&args, load_s, &rows);
+        print_report(&args, threads, load_s, &rows);
         anyhow::Ok(())
     })
 }
@@ -208,7 +209,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn print_report(args: &BenchArgs, load_s: f64, rows: &[Row]) {
+fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -218,7 +219,6 @@ fn print_report(args: &BenchArgs, load_s: f64, rows: &[Row]) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = if args.threads == 0 { cores } else { args.threads };
     let peak_rss_mb = peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(
         "model {} ({}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",

@@ -40,6 +40,16 @@ pub struct EngineConfig {
     pub compute_threads: usize,
 }
 
+impl EngineConfig {
+    /// `compute_threads` with 0 resolved to the number of available cores.
+    pub fn resolved_compute_threads(&self) -> usize {
+        match self.compute_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -91,12 +101,8 @@ impl Engine {
         // The batching loop runs on a worker of the engine's own pool, so the
         // parallel matmuls it starts split across that worker and its
         // siblings without waking a thread from outside on every call.
-        let threads = match config.compute_threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            n => n,
-        };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(config.resolved_compute_threads())
             .thread_name(move |i| format!("engine-compute-{i}"))
             .build()
             .map_err(|e| Error::EngineFailure(format!("cannot start compute threads: {e}")))?;
