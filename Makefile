@@ -6,19 +6,33 @@ MODELS_DIR ?= models
 MODEL_DIR := $(MODELS_DIR)/smollm2-135m-instruct
 RELEASE_BIN := target/release/instructd
 DEBUG_BIN := target/debug/instructd
+TEST_VENV := .cache/test-venv
 
-.PHONY: run test model chat bench bench-compare lint fmt build-release build-debug
+.PHONY: run demo test test-venv model chat bench bench-compare lint fmt build-release build-debug
 
-## run: fetch and import the default model if absent, then a short demo.
+## run: Redis (started if none answers), the default model (fetched once), and the gateway.
 run: build-release
+	bash scripts/ensure-redis.sh
+	$(RELEASE_BIN) model fetch-default --models-dir $(MODELS_DIR)
+	INSTRUCTD_ADMIN_KEY=$$(bash scripts/dev-admin-key.sh) INSTRUCTD_LOG=$${INSTRUCTD_LOG:-info} $(RELEASE_BIN) serve
+
+## demo: two answers from the default model on the command line.
+demo: build-release
 	$(RELEASE_BIN) model fetch-default --models-dir $(MODELS_DIR)
 	$(RELEASE_BIN) generate --model $(MODEL_DIR) --chat --max-tokens 64 "What is the capital of France?"
-	$(RELEASE_BIN) generate --model $(MODEL_DIR) --chat --max-tokens 96 "Give me three tips for writing clear documentation."
 
-## test: every unit and end-to-end test (fetches the real model once into models/).
-test: build-debug
+## test: every unit and end-to-end test (fetches the real model once into models/,
+## and the Python `openai` client the end-to-end tests drive the gateway with).
+test: build-debug test-venv
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(DEBUG_BIN) model fetch-default --models-dir $(MODELS_DIR)
-	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) $(CARGO) test --workspace --all-targets
+	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python \
+		$(CARGO) test --workspace --all-targets
+
+test-venv: $(TEST_VENV)/bin/python
+$(TEST_VENV)/bin/python:
+	python3 -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q openai==2.8.1
 
 ## chat: talk to the default model interactively.
 chat: build-release

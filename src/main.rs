@@ -5,6 +5,7 @@
 //! the gateway and trainer add `serve` and `train`.
 
 mod cmd;
+mod config;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prefill, decode and latency of the engine on a model.
     Bench(cmd::bench::BenchArgs),
+    /// Run the OpenAI-compatible gateway.
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Command::Model(command) => cmd::model::run(command),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     }
 }

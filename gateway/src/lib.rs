@@ -1,1 +1,25 @@
-//! The HTTP gateway (OpenAI-compatible API, keys, limits, policy). Arrives with its own issue.
+//! The HTTP gateway: OpenAI-compatible completions and chat, API keys,
+//! rate limits shared across replicas through Redis, use-case policy, and the
+//! admin and operations routes. Handlers are thin: requests are validated
+//! once at the edge into the engine's typed request, and every refusal is an
+//! OpenAI-style error body.
+
+pub mod admission;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod json;
+pub mod keys;
+pub mod metrics;
+pub mod observe;
+pub mod openai;
+pub mod policy;
+pub mod rate_limit;
+pub mod routes;
+pub mod server;
+pub mod state;
+
+pub use config::GatewayConfig;
+pub use server::{route_list, router, serve};
+pub use state::{AppState, SharedState};

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod generate;
 pub mod model;
+pub mod serve;
 
 use std::path::Path;
 
@@ -14,9 +15,20 @@ use inference::model_files::parse_dtype;
 /// Loads a model directory and starts an engine on it; shared by the
 /// subcommands that generate.
 pub fn start_engine(model_dir: &Path, dtype: &str, config: EngineConfig) -> anyhow::Result<Engine> {
+    start_engine_as(model_dir, dtype, None, config)
+}
+
+/// As [`start_engine`], serving under `name` (the directory name when `None`).
+pub fn start_engine_as(
+    model_dir: &Path,
+    dtype: &str,
+    name: Option<&str>,
+    config: EngineConfig,
+) -> anyhow::Result<Engine> {
     let dtype = parse_dtype(dtype)?;
     let loaded = LoadedModel::load(model_dir, dtype, &default_device())
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
-    let name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(loaded.into_engine(&name, &name, config)?)
+    let dir_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = name.map(str::to_string).unwrap_or_else(|| dir_name.clone());
+    Ok(loaded.into_engine(&name, &dir_name, config)?)
 }

@@ -25,8 +25,9 @@ use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use batcher::{Batcher, Job};
 
-/// Queueing and batching limits.
-#[derive(Debug, Clone)]
+/// Queueing and batching limits (`[engine]` in the config file).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Requests that may wait for admission before `Overloaded` is returned.
     pub queue_capacity: usize,
@@ -114,6 +115,11 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The per-request limits this engine validates against.
+    pub fn limits(&self) -> &RequestLimits {
+        &self.config.limits
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {

@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::stop::validate_stops;
 
-/// Upper bounds a deployment sets on a single request.
-#[derive(Debug, Clone)]
+/// Upper bounds a deployment sets on a single request (`[engine.limits]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RequestLimits {
     pub max_n: usize,
     pub max_best_of: usize,

@@ -1,0 +1,148 @@
+//! One shared, self-healing connection to Redis.
+//!
+//! Every replica must keep serving when Redis goes away, so nothing here
+//! waits long: connecting and each command time out quickly, a failed
+//! connect is retried at most once per [`RETRY_INTERVAL`], and
+//! [`RedisLink::is_reachable`] tells `/readyz` and the metrics how the last
+//! exchange went. Once connected, redis-rs' `ConnectionManager` reconnects by
+//! itself; it is cheap to clone, so callers take a clone per command.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// How long a connect attempt or a command may take before Redis counts as down.
+pub const TIMEOUT: Duration = Duration::from_millis(500);
+/// Minimum pause between two connect attempts while Redis is down.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("Redis is unreachable at {url}: {reason}")]
+    Unavailable { url: String, reason: String },
+    #[error("Redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+}
+
+impl LinkError {
+    /// Whether the failure means Redis itself is away (as opposed to a bad
+    /// command or a script error).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            LinkError::Unavailable { .. } => true,
+            LinkError::Command(e) => is_connection_error(e),
+        }
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+pub struct RedisLink {
+    client: redis::Client,
+    url: String,
+    connection: Mutex<Option<ConnectionManager>>,
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+    reachable: AtomicBool,
+}
+
+impl RedisLink {
+    /// Parses the URL; does not connect (the first command does).
+    pub fn new(url: &str) -> Result<Self, LinkError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| LinkError::Unavailable { url: url.to_string(), reason: format!("invalid URL: {e}") })?;
+        Ok(Self {
+            client,
+            url: url.to_string(),
+            connection: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(None),
+            reachable: AtomicBool::new(false),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the last exchange with Redis succeeded.
+    pub fn is_reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// A connection, establishing one if needed.
+    pub async fn connection(&self) -> Result<ConnectionManager, LinkError> {
+        if let Some(connection) = self.cached() {
+            return Ok(connection);
+        }
+        let mut last_attempt = self.connecting.lock().await;
+        if let Some(connection) = self.cached() {
+            return Ok(connection);
+        }
+        if last_attempt.is_some_and(|at| at.elapsed() < RETRY_INTERVAL) {
+            return Err(self.unavailable("not connected; retrying shortly"));
+        }
+        *last_attempt = Some(Instant::now());
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1);
+        match tokio::time::timeout(TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config)).await {
+            Ok(Ok(connection)) => {
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
+                self.reachable.store(true, Ordering::Relaxed);
+                tracing::info!(url = %self.url, "connected to Redis");
+                Ok(connection)
+            }
+            Ok(Err(e)) => {
+                self.reachable.store(false, Ordering::Relaxed);
+                Err(self.unavailable(&e.to_string()))
+            }
+            Err(_) => {
+                self.reachable.store(false, Ordering::Relaxed);
+                Err(self.unavailable("connect timed out"))
+            }
+        }
+    }
+
+    /// Runs one command (or script, or pipeline) and records whether Redis answered.
+    pub async fn run<T, F, Fut>(&self, command: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let connection = self.connection().await?;
+        let result = tokio::time::timeout(TIMEOUT * 2, command(connection)).await;
+        match result {
+            Ok(Ok(value)) => {
+                self.reachable.store(true, Ordering::Relaxed);
+                Ok(value)
+            }
+            Ok(Err(e)) => {
+                if is_connection_error(&e) {
+                    self.reachable.store(false, Ordering::Relaxed);
+                }
+                Err(LinkError::Command(e))
+            }
+            Err(_) => {
+                self.reachable.store(false, Ordering::Relaxed);
+                Err(self.unavailable("command timed out"))
+            }
+        }
+    }
+
+    /// PING; refreshes [`is_reachable`](Self::is_reachable).
+    pub async fn ping(&self) -> bool {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await }).await.is_ok()
+    }
+
+    fn cached(&self) -> Option<ConnectionManager> {
+        self.connection.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn unavailable(&self, reason: &str) -> LinkError {
+        LinkError::Unavailable { url: self.url.clone(), reason: reason.to_string() }
+    }
+}

@@ -1,0 +1,295 @@
+//! Runs a prepared request on the engine and shapes the answer: one JSON
+//! body, or a Server-Sent Events stream ending in `data: [DONE]`.
+//!
+//! A completions call may carry several prompts; each becomes its own engine
+//! request, and choice `i` of prompt `p` is reported at index `p * n + i`, as
+//! OpenAI does. All requests are submitted before the response starts, so a
+//! full engine queue is still a clean 503 rather than a broken stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use inference::engine::{Engine, Event, Generation};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::admission::{admit, insert_headers};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::metrics as m;
+use crate::openai::common::PreparedRequest;
+use crate::openai::response::{Format, ResponseMeta, Usage};
+use crate::state::AppState;
+
+/// Admits a prepared request and answers it, streamed or whole, with the
+/// key's rate-limit headers. `engine` is the one the request was validated
+/// on; it serves the request to the end even if a new one is swapped in.
+pub async fn respond(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    engine: Arc<Engine>,
+    prepared: PreparedRequest,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let ticket = admit(state, caller, headers, &prepared).await?;
+    tracing::info!(
+        use_case = ticket.classification.use_case.as_str(),
+        prompts = prepared.requests.len(),
+        prompt_tokens = prepared.prompt_tokens(),
+        stream = prepared.stream,
+        "admitted"
+    );
+    let info = engine.info();
+    let meta = ResponseMeta::new(format, &info.name, &info.checkpoint, prepared.logprobs);
+    let limit_headers = ticket.admission.headers().clone();
+    let admission = ticket.admission;
+    let on_finish: OnFinish = Box::new(move |usage: Usage| {
+        tokio::spawn(admission.finish(usage.total_tokens as u64));
+    });
+    let mut response = if prepared.stream {
+        stream(engine, prepared, meta, on_finish)?.into_response()
+    } else {
+        Json(complete(&engine, prepared, meta, on_finish).await?).into_response()
+    };
+    insert_headers(response.headers_mut(), &limit_headers);
+    Ok(response)
+}
+
+/// Called once with the request's real usage when it ends (normally or not).
+pub type OnFinish = Box<dyn FnOnce(Usage) + Send>;
+
+/// Generates every choice and returns the whole body.
+pub async fn complete(
+    engine: &Engine,
+    prepared: PreparedRequest,
+    meta: ResponseMeta,
+    on_finish: OnFinish,
+) -> Result<Value, ApiError> {
+    let started = Instant::now();
+    let generations = match submit(engine, &prepared) {
+        Ok(generations) => generations,
+        Err(e) => {
+            on_finish(Usage::default());
+            return Err(e);
+        }
+    };
+    let completions = futures_util::future::join_all(generations.into_iter().map(|g| g.collect())).await;
+    let mut choices = Vec::new();
+    let mut usage = Usage::new(prepared.prompt_tokens(), 0);
+    for (p, completion) in completions.into_iter().enumerate() {
+        let completion = match completion {
+            Ok(c) => c,
+            Err(e) => {
+                on_finish(usage);
+                return Err(e.into());
+            }
+        };
+        usage = Usage::new(usage.prompt_tokens, usage.completion_tokens + completion.completion_tokens);
+        for choice in completion.choices {
+            let mut offset = 0;
+            let mut text = String::new();
+            let mut tokens = Vec::new();
+            if prepared.echo {
+                text.push_str(&prepared.prompt_texts[p]);
+                tokens.extend(completion.prompt.iter().flatten().cloned());
+            }
+            text.push_str(&choice.text);
+            tokens.extend(choice.tokens);
+            let logprobs = meta.logprobs(&tokens, &mut offset);
+            let reason = choice.finish_reason.map(|r| r.as_str());
+            choices.push(meta.choice(p * prepared.n + choice.index, &text, logprobs, reason));
+        }
+    }
+    m::record_generation(meta.format, usage, started.elapsed(), None);
+    on_finish(usage);
+    Ok(meta.body(choices, usage))
+}
+
+/// Starts generation and returns the event stream.
+pub fn stream(
+    engine: Arc<Engine>,
+    prepared: PreparedRequest,
+    meta: ResponseMeta,
+    on_finish: OnFinish,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let generations = match submit(&engine, &prepared) {
+        Ok(generations) => generations,
+        Err(e) => {
+            on_finish(Usage::default());
+            return Err(e);
+        }
+    };
+    let samples: usize = prepared.requests.iter().map(|r| r.samples()).sum();
+    let prompt_tokens = prepared.prompt_tokens();
+    let (sender, receiver) = mpsc::channel::<(usize, Event)>(64);
+    for (p, generation) in generations.into_iter().enumerate() {
+        tokio::spawn(forward(p, generation, sender.clone()));
+    }
+    drop(sender);
+    let state = StreamState {
+        _engine: engine,
+        receiver,
+        meta,
+        n: prepared.n,
+        echo_texts: prepared.prompt_texts,
+        include_usage: prepared.include_usage,
+        usage: Usage::new(prompt_tokens, 0),
+        offsets: vec![0; samples],
+        opened: vec![false; samples],
+        remaining: samples,
+        pending: std::collections::VecDeque::new(),
+        started: Instant::now(),
+        first_token: None,
+        on_finish: Some(on_finish),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut state| async move {
+        let event = state.next_event().await?;
+        Some((Ok(event), state))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn submit(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Generation>, ApiError> {
+    // If a later submit fails, dropping the earlier generations cancels them.
+    prepared.requests.iter().map(|r| engine.submit(r.clone(), prepared.stream).map_err(ApiError::from)).collect()
+}
+
+/// Moves one generation's events into the shared channel; stops (and so
+/// cancels the generation) when the client has gone.
+async fn forward(prompt: usize, mut generation: Generation, sender: mpsc::Sender<(usize, Event)>) {
+    while let Some(event) = generation.next().await {
+        if sender.send((prompt, event)).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct StreamState {
+    /// Keeps the engine this request started on alive across a swap.
+    _engine: Arc<Engine>,
+    receiver: mpsc::Receiver<(usize, Event)>,
+    meta: ResponseMeta,
+    n: usize,
+    echo_texts: Vec<String>,
+    include_usage: bool,
+    usage: Usage,
+    /// Character offset per choice, for completions' `text_offset`.
+    offsets: Vec<usize>,
+    /// Whether a chat choice has sent its opening `role` delta.
+    opened: Vec<bool>,
+    remaining: usize,
+    pending: std::collections::VecDeque<SseEvent>,
+    started: Instant,
+    first_token: Option<Instant>,
+    on_finish: Option<OnFinish>,
+    done: bool,
+}
+
+impl StreamState {
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.done {
+                return None;
+            }
+            if self.remaining == 0 {
+                self.finish();
+                if self.include_usage {
+                    let chunk = self.meta.chunk(Vec::new(), Some(self.usage), true);
+                    self.pending.push_back(data(&chunk));
+                }
+                self.pending.push_back(SseEvent::default().data("[DONE]"));
+                continue;
+            }
+            let Some((prompt, event)) = self.receiver.recv().await else {
+                self.fail(ApiError::unavailable("The model stopped while generating. Retry the request."));
+                continue;
+            };
+            match event {
+                Event::Prompt { tokens } => {
+                    for i in 0..self.n {
+                        let index = prompt * self.n + i;
+                        let mut offset = self.offsets[index];
+                        let logprobs = self.meta.logprobs(&tokens, &mut offset);
+                        self.offsets[index] = offset;
+                        let text = self.echo_texts.get(prompt).map(String::as_str);
+                        self.push_choice(self.meta.delta(index, text, false, logprobs, None));
+                    }
+                }
+                Event::Token { index, text, token } => {
+                    let index = prompt * self.n + index;
+                    if self.first_token.is_none() {
+                        let now = Instant::now();
+                        self.first_token = Some(now);
+                        m::record_time_to_first_token(self.meta.format, now - self.started);
+                    }
+                    let mut offset = self.offsets.get(index).copied().unwrap_or(0);
+                    let logprobs =
+                        token.as_ref().and_then(|t| self.meta.logprobs(std::slice::from_ref(t), &mut offset));
+                    if let Some(slot) = self.offsets.get_mut(index) {
+                        *slot = offset;
+                    }
+                    // Chat streams open each choice with its role.
+                    let role = self.meta.format == Format::Chat
+                        && self.opened.get_mut(index).is_some_and(|opened| !std::mem::replace(opened, true));
+                    if text.is_empty() && logprobs.is_none() && !role {
+                        continue;
+                    }
+                    self.push_choice(self.meta.delta(index, Some(&text), role, logprobs, None));
+                }
+                Event::Finished { index, reason, completion_tokens, .. } => {
+                    let index = prompt * self.n + index;
+                    self.usage = Usage::new(self.usage.prompt_tokens, self.usage.completion_tokens + completion_tokens);
+                    self.remaining -= 1;
+                    self.push_choice(self.meta.delta(index, None, false, None, Some(reason.as_str())));
+                }
+                Event::Failed { message } => {
+                    self.fail(ApiError::internal(format!("The server had an error while generating: {message}")));
+                }
+            }
+        }
+    }
+
+    fn push_choice(&mut self, choice: Value) {
+        let chunk = self.meta.chunk(vec![choice], None, self.include_usage);
+        self.pending.push_back(data(&chunk));
+    }
+
+    /// Ends the stream with an `{"error": ...}` event (no `[DONE]`).
+    fn fail(&mut self, error: ApiError) {
+        self.pending.push_back(SseEvent::default().data(error.body_json()));
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        let ttft = self.first_token.map(|t| t - self.started);
+        m::record_generation(self.meta.format, self.usage, self.started.elapsed(), ttft);
+        if let Some(on_finish) = self.on_finish.take() {
+            on_finish(self.usage);
+        }
+    }
+}
+
+impl Drop for StreamState {
+    /// A client that hangs up still settles its rate-limit charge.
+    fn drop(&mut self) {
+        if let Some(on_finish) = self.on_finish.take() {
+            on_finish(self.usage);
+        }
+    }
+}
+
+fn data(value: &Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
+}

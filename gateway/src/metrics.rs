@@ -1,0 +1,80 @@
+//! Metric names and the Prometheus recorder. Every metric the gateway emits
+//! is named here, so `/metrics` has one place to read from.
+//!
+//! Gauges that mirror engine state (queue depth, running sequences, batch
+//! size) are sampled when `/metrics` is scraped rather than pushed per step.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::openai::response::{Format, Usage};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency);
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn endpoint(format: Format) -> &'static str {
+    match format {
+        Format::Completion => "completions",
+        Format::Chat => "chat",
+    }
+}
+
+pub fn record_request(route: &str, method: &str, status: u16, elapsed: Duration) {
+    let labels = [("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+    counter!("instructd_http_requests_total", &labels).increment(1);
+    histogram!("instructd_http_request_duration_seconds", &labels[..2]).record(elapsed.as_secs_f64());
+}
+
+pub fn record_time_to_first_token(format: Format, elapsed: Duration) {
+    histogram!("instructd_time_to_first_token_seconds", "endpoint" => endpoint(format)).record(elapsed.as_secs_f64());
+}
+
+/// Tokens in and out, and time per output token after the first.
+pub fn record_generation(format: Format, usage: Usage, elapsed: Duration, ttft: Option<Duration>) {
+    let endpoint = endpoint(format);
+    counter!("instructd_prompt_tokens_total", "endpoint" => endpoint).increment(usage.prompt_tokens as u64);
+    counter!("instructd_completion_tokens_total", "endpoint" => endpoint).increment(usage.completion_tokens as u64);
+    if usage.completion_tokens > 1 {
+        let decode = elapsed.saturating_sub(ttft.unwrap_or_default());
+        let per_token = decode.as_secs_f64() / (usage.completion_tokens - 1) as f64;
+        histogram!("instructd_time_per_output_token_seconds", "endpoint" => endpoint).record(per_token);
+    }
+}
+
+/// A request refused before the engine: `reason` is auth, rate limit or policy.
+pub fn record_rejection(reason: &'static str) {
+    counter!("instructd_rejections_total", "reason" => reason).increment(1);
+}
+
+pub fn set_engine_state(queue_depth: usize, running: usize, batch_size: usize) {
+    gauge!("instructd_engine_queue_depth").set(queue_depth as f64);
+    gauge!("instructd_engine_running_sequences").set(running as f64);
+    gauge!("instructd_batch_size_last").set(batch_size as f64);
+}
+
+pub fn set_serving_checkpoint(checkpoint: &str) {
+    gauge!("instructd_serving_checkpoint", "checkpoint" => checkpoint.to_string()).set(1.0);
+}
+
+pub fn set_redis_reachable(reachable: bool) {
+    gauge!("instructd_redis_reachable").set(if reachable { 1.0 } else { 0.0 });
+}

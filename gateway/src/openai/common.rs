@@ -1,0 +1,157 @@
+//! Fields and rules shared by completions and chat: `stop`, stream options,
+//! sampling fields, refusing unsupported fields, and the prepared request
+//! both routes hand to the generation runner.
+
+use inference::engine::{Engine, GenerateRequest};
+use inference::sampling::SamplingParams;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(stop: Option<Stop>) -> Vec<String> {
+        match stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling fields of a request body, before validation.
+#[derive(Debug, Default)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub top_logprobs: Option<usize>,
+}
+
+impl SamplingFields {
+    /// OpenAI's defaults for absent fields; ranges are checked by the engine's validation.
+    pub fn into_params(self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            // Negative seeds are valid in OpenAI's API; any fixed mapping keeps them reproducible.
+            seed: self.seed.map(|s| s as u64),
+            top_logprobs: self.top_logprobs,
+        }
+    }
+}
+
+/// Refuses fields we parse but do not implement, naming the first one set.
+/// `null`, `{}` and `[]` count as not set, as clients send them for defaults.
+pub fn reject_unsupported(fields: &[(&str, &Option<Value>)]) -> Result<(), ApiError> {
+    for (name, value) in fields {
+        let set = match value {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(map)) => !map.is_empty(),
+            Some(Value::Array(items)) => !items.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            return Err(ApiError::unsupported(name));
+        }
+    }
+    Ok(())
+}
+
+pub fn check_stream_options(stream: bool, options: &Option<StreamOptions>) -> Result<bool, ApiError> {
+    match options {
+        Some(_) if !stream => Err(ApiError::invalid_request(
+            Some("stream_options"),
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        )),
+        Some(options) => Ok(options.include_usage),
+        None => Ok(false),
+    }
+}
+
+/// How the response reports log-probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsFormat {
+    None,
+    /// Completions: `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`.
+    Completion,
+    /// Chat: `content: [{token, logprob, bytes, top_logprobs}]`.
+    Chat,
+}
+
+/// A validated request, ready for admission and the engine.
+pub struct PreparedRequest {
+    /// One engine request per prompt (a completions call may carry several).
+    pub requests: Vec<GenerateRequest>,
+    /// Text for each prompt, for `echo`.
+    pub prompt_texts: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: LogprobsFormat,
+    pub echo: bool,
+    /// What the use-case classifier reads.
+    pub policy_text: String,
+    pub user: Option<String>,
+}
+
+impl PreparedRequest {
+    /// Tokens charged against the key's tokens/min up front: prompt plus the
+    /// most the request may generate.
+    pub fn charged_tokens(&self) -> u64 {
+        self.requests.iter().map(|r| (r.prompt.len() + r.max_tokens * r.samples()) as u64).sum()
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.requests.iter().map(|r| r.prompt.len()).sum()
+    }
+}
+
+/// Validates each request against the engine it will run on.
+pub fn validate_all(engine: &Engine, requests: &[GenerateRequest], stream: bool) -> Result<(), ApiError> {
+    let info = engine.info();
+    for request in requests {
+        request.validate(info.vocab_size, info.max_positions, engine.limits(), stream)?;
+    }
+    Ok(())
+}
+
+pub fn check_model(engine: &Engine, model: &str) -> Result<(), ApiError> {
+    if model == engine.info().name { Ok(()) } else { Err(ApiError::model_not_found(model)) }
+}
+
+pub fn check_max_tokens(max_tokens: Option<i64>, param: &'static str) -> Result<Option<usize>, ApiError> {
+    match max_tokens {
+        None => Ok(None),
+        Some(v) if v < 0 => {
+            Err(ApiError::invalid_request(Some(param), format!("{param} must be non-negative, got {v}")))
+        }
+        Some(v) => Ok(Some(v as usize)),
+    }
+}
+
+pub fn check_count(value: Option<i64>, param: &'static str, default: usize) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v < 1 => Err(ApiError::invalid_request(Some(param), format!("{param} must be at least 1, got {v}"))),
+        Some(v) => Ok(v as usize),
+    }
+}

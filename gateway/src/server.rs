@@ -1,0 +1,77 @@
+//! The router (every route, in one table) and the server loop with graceful
+//! shutdown: on the signal, the listener closes and in-flight requests,
+//! streams included, run to their end.
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{MethodRouter, delete, get, post};
+use tokio::net::TcpListener;
+
+use crate::error::ApiError;
+use crate::json::BodyLimit;
+use crate::observe::observe;
+use crate::routes::{admin_keys, chat, completions, health, models};
+use crate::state::SharedState;
+
+/// Every route the gateway serves: (method, path, handler). The router is
+/// built from this table alone, so [`route_list`] (which the `openapi.yaml`
+/// sync test reads) cannot drift from what is served.
+fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
+    vec![
+        ("post", "/v1/completions", post(completions::create)),
+        ("post", "/v1/chat/completions", post(chat::create)),
+        ("get", "/v1/models", get(models::list)),
+        ("get", "/v1/models/{id}", get(models::get)),
+        ("post", "/admin/keys", post(admin_keys::create)),
+        ("get", "/admin/keys", get(admin_keys::list)),
+        ("post", "/admin/keys/{id}/suspend", post(admin_keys::suspend)),
+        ("post", "/admin/keys/{id}/reinstate", post(admin_keys::reinstate)),
+        ("delete", "/admin/keys/{id}", delete(admin_keys::revoke)),
+        ("get", "/healthz", get(health::healthz)),
+        ("get", "/readyz", get(health::readyz)),
+        ("get", "/metrics", get(health::metrics)),
+    ]
+}
+
+/// (method, path) of every route, lower-case methods, `{param}` paths.
+pub fn route_list() -> Vec<(&'static str, &'static str)> {
+    table().into_iter().map(|(method, path, _)| (method, path)).collect()
+}
+
+pub fn router(state: SharedState) -> Router {
+    let limit = state.config.max_body_bytes;
+    let mut router = Router::new();
+    for (_, path, handler) in table() {
+        // Routes on one path with different methods merge.
+        router = router.route(path, handler);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(observe))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("Unknown route {}. See openapi.yaml for the API.", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let mut error = ApiError::invalid_request(None, format!("Method {method} is not allowed on {}.", uri.path()));
+    error.status = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    error
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    state: SharedState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::metrics::set_serving_checkpoint(&state.engine.current().info().checkpoint);
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

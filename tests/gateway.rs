@@ -1,0 +1,84 @@
+//! End-to-end tests of `instructd serve`: the real binary, a private
+//! `redis-server`, and the unmodified Python `openai` client (scripts under
+//! `tests/e2e/`). The model is a tiny random-weight one, so these test the
+//! API and its controls, not text quality (see `chat_answers_with_the_default_model`).
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/real_model.rs"]
+mod real_model;
+
+use gateway::{Gateway, RedisServer, python, run_script, tiny_model};
+
+#[test]
+fn openai_client_surface() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
+    run_script(&python, "openai_api.py", &[("INSTRUCTD_URL", &gateway.url)]);
+    assert!(gateway.stop().success(), "the gateway exits cleanly on SIGTERM");
+}
+
+#[test]
+fn every_error_case() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
+    run_script(&python, "errors.py", &[("INSTRUCTD_URL", &gateway.url)]);
+}
+
+#[test]
+fn repeated_refusals_auto_suspend_the_key() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[("INSTRUCTD__GATEWAY__MAX_REFUSALS", "3")]);
+    run_script(&python, "auto_suspend.py", &[("INSTRUCTD_URL", &gateway.url)]);
+}
+
+#[test]
+fn two_replicas_share_limits_and_suspensions() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let a = Gateway::start(&redis.url(), &model, &[]);
+    let b = Gateway::start(&redis.url(), &model, &[]);
+    run_script(&python, "replicas.py", &[("INSTRUCTD_URL", &a.url), ("INSTRUCTD_URL_B", &b.url)]);
+}
+
+#[test]
+fn serves_through_a_redis_outage() {
+    let Some(python) = python() else { return };
+    let mut redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
+    let state = tmp.path().join("state");
+    let env = |phase: &'static str| {
+        vec![
+            ("INSTRUCTD_URL", gateway.url.clone()),
+            ("PHASE", phase.to_string()),
+            ("INSTRUCTD_STATE_FILE", state.display().to_string()),
+        ]
+    };
+    let run = |phase: &'static str| {
+        let env = env(phase);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_script(&python, "redis_outage.py", &env);
+    };
+    run("before");
+    redis.stop();
+    run("down");
+    redis.restart().unwrap();
+    run("up");
+}
+
+#[test]
+fn chat_answers_with_the_default_model() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let gateway = Gateway::start(&redis.url(), &real_model::real_model_dir(), &[]);
+    run_script(&python, "real_model_chat.py", &[("INSTRUCTD_URL", &gateway.url)]);
+}

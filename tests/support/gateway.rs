@@ -1,0 +1,122 @@
+//! Starts the real `instructd serve` binary for end-to-end tests, against a
+//! private `redis-server`, and runs the Python scripts under `tests/e2e/`
+//! (which drive it with the unmodified `openai` client) against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub use feedback::redis_server::RedisServer;
+
+pub const ADMIN_KEY: &str = "sk-test-admin-0123456789abcdef";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tiny random-weight model written by `instructd model init-tiny`.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let status = Command::new(env!("CARGO_BIN_EXE_instructd"))
+        .args(["model", "init-tiny", out.to_str().unwrap(), "--seed", "7"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("instructd runs");
+    assert!(status.success(), "init-tiny failed");
+    out
+}
+
+pub struct Gateway {
+    child: Child,
+    pub url: String,
+}
+
+impl Gateway {
+    /// Starts a gateway on a free port; `env` adds or overrides settings.
+    pub fn start(redis_url: &str, model: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
+        command
+            .arg("serve")
+            .current_dir(repo_root())
+            .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
+            .env("INSTRUCTD_ADDR", "127.0.0.1:0")
+            .env("INSTRUCTD_REDIS_URL", redis_url)
+            .env("INSTRUCTD_MODEL", model)
+            .env("INSTRUCTD_ADMIN_KEY", ADMIN_KEY)
+            .env("INSTRUCTD__ENGINE__COMPUTE_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("instructd serve starts");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("instructd gateway listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the gateway did not report its address within 180 s");
+            }
+        };
+        Self { child, url }
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().expect("gateway exits")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python with the `openai` package: `INSTRUCTD_TEST_PYTHON` (the venv
+/// `make test` builds), else `python3`. `None` when it lacks the package.
+pub fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("INSTRUCTD_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import openai, httpx"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("INSTRUCTD_TEST_PYTHON").is_none(),
+        "INSTRUCTD_TEST_PYTHON={} lacks the openai package",
+        python.display()
+    );
+    eprintln!("SKIPPED: no Python with the `openai` package; `make test` installs one into .cache/test-venv");
+    None
+}
+
+/// Runs `tests/e2e/<script>` with the gateway's address in the environment;
+/// panics with its output when it fails.
+pub fn run_script(python: &Path, script: &str, env: &[(&str, &str)]) {
+    let mut command = Command::new(python);
+    command.arg(repo_root().join("tests/e2e").join(script)).env("INSTRUCTD_ADMIN_KEY", ADMIN_KEY);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = command.output().expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+}
