@@ -6,6 +6,7 @@
 
 mod cmd;
 mod config;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -51,10 +52,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     limit_candle_elementwise_threads();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INSTRUCTD_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = telemetry::init()?;
     let cli = Cli::parse();
     match cli.command {
         Command::Model(command) => cmd::model::run(command),

@@ -76,6 +76,36 @@ fn serves_through_a_redis_outage() {
 }
 
 #[test]
+fn graceful_shutdown_finishes_streams_and_exports_traces() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let spans = tmp.path().join("spans.log");
+    let mut sink = std::process::Command::new(&python)
+        .arg(gateway::repo_root().join("tests/e2e/otlp_sink.py"))
+        .args(["0", spans.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(sink.stdout.take().unwrap()), &mut port).unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", port.trim());
+    // The real model, so that generation outlasts the signal by seconds.
+    let model = real_model::real_model_dir();
+    let gateway = Gateway::start(&redis.url(), &model, &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    let pid = gateway.pid().to_string();
+    run_script(&python, "graceful_shutdown.py", &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_PID", &pid)]);
+    assert!(gateway.wait().success(), "the gateway exits cleanly after SIGTERM");
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let exported = std::fs::read_to_string(&spans).unwrap_or_default();
+    assert!(
+        exported.lines().any(|l| l.starts_with("/v1/traces ") && !l.contains(" 0 ")),
+        "no spans reached the OTLP endpoint: {exported:?}"
+    );
+}
+
+#[test]
 fn chat_answers_with_the_default_model() {
     let Some(python) = python() else { return };
     let redis = RedisServer::start().unwrap();

@@ -47,6 +47,9 @@ pub struct RedisLink {
     connection: Mutex<Option<ConnectionManager>>,
     connecting: tokio::sync::Mutex<Option<Instant>>,
     reachable: AtomicBool,
+    /// When a command last failed for want of Redis: for [`RETRY_INTERVAL`]
+    /// after that, commands fail at once instead of each waiting out a timeout.
+    down_since: Mutex<Option<Instant>>,
 }
 
 impl RedisLink {
@@ -60,6 +63,7 @@ impl RedisLink {
             connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
             reachable: AtomicBool::new(false),
+            down_since: Mutex::new(None),
         })
     }
 
@@ -113,21 +117,24 @@ impl RedisLink {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        if self.down_since.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| at.elapsed() < RETRY_INTERVAL) {
+            return Err(self.unavailable("unreachable moments ago; retrying shortly"));
+        }
         let connection = self.connection().await?;
         let result = tokio::time::timeout(TIMEOUT * 2, command(connection)).await;
         match result {
             Ok(Ok(value)) => {
-                self.reachable.store(true, Ordering::Relaxed);
+                self.mark(true);
                 Ok(value)
             }
             Ok(Err(e)) => {
                 if is_connection_error(&e) {
-                    self.reachable.store(false, Ordering::Relaxed);
+                    self.mark(false);
                 }
                 Err(LinkError::Command(e))
             }
             Err(_) => {
-                self.reachable.store(false, Ordering::Relaxed);
+                self.mark(false);
                 Err(self.unavailable("command timed out"))
             }
         }
@@ -136,6 +143,12 @@ impl RedisLink {
     /// PING; refreshes [`is_reachable`](Self::is_reachable).
     pub async fn ping(&self) -> bool {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await }).await.is_ok()
+    }
+
+    fn mark(&self, reachable: bool) {
+        self.reachable.store(reachable, Ordering::Relaxed);
+        *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) =
+            if reachable { None } else { Some(Instant::now()) };
     }
 
     fn cached(&self) -> Option<ConnectionManager> {

@@ -86,13 +86,17 @@ pub fn header_pairs(headers: &RateLimitHeaders) -> Vec<(&'static str, String)> {
     let mut pairs = Vec::new();
     if headers.limit_requests > 0 {
         pairs.push(("x-ratelimit-limit-requests", headers.limit_requests.to_string()));
-        pairs.push(("x-ratelimit-remaining-requests", headers.remaining_requests.to_string()));
-        pairs.push(("x-ratelimit-reset-requests", format_reset(headers.reset_requests)));
+        if headers.requests_known {
+            pairs.push(("x-ratelimit-remaining-requests", headers.remaining_requests.to_string()));
+            pairs.push(("x-ratelimit-reset-requests", format_reset(headers.reset_requests)));
+        }
     }
     if headers.limit_tokens > 0 {
         pairs.push(("x-ratelimit-limit-tokens", headers.limit_tokens.to_string()));
-        pairs.push(("x-ratelimit-remaining-tokens", headers.remaining_tokens.to_string()));
-        pairs.push(("x-ratelimit-reset-tokens", format_reset(headers.reset_tokens)));
+        if headers.tokens_known {
+            pairs.push(("x-ratelimit-remaining-tokens", headers.remaining_tokens.to_string()));
+            pairs.push(("x-ratelimit-reset-tokens", format_reset(headers.reset_tokens)));
+        }
     }
     pairs
 }

@@ -15,16 +15,35 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = request.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(0);
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large(limit)
-            } else {
-                ApiError::invalid_request(None, format!("Could not read the request body: {rejection}"))
-            }
-        })?;
-        parse(&bytes).map(ApiJson)
+        parse(&read_body(request, state).await?).map(ApiJson)
     }
+}
+
+/// An optional JSON body: empty means `None`; anything else must parse.
+pub struct OptionalApiJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(request, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            Ok(OptionalApiJson(None))
+        } else {
+            parse(&bytes).map(|v| OptionalApiJson(Some(v)))
+        }
+    }
+}
+
+async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    let limit = request.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(0);
+    Bytes::from_request(request, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::invalid_request(None, format!("Could not read the request body: {rejection}"))
+        }
+    })
 }
 
 /// The configured body limit, put in request extensions so the 413 message can state it.

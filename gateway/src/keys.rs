@@ -103,8 +103,8 @@ pub enum KeyError {
     Unavailable(String),
     #[error("corrupt key record {id}: {message}")]
     Corrupt { id: String, message: String },
-    #[error("invalid key request: {0}")]
-    Invalid(String),
+    #[error("invalid key request: {message}")]
+    Invalid { param: Option<&'static str>, message: String },
 }
 
 impl From<LinkError> for KeyError {
@@ -189,10 +189,13 @@ impl KeyStore {
 
     pub async fn create(&self, new: NewKey) -> Result<(ApiKey, String), KeyError> {
         if new.user.trim().is_empty() {
-            return Err(KeyError::Invalid("'user' must be a non-empty string".into()));
+            return Err(KeyError::Invalid { param: Some("user"), message: "'user' must be a non-empty string".into() });
         }
         if new.scopes.is_empty() {
-            return Err(KeyError::Invalid("'scopes' must name at least one scope".into()));
+            return Err(KeyError::Invalid {
+                param: Some("scopes"),
+                message: "'scopes' must name at least one scope".into(),
+            });
         }
         let secret = format!("sk-instructd-{:032x}{:016x}", rand::random::<u128>(), rand::random::<u64>());
         let key = ApiKey {
@@ -240,7 +243,10 @@ impl KeyStore {
     pub async fn set_status(&self, id: &str, status: KeyStatus, reason: Option<String>) -> Result<ApiKey, KeyError> {
         let mut key = self.get(id).await?;
         if key.status == KeyStatus::Revoked && status != KeyStatus::Revoked {
-            return Err(KeyError::Invalid(format!("key {id} is revoked and cannot be reinstated")));
+            return Err(KeyError::Invalid {
+                param: None,
+                message: format!("key {id} is revoked; its status cannot change"),
+            });
         }
         key.status = status;
         key.status_reason = reason;
@@ -249,7 +255,8 @@ impl KeyStore {
     }
 
     async fn store(&self, key: &ApiKey, hash: Option<&str>) -> Result<(), KeyError> {
-        let json = serde_json::to_string(key).map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_string(key).map_err(|e| KeyError::Corrupt { id: key.id.clone(), message: e.to_string() })?;
         let record_key = self.record_key(&key.id);
         let index = self.index_key();
         let id = key.id.clone();
@@ -339,7 +346,7 @@ mod tests {
         assert_eq!(other.authenticate(&secret).await.unwrap().status, KeyStatus::Suspended);
 
         store.set_status(&key.id, KeyStatus::Revoked, None).await.unwrap();
-        assert!(matches!(store.set_status(&key.id, KeyStatus::Active, None).await, Err(KeyError::Invalid(_))));
+        assert!(matches!(store.set_status(&key.id, KeyStatus::Active, None).await, Err(KeyError::Invalid { .. })));
         assert_eq!(store.list().await.unwrap().len(), 1);
         // The secret is not stored anywhere in Redis.
         let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();

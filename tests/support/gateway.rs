@@ -71,6 +71,15 @@ impl Gateway {
         Self { child, url }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("gateway exits")
+    }
+
     /// Sends SIGTERM and waits for a graceful exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -36,6 +36,10 @@ pub struct KeyLimits {
 /// Values for the `x-ratelimit-*` headers (limit 0: unlimited, header omitted).
 #[derive(Debug, Clone, Default)]
 pub struct RateLimitHeaders {
+    /// Whether remaining/reset are known for requests and for tokens: not
+    /// while deciding locally (Redis away), except for the bucket that refused.
+    pub requests_known: bool,
+    pub tokens_known: bool,
     pub limit_requests: u32,
     pub remaining_requests: u32,
     pub reset_requests: Duration,
@@ -55,6 +59,8 @@ impl RateLimitHeaders {
             ((free * f64::from(limit)) + 1e-9).floor() as u32
         };
         Self {
+            requests_known: true,
+            tokens_known: true,
             limit_requests: limits.requests_per_minute,
             remaining_requests: remaining(limits.requests_per_minute, requests_fill),
             reset_requests: if limits.requests_per_minute > 0 { requests_fill } else { Duration::ZERO },
@@ -109,7 +115,7 @@ impl Rejection {
             ),
             RejectReason::Tokens => format!(
                 "Rate limit reached for tokens: {} per minute for this key; this request needs {tokens} (prompt + \
-                 max_tokens x n). Retry after {:.1} s.",
+                 max_tokens per sample). Retry after {:.1} s.",
                 limits.tokens_per_minute,
                 retry_after.as_secs_f64()
             ),
@@ -117,7 +123,7 @@ impl Rejection {
                 format!("Too many concurrent requests: at most {} at once for this key.", limits.max_concurrent)
             }
             RejectReason::TooLarge => format!(
-                "This request needs {tokens} tokens (prompt + max_tokens x n), more than this key's limit of {} \
+                "This request needs {tokens} tokens (prompt + max_tokens per sample), more than this key's limit of {} \
                  tokens per minute. Reduce max_tokens or n.",
                 limits.tokens_per_minute
             ),
@@ -172,8 +178,20 @@ impl RateLimiter {
             ));
         }
         if let Err(refusal) = inner.local.check(key_id, limits, None) {
-            let headers = local_headers(limits, refusal.reason);
+            let headers = local_headers(limits, Some(&refusal));
             return Err(Rejection::new(refusal.reason, refusal.retry_after, limits, headers, tokens));
+        }
+        if limits.requests_per_minute == 0 && limits.tokens_per_minute == 0 && limits.max_concurrent == 0 {
+            // Nothing to count: no round trip.
+            return Ok(Admission::new(
+                inner.clone(),
+                self.keys(key_id),
+                None,
+                None,
+                *limits,
+                tokens,
+                RateLimitHeaders::default(),
+            ));
         }
         let slot = format!("{:016x}", rand::random::<u64>());
         let keys = self.keys(key_id);
@@ -236,7 +254,7 @@ impl RateLimiter {
                         refusal.reason,
                         refusal.retry_after,
                         limits,
-                        local_headers(limits, refusal.reason),
+                        local_headers(limits, Some(&refusal)),
                         tokens,
                     )
                 };
@@ -246,7 +264,7 @@ impl RateLimiter {
                         refusal.reason,
                         refusal.retry_after,
                         limits,
-                        local_headers(limits, refusal.reason),
+                        local_headers(limits, Some(&refusal)),
                         tokens,
                     )
                 })?;
@@ -257,7 +275,7 @@ impl RateLimiter {
                     Some(counter),
                     *limits,
                     tokens,
-                    local_headers(limits, RejectReason::Concurrency),
+                    local_headers(limits, None),
                 ))
             }
         }
@@ -277,13 +295,26 @@ impl Inner {
     }
 }
 
-/// Headers while deciding locally: limits are known, remaining is not.
-fn local_headers(limits: &KeyLimits, _reason: RejectReason) -> RateLimitHeaders {
-    RateLimitHeaders {
+/// Headers of a local decision: the limits are known, and for a refusing
+/// bucket that nothing is left until `retry_after`; the rest is not known.
+fn local_headers(limits: &KeyLimits, refusal: Option<&local::LocalRefusal>) -> RateLimitHeaders {
+    let mut headers = RateLimitHeaders {
         limit_requests: limits.requests_per_minute,
         limit_tokens: limits.tokens_per_minute,
         ..Default::default()
+    };
+    match refusal.map(|r| r.reason) {
+        Some(RejectReason::Requests) => {
+            headers.requests_known = true;
+            headers.reset_requests = refusal.map_or(Duration::ZERO, |r| r.retry_after);
+        }
+        Some(RejectReason::Tokens) => {
+            headers.tokens_known = true;
+            headers.reset_tokens = refusal.map_or(Duration::ZERO, |r| r.retry_after);
+        }
+        _ => {}
     }
+    headers
 }
 
 /// A request's hold on its key's limits. Dropping it releases the
@@ -320,7 +351,8 @@ impl Admission {
     pub async fn finish(mut self, actual_tokens: u64) {
         self.release_local();
         let Some(slot) = self.slot.take() else { return };
-        let delta = actual_tokens as i64 - self.charged as i64;
+        let delta =
+            (actual_tokens.min(i64::MAX as u64) as i64).saturating_sub(self.charged.min(i64::MAX as u64) as i64);
         settle(self.inner.clone(), self.keys.clone(), slot, self.limits, delta).await;
     }
 

@@ -12,24 +12,26 @@ local window = 60000000
 local req_limit, tok_limit, conc_limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = tonumber(ARGV[4])
 
+-- Returns whether the cost fits, the TAT now, the TAT after charging, and the wait if it does not fit.
 local function check(key, limit, cost)
-  if limit <= 0 then return true, now, 0 end
+  if limit <= 0 then return true, now, now, 0 end
   local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
   local new_tat = tat + cost * window / limit
-  if new_tat - now > window then return false, tat, new_tat - now - window end
-  return true, new_tat, 0
+  if new_tat - now > window then return false, tat, tat, new_tat - now - window end
+  return true, tat, new_tat, 0
 end
 
-local req_ok, req_tat, req_wait = check(KEYS[1], req_limit, 1)
-local tok_ok, tok_tat, tok_wait = check(KEYS[2], tok_limit, tokens)
-if not req_ok then return {0, 1, math.ceil(req_wait), math.floor(req_tat - now), math.floor(tok_tat - now)} end
-if not tok_ok then return {0, 2, math.ceil(tok_wait), math.floor(req_tat - now), math.floor(tok_tat - now)} end
+local req_ok, req_now, req_tat, req_wait = check(KEYS[1], req_limit, 1)
+local tok_ok, tok_now, tok_tat, tok_wait = check(KEYS[2], tok_limit, tokens)
+-- A refused request charges nothing, so its headers show the buckets as they stand.
+if not req_ok then return {0, 1, math.ceil(req_wait), math.floor(req_now - now), math.floor(tok_now - now)} end
+if not tok_ok then return {0, 2, math.ceil(tok_wait), math.floor(req_now - now), math.floor(tok_now - now)} end
 
 if conc_limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= conc_limit then
-    return {0, 3, 1000000, math.floor(req_tat - now), math.floor(tok_tat - now)}
+    return {0, 3, 1000000, math.floor(req_now - now), math.floor(tok_now - now)}
   end
   local lease_us = tonumber(ARGV[6]) * 1000
   redis.call('ZADD', KEYS[3], now + lease_us, ARGV[5])

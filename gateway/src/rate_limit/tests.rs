@@ -109,3 +109,14 @@ async fn zero_means_unlimited() {
         assert_eq!(admission.headers().limit_requests, 0);
     }
 }
+
+#[tokio::test]
+async fn a_refused_request_charges_nothing() {
+    let server = RedisServer::start().unwrap();
+    let rl = limiter(&server);
+    let l = limits(5, 100, 1);
+    let _held = rl.admit("k", &l, 10).await.unwrap();
+    let refused = rl.admit("k", &l, 10).await.err().unwrap();
+    assert_eq!(refused.reason, RejectReason::Concurrency);
+    assert_eq!((refused.headers.remaining_requests, refused.headers.remaining_tokens), (4, 90));
+}

@@ -2,7 +2,6 @@
 //! list, suspend, reinstate and revoke. Every status change is audited.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -10,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::json::ApiJson;
+use crate::json::{ApiJson, OptionalApiJson};
 use crate::keys::{ApiKey, KeyError, KeyStatus, NewKey, Scope};
 use crate::state::SharedState;
 
@@ -23,7 +22,7 @@ pub struct StatusChange {
 fn key_error(error: KeyError, id: &str) -> ApiError {
     match error {
         KeyError::NotFound => ApiError::not_found(format!("No API key with id '{id}'.")).with_param("id"),
-        KeyError::Invalid(message) => ApiError::invalid_request(None, message),
+        KeyError::Invalid { param, message } => ApiError::invalid_request(param, message),
         KeyError::Unavailable(message) => ApiError::unavailable(format!("The key store is unavailable: {message}")),
         KeyError::Corrupt { .. } => ApiError::internal(error.to_string()),
     }
@@ -73,10 +72,9 @@ pub async fn suspend(
     State(state): State<SharedState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    OptionalApiJson(body): OptionalApiJson<StatusChange>,
 ) -> Result<Json<Value>, ApiError> {
-    // The body is optional: `{"reason": "..."}`.
-    let reason = if body.is_empty() { None } else { crate::json::parse::<StatusChange>(&body)?.reason };
+    let reason = body.and_then(|b| b.reason);
     let key = change(&state, &caller, &id, KeyStatus::Suspended, reason, "suspended").await?;
     Ok(Json(key_object(&key)))
 }
@@ -87,6 +85,10 @@ pub async fn reinstate(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = change(&state, &caller, &id, KeyStatus::Active, Some("reinstated".into()), "reinstated").await?;
+    // Old refusals must not re-suspend the key on its next refusal.
+    if let Err(e) = state.audit.reset_refusals(&id).await {
+        tracing::warn!(key = %id, error = %e, "could not reset the refusal count of a reinstated key");
+    }
     Ok(Json(key_object(&key)))
 }
 

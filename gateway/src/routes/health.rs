@@ -28,7 +28,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     let body = json!({
         "status": if redis { "ready" } else { "degraded" },
         "model": {"loaded": true, "name": info.name, "checkpoint": info.checkpoint},
-        "redis": {"reachable": redis, "url": state.redis.url()},
+        "redis": {"reachable": redis},
         "rate_limits": if redis { "shared" } else { "local_only" },
     });
     (StatusCode::OK, Json(body)).into_response()
