@@ -29,10 +29,11 @@ test: build-debug test-venv
 	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python \
 		$(CARGO) test --workspace --all-targets
 
-test-venv: $(TEST_VENV)/bin/python
-$(TEST_VENV)/bin/python:
-	python3 -m venv $(TEST_VENV)
-	$(TEST_VENV)/bin/pip install -q openai==2.8.1
+test-venv: $(TEST_VENV)/.installed
+$(TEST_VENV)/.installed: tests/e2e/requirements.txt
+	test -x $(TEST_VENV)/bin/python || python3 -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q -r tests/e2e/requirements.txt selenium==4.50.0
+	touch $@
 
 ## chat: talk to the default model interactively.
 chat: build-release

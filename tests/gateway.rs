@@ -4,6 +4,7 @@
 //! API and its controls, not text quality (see `chat_answers_with_the_default_model`).
 
 #[path = "support/gateway.rs"]
+#[allow(dead_code)]
 mod gateway;
 #[path = "support/real_model.rs"]
 mod real_model;

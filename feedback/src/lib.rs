@@ -1,9 +1,17 @@
 //! What the gateway and the trainer share about human data: the Redis link,
-//! stream names, and (with the feedback issue) event types, consent, PII
-//! screening and dataset splits. It knows nothing of HTTP.
+//! stream names, event types, consent, the log of prompts and the labeling
+//! queue, PII screening and dataset splits, and the exactly-once event log
+//! with its on-disk spill. It knows nothing of HTTP.
 
+pub mod consent;
+pub mod event_log;
+pub mod events;
+pub mod labeling;
+pub mod logged_prompts;
 pub mod redis_link;
 pub mod redis_server;
+pub mod retention;
+pub mod spill;
 pub mod streams;
 
 pub use redis_link::{LinkError, RedisLink};

@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use inference::engine::{Engine, Event, Generation};
+use inference::engine::{Completion, Engine, Event, Generation};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -73,25 +73,17 @@ pub async fn complete(
     on_finish: OnFinish,
 ) -> Result<Value, ApiError> {
     let started = Instant::now();
-    let generations = match submit(engine, &prepared) {
-        Ok(generations) => generations,
+    let completions = match collect_all(engine, &prepared).await {
+        Ok(completions) => completions,
         Err(e) => {
-            on_finish(Usage::default());
+            on_finish(Usage::new(prepared.prompt_tokens(), 0));
             return Err(e);
         }
     };
-    let completions = futures_util::future::join_all(generations.into_iter().map(|g| g.collect())).await;
     let mut choices = Vec::new();
-    let mut usage = Usage::new(prepared.prompt_tokens(), 0);
+    let completion_tokens = completions.iter().map(|c| c.completion_tokens).sum();
+    let usage = Usage::new(prepared.prompt_tokens(), completion_tokens);
     for (p, completion) in completions.into_iter().enumerate() {
-        let completion = match completion {
-            Ok(c) => c,
-            Err(e) => {
-                on_finish(usage);
-                return Err(e.into());
-            }
-        };
-        usage = Usage::new(usage.prompt_tokens, usage.completion_tokens + completion.completion_tokens);
         for choice in completion.choices {
             let mut offset = 0;
             let mut text = String::new();
@@ -155,6 +147,13 @@ pub fn stream(
         Some((Ok(event), state))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Runs every request of `prepared` to the end.
+pub async fn collect_all(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Completion>, ApiError> {
+    let generations = submit(engine, prepared)?;
+    let completions = futures_util::future::join_all(generations.into_iter().map(|g| g.collect())).await;
+    completions.into_iter().map(|c| c.map_err(ApiError::from)).collect()
 }
 
 fn submit(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Generation>, ApiError> {

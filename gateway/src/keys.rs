@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::policy::{Domain, UseCase};
 use crate::rate_limit::KeyLimits;
+use feedback::events::LabelerGroup;
 use feedback::{LinkError, RedisLink};
 
 /// How long a looked-up key is trusted before Redis is asked again.
@@ -65,6 +66,9 @@ pub struct ApiKey {
     /// High-stakes domains this key is approved for.
     pub approved_domains: Vec<Domain>,
     pub limits: KeyLimits,
+    /// For labeler keys: whether their judgments train models or only evaluate them.
+    #[serde(default)]
+    pub labeler_group: LabelerGroup,
     pub status: KeyStatus,
     pub status_reason: Option<String>,
     /// The secret's first characters, to recognise it in a list.
@@ -93,6 +97,8 @@ pub struct NewKey {
     #[serde(default)]
     pub approved_domains: Vec<Domain>,
     pub limits: Option<KeyLimits>,
+    #[serde(default)]
+    pub labeler_group: LabelerGroup,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +140,7 @@ impl KeyStore {
                 use_cases: Vec::new(),
                 approved_domains: Domain::ALL.to_vec(),
                 limits: KeyLimits { requests_per_minute: 0, tokens_per_minute: 0, max_concurrent: 0 },
+                labeler_group: LabelerGroup::Training,
                 status: KeyStatus::Active,
                 status_reason: None,
                 secret_prefix: secret_prefix(secret),
@@ -207,6 +214,7 @@ impl KeyStore {
             use_cases: new.use_cases,
             approved_domains: new.approved_domains,
             limits: new.limits.unwrap_or(self.default_limits),
+            labeler_group: new.labeler_group,
             status: KeyStatus::Active,
             status_reason: None,
             secret_prefix: secret_prefix(&secret),
@@ -325,6 +333,7 @@ mod tests {
             use_cases: vec![],
             approved_domains: vec![],
             limits: None,
+            labeler_group: LabelerGroup::Training,
         }
     }
 

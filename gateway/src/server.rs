@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::error::ApiError;
 use crate::json::BodyLimit;
 use crate::observe::observe;
-use crate::routes::{admin_keys, chat, completions, health, models};
+use crate::routes::{admin_keys, chat, completions, feedback, health, labeling, models, playground, playground_page};
 use crate::state::SharedState;
 
 /// Every route the gateway serves: (method, path, handler). The router is
@@ -29,6 +29,13 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("post", "/admin/keys/{id}/suspend", post(admin_keys::suspend)),
         ("post", "/admin/keys/{id}/reinstate", post(admin_keys::reinstate)),
         ("delete", "/admin/keys/{id}", delete(admin_keys::revoke)),
+        ("get", "/v1/playground/notice", get(playground::notice)),
+        ("get", "/v1/playground/consent", get(playground::get_consent)),
+        ("post", "/v1/playground/consent", post(playground::post_consent)),
+        ("post", "/v1/playground/completions", post(playground::completions)),
+        ("post", "/v1/feedback", post(feedback::submit)),
+        ("get", "/v1/labeling/next", get(labeling::next)),
+        ("get", "/playground", get(playground_page::page)),
         ("get", "/healthz", get(health::healthz)),
         ("get", "/readyz", get(health::readyz)),
         ("get", "/metrics", get(health::metrics)),

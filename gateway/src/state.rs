@@ -3,6 +3,11 @@
 use std::sync::Arc;
 
 use feedback::RedisLink;
+use feedback::consent::ConsentStore;
+use feedback::event_log::EventLog;
+use feedback::labeling::LabelingQueue;
+use feedback::logged_prompts::LoggedPrompts;
+use feedback::pii::PiiScreen;
 use inference::engine::EngineHandle;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -20,6 +25,14 @@ pub struct AppState {
     pub policy: Policy,
     pub audit: AuditLog,
     pub metrics: Option<PrometheusHandle>,
+    pub consent: ConsentStore,
+    pub prompts: LoggedPrompts,
+    pub labeling: LabelingQueue,
+    /// Exactly-once writes to the training streams, spilling to disk while Redis is away.
+    pub events: Arc<EventLog>,
+    pub pii: PiiScreen,
+    /// The training-use notice users accept (Markdown).
+    pub notice_text: String,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -9,7 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use feedback::RedisLink;
+use feedback::consent::ConsentStore;
+use feedback::event_log::EventLog;
+use feedback::labeling::LabelingQueue;
+use feedback::logged_prompts::LoggedPrompts;
+use feedback::pii::PiiScreen;
+use feedback::spill::Spill;
+use feedback::{RedisLink, retention, streams};
 use gateway::AppState;
 use gateway::keys::KeyStore;
 use gateway::policy::{AuditLog, Policy, RuleClassifier};
@@ -47,7 +53,43 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let classifier = RuleClassifier::from_file(&gateway_config.use_case_rules)
         .with_context(|| format!("loading use-case rules from {}", gateway_config.use_case_rules.display()))?;
     let prefix = gateway_config.redis_prefix.clone();
+    let listener =
+        TcpListener::bind(&gateway_config.addr).await.with_context(|| format!("binding {}", gateway_config.addr))?;
+    let address = listener.local_addr()?;
+    let playground = &gateway_config.playground;
+    let notice_text = std::fs::read_to_string(&playground.notice_file)
+        .with_context(|| format!("reading the training-use notice {}", playground.notice_file.display()))?;
+    playground.split.validate().map_err(|e| anyhow::anyhow!("[gateway.playground.split]: {e}"))?;
+    // One spill file per listening port, so replicas on one machine never share one.
+    std::fs::create_dir_all(&playground.spill_dir)
+        .with_context(|| format!("creating {}", playground.spill_dir.display()))?;
+    let spill_path = playground.spill_dir.join(format!("feedback-{}.jsonl", address.port()));
+    let spill = Spill::open(&spill_path, playground.spill_capacity_bytes)
+        .with_context(|| format!("opening the feedback spill {}", spill_path.display()))?;
+    let events = Arc::new(EventLog::new(
+        link.clone(),
+        spill,
+        &format!("{prefix}:event"),
+        Duration::from_secs(playground.idempotency_ttl_secs),
+    ));
+    let replayer = events.spawn_replayer(Duration::from_secs(1));
+    let trimmer = tokio::spawn(trim_streams(
+        link.clone(),
+        playground.consumer_groups.clone(),
+        Duration::from_secs(playground.trim_interval_secs.max(1)),
+    ));
     let state = Arc::new(AppState {
+        consent: ConsentStore::new(link.clone(), &prefix),
+        prompts: LoggedPrompts::new(link.clone(), &prefix),
+        labeling: LabelingQueue::new(
+            link.clone(),
+            &prefix,
+            Duration::from_secs(playground.labeling_lease_secs),
+            playground.labels_per_prompt,
+        ),
+        events,
+        pii: PiiScreen::new(),
+        notice_text,
         keys: KeyStore::new(link.clone(), &prefix, gateway_config.default_limits, gateway_config.admin_key.as_deref()),
         limiter: RateLimiter::new(link.clone(), &format!("{prefix}:rl")),
         policy: Policy::new(Arc::new(classifier)),
@@ -61,10 +103,8 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
         metrics: gateway::metrics::install(),
         config: gateway_config.clone(),
     });
-    let listener =
-        TcpListener::bind(&gateway_config.addr).await.with_context(|| format!("binding {}", gateway_config.addr))?;
     // Tests and scripts read this line to find the port when addr ends in :0.
-    println!("instructd gateway listening on http://{}", listener.local_addr()?);
+    println!("instructd gateway listening on http://{address}");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown_signal().await;
@@ -78,7 +118,24 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; exiting");
         }
     }
+    trimmer.abort();
+    replayer.abort();
     Ok(())
+}
+
+/// Trims the training streams below what every consumer group acknowledged.
+async fn trim_streams(link: Arc<RedisLink>, groups: Vec<String>, every: Duration) {
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    loop {
+        tokio::time::sleep(every).await;
+        for stream in [streams::PROMPTS, streams::FEEDBACK] {
+            match retention::trim_acknowledged(&link, stream, &groups).await {
+                Ok(0) => {}
+                Ok(trimmed) => tracing::info!(stream, trimmed, "trimmed acknowledged entries"),
+                Err(e) => tracing::debug!(stream, error = %e, "stream not trimmed"),
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -62,3 +62,32 @@ def post(path, secret, body=None, content=None, headers=None, base=BASE):
 def ok(name):
     print(f"ok  {name}")
     sys.stdout.flush()
+
+
+def redis_client():
+    import redis
+
+    return redis.Redis.from_url(os.environ["INSTRUCTD_REDIS_URL"], decode_responses=True)
+
+
+def stream_events(r, stream):
+    """Every entry of `stream` as (id, fields, parsed event)."""
+    return [(i, f, json.loads(f["event"])) for i, f in r.xrange(stream)]
+
+
+def get(path, secret, base=BASE):
+    return httpx.get(f"{base}{path}", headers={"Authorization": f"Bearer {secret}"}, timeout=120)
+
+
+def accept_consent(secret, base=BASE):
+    version = get("/v1/playground/notice", secret, base).json()["version"]
+    r = post("/v1/playground/consent", secret, {"action": "accept", "notice_version": version}, base=base)
+    assert r.status_code == 200 and r.json()["logging"] is True, r.text
+    return version
+
+
+def playground(secret, model, prompt, k=4, base=BASE, **extra):
+    r = post("/v1/playground/completions", secret,
+             {"model": model, "prompt": prompt, "k": k, "max_tokens": 6, "temperature": 1.0, **extra}, base=base)
+    assert r.status_code == 200, r.text
+    return r.json()

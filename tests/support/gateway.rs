@@ -1,6 +1,7 @@
 //! Starts the real `instructd serve` binary for end-to-end tests, against a
 //! private `redis-server`, and runs the Python scripts under `tests/e2e/`
 //! (which drive it with the unmodified `openai` client) against it.
+//! Each test binary uses a different part of it (hence `allow(dead_code)` where it is included).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

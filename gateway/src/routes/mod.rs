@@ -3,5 +3,9 @@
 pub mod admin_keys;
 pub mod chat;
 pub mod completions;
+pub mod feedback;
 pub mod health;
+pub mod labeling;
 pub mod models;
+pub mod playground;
+pub mod playground_page;

@@ -1,0 +1,175 @@
+//! Feedback submissions checked against the logged prompts before they are
+//! written: ids exist and belong together, a ranking covers exactly the
+//! prompt's samples, scores are in range, and a playground user judges only
+//! their own prompts. The result is the event the trainer reads.
+
+use std::collections::HashSet;
+
+use feedback::LinkError;
+use feedback::events::{FeedbackEvent, FeedbackPayload, SCHEMA_VERSION, new_id, now_ms};
+use feedback::logged_prompts::PromptRecord;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::keys::{ApiKey, Scope};
+use crate::state::AppState;
+
+/// Rankings cover K = 4..9 samples, as in the paper.
+pub const MIN_RANKED: usize = 4;
+pub const MAX_RANKED: usize = 9;
+/// Longest demonstration or labeler-written prompt accepted, in bytes.
+pub const MAX_TEXT: usize = 32 * 1024;
+
+/// The event id: derived from the idempotency key when one is given, so a
+/// retried submission is recognised as the same event.
+pub fn event_id(key: &ApiKey, idempotency_key: Option<&str>) -> String {
+    match idempotency_key {
+        Some(k) => {
+            let digest = Sha256::digest(format!("{}\u{0}{k}", key.id).as_bytes());
+            format!("fb_{}", &hex::encode(digest)[..32])
+        }
+        None => new_id("fb"),
+    }
+}
+
+pub async fn check(
+    state: &AppState,
+    key: &ApiKey,
+    payload: FeedbackPayload,
+    event_id: String,
+) -> Result<FeedbackEvent, ApiError> {
+    let prompt_id = match &payload {
+        FeedbackPayload::Rating { generation_id, score, .. } => {
+            if !(1..=7).contains(score) {
+                return Err(ApiError::invalid_request(Some("score"), format!("score must be 1..7, got {score}")));
+            }
+            let record = state
+                .prompts
+                .prompt_of(generation_id)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| unknown("generation_id", generation_id))?;
+            owner_check(key, &record)?;
+            Some(record.prompt_id)
+        }
+        FeedbackPayload::Ranking { prompt_id, ranking } => {
+            let record = load(state, key, prompt_id).await?;
+            let mut seen = HashSet::new();
+            for (i, group) in ranking.iter().enumerate() {
+                if group.is_empty() {
+                    return Err(ApiError::invalid_request(Some(&format!("ranking[{i}]")), "A rank group is empty."));
+                }
+                for id in group {
+                    belongs("ranking", id, &record)?;
+                    if !seen.insert(id.as_str()) {
+                        return Err(ApiError::invalid_request(
+                            Some("ranking"),
+                            format!("Generation '{id}' appears more than once in the ranking."),
+                        ));
+                    }
+                }
+            }
+            if seen.len() != record.generation_ids.len() {
+                return Err(ApiError::invalid_request(
+                    Some("ranking"),
+                    format!(
+                        "A ranking must order all {} samples of the prompt; it names {}.",
+                        record.generation_ids.len(),
+                        seen.len()
+                    ),
+                ));
+            }
+            if !(MIN_RANKED..=MAX_RANKED).contains(&seen.len()) {
+                return Err(ApiError::invalid_request(
+                    Some("ranking"),
+                    format!("Rankings cover {MIN_RANKED} to {MAX_RANKED} samples; this prompt has {}.", seen.len()),
+                ));
+            }
+            Some(record.prompt_id)
+        }
+        FeedbackPayload::Comparison { prompt_id, better, worse } => {
+            let record = load(state, key, prompt_id).await?;
+            belongs("better", better, &record)?;
+            belongs("worse", worse, &record)?;
+            if better == worse {
+                return Err(ApiError::invalid_request(Some("worse"), "'better' and 'worse' must differ."));
+            }
+            Some(record.prompt_id)
+        }
+        FeedbackPayload::Demonstration { prompt_id, prompt, response } => {
+            if response.trim().is_empty() || response.len() > MAX_TEXT {
+                return Err(ApiError::invalid_request(
+                    Some("response"),
+                    format!("A demonstration needs a non-empty response of at most {MAX_TEXT} bytes."),
+                ));
+            }
+            match (prompt_id, prompt) {
+                (Some(prompt_id), None) => Some(load(state, key, prompt_id).await?.prompt_id),
+                (None, Some(prompt)) if !prompt.trim().is_empty() && prompt.len() <= MAX_TEXT => {
+                    if !key.has_scope(Scope::Labeler) {
+                        return Err(ApiError::forbidden(
+                            "insufficient_scope",
+                            "Only labelers may write their own prompts; playground users demonstrate on logged ones.",
+                        ));
+                    }
+                    None
+                }
+                _ => {
+                    return Err(ApiError::invalid_request(
+                        Some("prompt_id"),
+                        "A demonstration names exactly one of 'prompt_id' (a logged prompt) or 'prompt' (written by \
+                         the labeler, non-empty).",
+                    ));
+                }
+            }
+        }
+    };
+    Ok(FeedbackEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id,
+        prompt_id,
+        labeler_id: key.user.clone(),
+        labeler_group: key.labeler_group,
+        organization: key.organization.clone(),
+        key_id: key.id.clone(),
+        payload,
+        created_at_ms: now_ms(),
+    })
+}
+
+async fn load(state: &AppState, key: &ApiKey, prompt_id: &str) -> Result<PromptRecord, ApiError> {
+    let record =
+        state.prompts.get(prompt_id).await.map_err(unavailable)?.ok_or_else(|| unknown("prompt_id", prompt_id))?;
+    owner_check(key, &record)?;
+    Ok(record)
+}
+
+/// Labelers judge any logged prompt; playground users only their own.
+fn owner_check(key: &ApiKey, record: &PromptRecord) -> Result<(), ApiError> {
+    if key.has_scope(Scope::Labeler) || record.user == key.user {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("not_your_prompt", "Playground users can only give feedback on their own prompts."))
+    }
+}
+
+fn belongs(param: &str, generation_id: &str, record: &PromptRecord) -> Result<(), ApiError> {
+    if record.generation_ids.iter().any(|g| g == generation_id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_request(
+            Some(param),
+            format!("Generation '{generation_id}' does not belong to prompt '{}'.", record.prompt_id),
+        ))
+    }
+}
+
+fn unknown(param: &str, id: &str) -> ApiError {
+    ApiError::not_found(format!("No logged prompt or generation with id '{id}'.")).with_param(param)
+}
+
+fn unavailable(e: LinkError) -> ApiError {
+    ApiError::unavailable(format!(
+        "Feedback cannot be checked right now (the prompt log is unreachable: {e}). Retry shortly."
+    ))
+}

@@ -1,0 +1,260 @@
+//! Playground generations: K samples for one prompt, each with a generation
+//! id, logged to `instructd:prompts` only while the user's consent to the
+//! current training-use notice is active. Nothing else in the gateway writes
+//! to a training stream.
+
+use feedback::consent::Consent;
+use feedback::event_log::{Appended, Entry};
+use feedback::events::{PromptEvent, SCHEMA_VERSION, Sample, new_id, now_ms};
+use feedback::logged_prompts::PromptRecord;
+use feedback::split::{DEDUPE_PREFIX_CHARS, dedupe_key, split_for};
+use feedback::streams;
+use inference::engine::{Completion, Engine};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::keys::ApiKey;
+use crate::openai::chat::{ChatCompletionRequest, Message};
+use crate::openai::common::{PreparedRequest, Stop};
+use crate::openai::completions::{CompletionRequest, Prompt};
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaygroundRequest {
+    pub model: String,
+    /// A plain prompt, or `messages` for a conversation (exactly one of them).
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    /// Samples to generate (K).
+    pub k: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+}
+
+/// Why a playground prompt was not logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotLogged {
+    /// The user never accepted, or withdrew.
+    NoConsent,
+    /// The user accepted an older version of the notice.
+    NoticeChanged,
+    /// Consent could not be checked (Redis away): never log on doubt.
+    ConsentUnverifiable,
+    /// The event could not be stored.
+    StoreUnavailable,
+}
+
+/// A validated playground request.
+pub struct PlaygroundPlan {
+    pub prepared: PreparedRequest,
+    pub samples: usize,
+    /// The text logged as the prompt.
+    pub prompt_text: String,
+    pub messages: Option<Value>,
+    pub params: Value,
+}
+
+impl PlaygroundRequest {
+    pub fn prepare(self, engine: &Engine, state: &AppState) -> Result<PlaygroundPlan, ApiError> {
+        let config = &state.config.playground;
+        let k = match self.k {
+            None => config.default_samples,
+            Some(k) if k >= 1 && k as usize <= config.max_samples => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid_request(
+                    Some("k"),
+                    format!("k must be between 1 and {}, got {k}", config.max_samples),
+                ));
+            }
+        };
+        let max_tokens = Some(self.max_tokens.unwrap_or(config.default_max_tokens as i64));
+        let params = json!({
+            "k": k, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty, "seed": self.seed,
+        });
+        let (prepared, prompt_text, messages) = match (self.prompt, self.messages) {
+            (Some(prompt), None) => {
+                let request = CompletionRequest {
+                    model: self.model,
+                    prompt: Some(Prompt::Text(prompt.clone())),
+                    max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: Some(k as i64),
+                    stop: self.stop,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    seed: self.seed,
+                    ..Default::default()
+                };
+                (request.prepare(engine)?, prompt, None)
+            }
+            (None, Some(messages)) => {
+                let logged = serde_json::to_value(
+                    messages.iter().map(|m| json!({"role": m.role, "content": m.text()})).collect::<Vec<_>>(),
+                )
+                .unwrap_or(Value::Null);
+                let request = ChatCompletionRequest {
+                    model: self.model,
+                    messages,
+                    max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: Some(k as i64),
+                    stop: self.stop,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    seed: self.seed,
+                    ..Default::default()
+                };
+                let prepared = request.prepare(engine)?;
+                let text = prepared.policy_text.clone();
+                (prepared, text, Some(logged))
+            }
+            _ => {
+                return Err(ApiError::invalid_request(
+                    Some("prompt"),
+                    "Provide exactly one of 'prompt' and 'messages'.",
+                ));
+            }
+        };
+        Ok(PlaygroundPlan { prepared, samples: k, prompt_text, messages, params })
+    }
+}
+
+/// The outcome of logging, for the response.
+pub struct Logged {
+    pub prompt_id: String,
+    pub generation_ids: Vec<String>,
+    pub logged: bool,
+    pub not_logged: Option<NotLogged>,
+    pub pii: Vec<&'static str>,
+}
+
+/// Logs the samples when consent allows; never fails the request.
+pub async fn log_samples(
+    state: &AppState,
+    key: &ApiKey,
+    engine: &Engine,
+    plan: &PlaygroundPlan,
+    completion: &Completion,
+    use_case: &str,
+) -> Logged {
+    let prompt_id = new_id("prm");
+    let generation_ids: Vec<String> = (0..completion.choices.len()).map(|i| format!("{prompt_id}-{i}")).collect();
+    let config = &state.config.playground;
+    let mut logged = Logged {
+        prompt_id: prompt_id.clone(),
+        generation_ids: generation_ids.clone(),
+        logged: false,
+        not_logged: None,
+        pii: vec![],
+    };
+    let consent: Consent = match state.consent.get(&key.user).await {
+        Ok(consent) => consent,
+        Err(e) => {
+            tracing::warn!(error = %e, "consent unverifiable: not logging");
+            logged.not_logged = Some(NotLogged::ConsentUnverifiable);
+            return logged;
+        }
+    };
+    if !consent.allows_logging(&config.notice_version) {
+        logged.not_logged =
+            Some(if consent.notice_version.is_some() && consent.status == feedback::consent::ConsentStatus::Accepted {
+                NotLogged::NoticeChanged
+            } else {
+                NotLogged::NoConsent
+            });
+        return logged;
+    }
+    let findings = state.pii.screen(&plan.prompt_text);
+    logged.pii = findings.iter().map(|f| f.kind.as_str()).collect();
+    let redact = config.redact_pii && !findings.is_empty();
+    let prompt = if redact { state.pii.redact(&plan.prompt_text, &findings) } else { plan.prompt_text.clone() };
+    let info = engine.info();
+    let event = PromptEvent {
+        schema_version: SCHEMA_VERSION,
+        prompt_id: prompt_id.clone(),
+        dedupe_key: dedupe_key(&prompt, DEDUPE_PREFIX_CHARS),
+        prompt,
+        messages: if redact { None } else { plan.messages.clone() },
+        samples: completion
+            .choices
+            .iter()
+            .zip(&generation_ids)
+            .map(|(choice, id)| Sample {
+                generation_id: id.clone(),
+                text: choice.text.clone(),
+                finish_reason: choice.finish_reason.map_or("length", |r| r.as_str()).to_string(),
+                completion_tokens: choice.completion_tokens,
+                mean_logprob: choice.mean_logprob,
+            })
+            .collect(),
+        params: plan.params.clone(),
+        model: info.name.clone(),
+        checkpoint: info.checkpoint.clone(),
+        user: key.user.clone(),
+        organization: key.organization.clone(),
+        key_id: key.id.clone(),
+        use_case: use_case.to_string(),
+        consent_version: config.notice_version.clone(),
+        pii: findings,
+        redacted: redact,
+        split: split_for(&key.user, &config.split),
+        created_at_ms: now_ms(),
+    };
+    let Ok(json) = serde_json::to_string(&event) else {
+        logged.not_logged = Some(NotLogged::StoreUnavailable);
+        return logged;
+    };
+    let entry = Entry {
+        stream: streams::PROMPTS.to_string(),
+        event_id: prompt_id.clone(),
+        fields: vec![
+            ("kind".into(), "prompt".into()),
+            ("prompt_id".into(), prompt_id.clone()),
+            ("user".into(), key.user.clone()),
+            ("event".into(), json),
+        ],
+    };
+    let stream_id = match state.events.append(entry).await {
+        Ok(Appended::Written { stream_id } | Appended::Duplicate { stream_id }) => Some(stream_id),
+        Ok(Appended::Spilled) => None,
+        Err(e) => {
+            tracing::error!(error = %e, "could not log a playground prompt");
+            logged.not_logged = Some(NotLogged::StoreUnavailable);
+            return logged;
+        }
+    };
+    let record = PromptRecord {
+        prompt_id: prompt_id.clone(),
+        user: key.user.clone(),
+        organization: key.organization.clone(),
+        generation_ids,
+        stream_id,
+        has_pii: !event.pii.is_empty(),
+        created_at_ms: event.created_at_ms,
+        task: Some(json!({
+            "prompt": event.prompt,
+            "messages": event.messages,
+            "use_case": event.use_case,
+            "samples": event.samples.iter().map(|s| json!({"generation_id": s.generation_id, "text": s.text})).collect::<Vec<_>>(),
+        })),
+    };
+    if let Err(e) = state.prompts.insert(&record).await {
+        tracing::warn!(error = %e, prompt = %prompt_id, "prompt record kept in memory only");
+    }
+    if let Err(e) = state.labeling.push(&prompt_id).await {
+        tracing::warn!(error = %e, prompt = %prompt_id, "prompt not queued for labeling");
+    }
+    logged.logged = true;
+    logged
+}

@@ -1,0 +1,77 @@
+//! `POST /v1/feedback`: ratings, rankings, comparisons and demonstrations,
+//! checked, then written exactly once to `instructd:feedback` (spilled to
+//! disk while Redis is away; 503 only when the spill is full).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use feedback::event_log::{AppendError, Appended, Entry};
+use feedback::events::FeedbackPayload;
+use feedback::streams;
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::json::ApiJson;
+use crate::judgments::{check, event_id};
+use crate::keys::Scope;
+use crate::state::SharedState;
+
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+pub async fn submit(
+    State(state): State<SharedState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiJson(payload): ApiJson<FeedbackPayload>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = caller.key();
+    if !key.has_scope(Scope::Labeler) && !key.has_scope(Scope::Playground) {
+        caller.require(Scope::Labeler)?;
+    }
+    let idempotency = match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| {
+            ApiError::invalid_request(Some(IDEMPOTENCY_HEADER), "Idempotency-Key must be 1..255 visible characters.")
+        })?),
+    };
+    let event = check(&state, key, payload, event_id(key, idempotency)).await?;
+    let kind = event.payload.kind();
+    let json = serde_json::to_string(&event).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut fields = vec![
+        ("kind".to_string(), kind.to_string()),
+        ("labeler".to_string(), event.labeler_id.clone()),
+        ("event".to_string(), json),
+    ];
+    if let Some(prompt_id) = &event.prompt_id {
+        fields.insert(1, ("prompt_id".to_string(), prompt_id.clone()));
+    }
+    let entry = Entry { stream: streams::FEEDBACK.to_string(), event_id: event.event_id.clone(), fields };
+    let (status, stream_id) = match state.events.append(entry).await {
+        Ok(Appended::Written { stream_id }) => ("recorded", Some(stream_id)),
+        Ok(Appended::Duplicate { stream_id }) => ("duplicate", Some(stream_id)),
+        Ok(Appended::Spilled) => ("queued", None),
+        Err(AppendError::SpillFull { capacity_bytes }) => {
+            return Err(ApiError::unavailable(format!(
+                "Feedback cannot be stored right now: Redis is unreachable and the local spill ({capacity_bytes} \
+                 bytes) is full. Nothing was recorded; retry later with the same Idempotency-Key."
+            )));
+        }
+        Err(e) => return Err(ApiError::unavailable(format!("Feedback cannot be stored right now: {e}"))),
+    };
+    if status != "duplicate"
+        && key.has_scope(Scope::Labeler)
+        && let Some(prompt_id) = &event.prompt_id
+        && let Err(e) = state.labeling.mark_labeled(prompt_id, &key.user).await
+    {
+        tracing::warn!(error = %e, prompt = %prompt_id, "labeling queue not updated");
+    }
+    let code = if status == "recorded" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        code,
+        Json(json!({
+            "id": event.event_id, "object": "feedback", "type": kind, "status": status,
+            "prompt_id": event.prompt_id, "stream_id": stream_id,
+        })),
+    ))
+}
