@@ -8,10 +8,12 @@ pub mod event_log;
 pub mod events;
 pub mod labeling;
 pub mod logged_prompts;
+pub mod pii;
 pub mod redis_link;
 pub mod redis_server;
 pub mod retention;
 pub mod spill;
+pub mod split;
 pub mod streams;
 
 pub use redis_link::{LinkError, RedisLink};
