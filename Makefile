@@ -25,14 +25,16 @@ demo: build-release
 ## and the Python `openai` client the end-to-end tests drive the gateway with).
 test: build-debug test-venv
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	$(DEBUG_BIN) model fetch-default --models-dir $(MODELS_DIR)
-	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python \
+	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 \
 		$(CARGO) test --workspace --all-targets
 
 test-venv: $(TEST_VENV)/.installed
 $(TEST_VENV)/.installed: tests/e2e/requirements.txt
 	test -x $(TEST_VENV)/bin/python || python3 -m venv $(TEST_VENV)
-	$(TEST_VENV)/bin/pip install -q -r tests/e2e/requirements.txt selenium==4.50.0
+	$(TEST_VENV)/bin/pip install -q -r tests/e2e/requirements.txt
 	touch $@
 
 ## chat: talk to the default model interactively.

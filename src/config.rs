@@ -21,6 +21,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub engine: inference::engine::EngineConfig,
     pub gateway: gateway::GatewayConfig,
+    pub trainer: trainer::TrainerConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

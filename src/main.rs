@@ -48,6 +48,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Run the OpenAI-compatible gateway.
     Serve(cmd::serve::ServeArgs),
+    /// Run the continuous trainer (ingestion and dataset snapshots).
+    Train(cmd::train::TrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Train(args) => cmd::train::run(args),
     }
 }

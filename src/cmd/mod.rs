@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod model;
 pub mod serve;
+pub mod train;
 
 use std::path::Path;
 
@@ -31,4 +32,24 @@ pub fn start_engine_as(
     let dir_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let name = name.map(str::to_string).unwrap_or_else(|| dir_name.clone());
     Ok(loaded.into_engine(&name, &dir_name, config)?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }

@@ -107,7 +107,7 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     println!("instructd gateway listening on http://{address}");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown_signal().await;
+        super::shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stopping_tx.send(());
     };
@@ -135,24 +135,5 @@ async fn trim_streams(link: Arc<RedisLink>, groups: Vec<String>, every: Duration
                 Err(e) => tracing::debug!(stream, error = %e, "stream not trimmed"),
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

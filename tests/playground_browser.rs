@@ -1,0 +1,78 @@
+//! The playground page (`GET /playground`) in a real browser: headless
+//! Chromium driven by Selenium (`tests/e2e/playground_browser.py`) against the
+//! real `instructd serve` and a private `redis-server`. The script enters a
+//! key, accepts the notice, generates K=4 samples, ranks them by keyboard and
+//! drag and drop, rates and flags one, submits, and reads the events back from
+//! `instructd:feedback`; then it walks the labeler mode and a withdrawal.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's `chromium`
+//! and `chromium-driver`; or INSTRUCTD_CHROMIUM / INSTRUCTD_CHROMEDRIVER),
+//! `redis-cli`, and `selenium` in the test Python (`make test-venv`). Without
+//! them the test prints SKIPPED and passes, unless INSTRUCTD_REQUIRE_BROWSER=1.
+
+// Each test binary uses only part of the shared helpers.
+#[allow(dead_code)]
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use gateway::{Gateway, RedisServer, python, run_script, tiny_model};
+
+fn required() -> bool {
+    std::env::var("INSTRUCTD_REQUIRE_BROWSER").is_ok_and(|v| v == "1")
+}
+
+fn tool(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| default.into())
+}
+
+/// Why the browser test cannot run here, if it cannot.
+fn missing(python: Option<&Path>) -> Option<String> {
+    let Some(python) = python else {
+        return Some("no Python with the `openai` package (`make test-venv` installs one)".into());
+    };
+    for (var, default, package) in [
+        ("INSTRUCTD_CHROMIUM", "/usr/bin/chromium", "chromium"),
+        ("INSTRUCTD_CHROMEDRIVER", "/usr/bin/chromedriver", "chromium-driver"),
+    ] {
+        let path = tool(var, default);
+        if !path.is_file() {
+            return Some(format!("{} is absent (apt-get install -y {package})", path.display()));
+        }
+    }
+    let runs = |program: &Path, args: &[&str]| {
+        Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    };
+    if !runs(Path::new("redis-cli"), &["--version"]) {
+        return Some("redis-cli is absent".into());
+    }
+    if !runs(python, &["-c", "import selenium"]) {
+        return Some(format!("{} lacks the `selenium` package (`make test-venv` installs it)", python.display()));
+    }
+    None
+}
+
+#[test]
+fn playground_page_in_a_browser() {
+    let python = python();
+    if let Some(reason) = missing(python.as_deref()) {
+        assert!(!required(), "INSTRUCTD_REQUIRE_BROWSER=1 but {reason}");
+        return;
+    }
+    let python = python.unwrap();
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let spill = tmp.path().join("spill");
+    let gateway = Gateway::start(
+        &redis.url(),
+        &tiny_model(tmp.path()),
+        &[("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill.to_str().unwrap())],
+    );
+    run_script(
+        &python,
+        "playground_browser.py",
+        &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_REDIS_URL", &redis.url())],
+    );
+}

@@ -1,0 +1,48 @@
+//! The trainer's section of the configuration (`[trainer]`).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Where the dataset store, snapshots and the trainer's log live.
+    pub data_dir: PathBuf,
+    /// The consumer group every trainer process reads with.
+    pub group: String,
+    /// This process's consumer name; keep it stable across restarts so the
+    /// process finds its own pending entries again.
+    pub consumer: String,
+    /// Entries read (and fsynced, then acknowledged) per batch.
+    pub batch: usize,
+    /// How long one read waits for new entries.
+    pub block_ms: u64,
+    /// Entries another consumer left pending this long are taken over.
+    pub claim_idle_ms: u64,
+    /// A new dataset snapshot once this many new events arrived...
+    pub snapshot_min_events: usize,
+    /// ...or this long after the last one, if anything arrived.
+    pub snapshot_period_secs: u64,
+    /// Prompts used per user at most (the paper: 200).
+    pub max_prompts_per_user: usize,
+    /// Characters of the normalised prompt that make the dedupe key.
+    pub dedupe_prefix_chars: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "data".into(),
+            group: "trainer".into(),
+            consumer: "trainer-1".into(),
+            batch: 128,
+            block_ms: 1000,
+            claim_idle_ms: 60_000,
+            snapshot_min_events: 32,
+            snapshot_period_secs: 600,
+            max_prompts_per_user: 200,
+            dedupe_prefix_chars: feedback::split::DEDUPE_PREFIX_CHARS,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Reward-model ranking loss (paper section 3.5, "Reward modeling", eq. 1):
+//!
+//! ```text
+//! loss(θ) = -1/C(K,2) · E_{(x, y_w, y_l) ~ D} [ log σ( r_θ(x, y_w) - r_θ(x, y_l) ) ]
+//! ```
+//!
+//! A labeler ranks K = 4..9 completions of one prompt; every pair `(w, l)` with `w` ranked strictly better than
+//! `l` is one comparison. All comparisons of one prompt form **one batch element**: each completion is forwarded
+//! once (K rewards, not C(K,2) pairs of forwards), and the prompt's pair losses are averaged over its P pairs.
+//! Tied completions form no pair (the recipe drops ties), so P = C(K,2) only without ties. A batch is the mean over
+//! prompts of these per-prompt losses.
+//!
+//! `log σ(d)` is computed in a stable, differentiable form:
+//! `log σ(d) = min(d, 0) - log(1 + e^{-|d|}) = (d - |d|)/2 - log(1 + e^{-|d|})`, which never exponentiates a
+//! positive number. Its derivative is `σ(-d) = 1 - σ(d)`, so `∂loss/∂r_w = -(1 - σ(r_w - r_l))/P` per pair and
+//! `∂loss/∂r_l = +(1 - σ(r_w - r_l))/P`.
+
+use candle_core::{DType, Error, Result, Tensor};
+
+/// The ordered comparisons `(w, l)` of one ranking: every pair of completion indices with `ranks[w] < ranks[l]`
+/// (0 = best; equal ranks are ties and produce no pair). Sorted by `w`, then `l`.
+pub fn ranking_pairs(ranks: &[usize]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (w, &rw) in ranks.iter().enumerate() {
+        for (l, &rl) in ranks.iter().enumerate() {
+            if rw < rl {
+                pairs.push((w, l));
+            }
+        }
+    }
+    pairs
+}
+
+/// InstructGPT reward-model loss for ONE prompt's K completions: `rewards` `[K]` (or `[K, 1]`, the scalar RM
+/// outputs), `ranks[i]` the rank group of completion `i` (0 = best; equal ranks are ties). Over all P pairs
+/// `(w, l)` with `ranks[w] < ranks[l]`: `loss = -1/P Σ log σ(r_w - r_l)`.
+///
+/// Returns the scalar loss (differentiable wrt `rewards`) and the pair accuracy, the fraction of pairs with
+/// `r_w > r_l` strictly. Errors when the ranking has no ordered pair (all tied) or `ranks` does not match K.
+pub fn ranking_loss(rewards: &Tensor, ranks: &[usize]) -> Result<(Tensor, f32)> {
+    ranking_loss_batch(rewards, &[ranks])
+}
+
+/// Batch version of [`ranking_loss`]: the mean over prompts of the per-prompt losses, each prompt one batch
+/// element as in the paper. `rewards` holds the completions of all prompts back to back (`[N]` or `[N, 1]`,
+/// `N = Σ ranks[i].len()`; prompt `i` owns the next `ranks[i].len()` entries), so one RM forward over all
+/// completions feeds it.
+///
+/// Prompts whose ranking has no ordered pair (everything tied) contribute nothing and are left out of the mean;
+/// it errors only if no prompt has a pair. The accuracy is pooled over all pairs of the batch (correct pairs /
+/// total pairs), as the paper reports comparison accuracy.
+pub fn ranking_loss_batch<R: AsRef<[usize]>>(rewards: &Tensor, ranks: &[R]) -> Result<(Tensor, f32)> {
+    let total: usize = ranks.iter().map(|r| r.as_ref().len()).sum();
+    let flat = match rewards.dims() {
+        [n] | [n, 1] if *n == total => rewards.flatten_all()?.to_dtype(DType::F32)?,
+        dims => {
+            return Err(Error::Msg(format!(
+                "ranking_loss: rewards {dims:?} do not match the {total} ranked completions"
+            )));
+        }
+    };
+
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    let mut weights = Vec::new();
+    let mut prompts_with_pairs = 0usize;
+    let mut offset = 0usize;
+    for ranking in ranks {
+        let ranking = ranking.as_ref();
+        let pairs = ranking_pairs(ranking);
+        if !pairs.is_empty() {
+            prompts_with_pairs += 1;
+            let weight = 1.0 / pairs.len() as f32;
+            for (w, l) in pairs {
+                winners.push((offset + w) as u32);
+                losers.push((offset + l) as u32);
+                weights.push(weight);
+            }
+        }
+        offset += ranking.len();
+    }
+    if prompts_with_pairs == 0 {
+        return Err(Error::Msg(
+            "ranking_loss: no ordered pair (every ranking is fully tied or has fewer than 2 completions)".into(),
+        ));
+    }
+
+    let device = flat.device();
+    let n_pairs = winners.len();
+    let winners = Tensor::from_vec(winners, n_pairs, device)?;
+    let losers = Tensor::from_vec(losers, n_pairs, device)?;
+    let weights = (Tensor::from_vec(weights, n_pairs, device)? / prompts_with_pairs as f64)?;
+
+    let diff = (flat.index_select(&winners, 0)? - flat.index_select(&losers, 0)?)?;
+    let loss = (log_sigmoid(&diff)? * weights)?.sum_all()?.neg()?;
+
+    let correct = diff.detach().gt(0.0)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok((loss, correct / n_pairs as f32))
+}
+
+/// Stable differentiable `log σ(d) = (d - |d|)/2 - log(1 + e^{-|d|})`.
+fn log_sigmoid(d: &Tensor) -> Result<Tensor> {
+    let abs = d.abs()?;
+    let min_d_0 = ((d - &abs)? * 0.5)?;
+    let softplus_neg_abs = (abs.neg()?.exp()? + 1.0)?.log()?;
+    min_d_0 - softplus_neg_abs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::losses::test_util::*;
+    use candle_core::{Device, Var};
+
+    fn log_sig(x: f64) -> f64 {
+        -(1.0 + (-x).exp()).ln()
+    }
+
+    fn sigma(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn pairs_drop_ties() {
+        assert_eq!(ranking_pairs(&[0, 1, 1, 2]), vec![(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]);
+        assert_eq!(ranking_pairs(&[0, 1, 2, 3]).len(), 6);
+        assert_eq!(ranking_pairs(&[2, 0, 1]), vec![(1, 0), (1, 2), (2, 0)]);
+        assert!(ranking_pairs(&[1, 1, 1]).is_empty());
+    }
+
+    #[test]
+    fn k4_with_a_tie_hand_computed() {
+        // rewards [2, 1, 1, -1], ranks [0, 1, 1, 2]: completions 1 and 2 are tied, so the pairs are
+        // (0,1): 2-1 = 1, (0,2): 2-1 = 1, (0,3): 2-(-1) = 3, (1,3): 1-(-1) = 2, (2,3): 1-(-1) = 2; P = 5.
+        // loss = -1/5 [log σ(1) + log σ(1) + log σ(3) + log σ(2) + log σ(2)]
+        //      = 1/5 [2·ln(1+e^-1) + ln(1+e^-3) + 2·ln(1+e^-2)]
+        //      = 1/5 [2·0.3132617 + 0.0485874 + 2·0.1269280] = 0.9289667 / 5 = 0.1857933
+        let (loss, acc) = ranking_loss(&t1(&[2.0, 1.0, 1.0, -1.0]), &[0, 1, 1, 2]).unwrap();
+        let formula = -(2.0 * log_sig(1.0) + log_sig(3.0) + 2.0 * log_sig(2.0)) / 5.0;
+        assert!((formula - 0.185_793_35).abs() < 1e-7);
+        assert!((f64::from(scalar(&loss)) - 0.185_793_35).abs() < 1e-5, "{}", scalar(&loss));
+        assert_eq!(acc, 1.0);
+    }
+
+    #[test]
+    fn k4_without_ties_uses_all_six_pairs_and_wrong_order_lowers_accuracy() {
+        // rewards [3, 2, 1, 0], ranks [0, 1, 2, 3]: C(4,2) = 6 pairs with differences 1, 2, 3, 1, 2, 1.
+        // loss = 1/6 [3·ln(1+e^-1) + 2·ln(1+e^-2) + ln(1+e^-3)]
+        //      = 1/6 [0.9397851 + 0.2538560 + 0.0485874] = 1.2422284 / 6 = 0.2070381
+        let rewards = t1(&[3.0, 2.0, 1.0, 0.0]);
+        let (loss, acc) = ranking_loss(&rewards, &[0, 1, 2, 3]).unwrap();
+        assert!((scalar(&loss) - 0.207_038_07).abs() < 1e-5, "{}", scalar(&loss));
+        assert_eq!(acc, 1.0);
+
+        // Labeler says completion 3 beats completion 2 but r_3 = 0 < r_2 = 1: one of six pairs is wrong,
+        // and its term becomes ln(1+e^1) instead of ln(1+e^-1).
+        let (wrong, acc) = ranking_loss(&rewards, &[0, 1, 3, 2]).unwrap();
+        assert!((acc - 5.0 / 6.0).abs() < 1e-6);
+        let want = -(2.0 * log_sig(1.0) + log_sig(-1.0) + 2.0 * log_sig(2.0) + log_sig(3.0)) / 6.0;
+        assert!((f64::from(scalar(&wrong)) - want).abs() < 1e-5);
+        assert!(scalar(&wrong) > scalar(&loss));
+
+        // An exact tie in rewards is not counted as correct.
+        let (_, acc) = ranking_loss(&t1(&[1.0, 1.0]), &[0, 1]).unwrap();
+        assert_eq!(acc, 0.0);
+    }
+
+    #[test]
+    fn gradient_matches_hand_derivation_and_finite_differences() {
+        let r = [2.0f64, 1.0, 1.0, -1.0];
+        let ranks = [0, 1, 1, 2];
+        let var = Var::new(&[2.0f32, 1.0, 1.0, -1.0], &Device::Cpu).unwrap();
+        let (loss, _) = ranking_loss(var.as_tensor(), &ranks).unwrap();
+        let grad = v1(loss.backward().unwrap().get(var.as_tensor()).unwrap());
+
+        // ∂loss/∂r_i = -1/P Σ_{(i,l)} (1 - σ(r_i - r_l)) + 1/P Σ_{(w,i)} (1 - σ(r_w - r_i)).
+        let pairs = ranking_pairs(&ranks);
+        let p = pairs.len() as f64;
+        let mut want = [0.0f64; 4];
+        for &(w, l) in &pairs {
+            let g = (1.0 - sigma(r[w] - r[l])) / p;
+            want[w] -= g;
+            want[l] += g;
+        }
+        let want: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+        assert_close(&grad, &want, 1e-6);
+        assert!(grad.iter().all(|g| g.abs() > 1e-3));
+
+        // Central finite differences on the loss value.
+        let h = 1e-3f32;
+        for i in 0..4 {
+            let mut plus = [2.0f32, 1.0, 1.0, -1.0];
+            let mut minus = plus;
+            plus[i] += h;
+            minus[i] -= h;
+            let lp = scalar(&ranking_loss(&t1(&plus), &ranks).unwrap().0);
+            let lm = scalar(&ranking_loss(&t1(&minus), &ranks).unwrap().0);
+            let fd = (lp - lm) / (2.0 * h);
+            assert!((fd - grad[i]).abs() < 1e-3, "index {i}: fd {fd} vs autograd {}", grad[i]);
+        }
+    }
+
+    #[test]
+    fn gradient_at_zero_difference_is_half() {
+        // d/dd log σ(d) at d = 0 is σ(0) = 1/2: the |d| kink must not bias it.
+        let var = Var::new(&[0.5f32, 0.5], &Device::Cpu).unwrap();
+        let (loss, _) = ranking_loss(var.as_tensor(), &[0, 1]).unwrap();
+        assert!((scalar(&loss) - 2f32.ln()).abs() < 1e-6);
+        let grad = v1(loss.backward().unwrap().get(var.as_tensor()).unwrap());
+        assert_close(&grad, &[-0.5, 0.5], 1e-6);
+    }
+
+    #[test]
+    fn stable_for_large_differences() {
+        let (loss, acc) = ranking_loss(&t1(&[100.0, -100.0]), &[0, 1]).unwrap();
+        assert!(scalar(&loss).abs() < 1e-6);
+        assert_eq!(acc, 1.0);
+        let (loss, acc) = ranking_loss(&t1(&[-100.0, 100.0]), &[0, 1]).unwrap();
+        assert!((scalar(&loss) - 200.0).abs() < 1e-3);
+        assert_eq!(acc, 0.0);
+    }
+
+    #[test]
+    fn batch_is_mean_over_prompts_and_skips_fully_tied_prompts() {
+        let a = [2.0f32, 1.0, 1.0, -1.0];
+        let b = [3.0f32, 2.0, 1.0, 0.0, 4.0];
+        let c = [0.3f32, 0.1];
+        let flat: Vec<f32> = a.iter().chain(&b).chain(&c).copied().collect();
+        let ranks: Vec<Vec<usize>> = vec![vec![0, 1, 1, 2], vec![0, 1, 2, 3, 4], vec![0, 0]];
+        let (loss, acc) = ranking_loss_batch(&t1(&flat), &ranks).unwrap();
+        let (la, _) = ranking_loss(&t1(&a), &ranks[0]).unwrap();
+        let (lb, acc_b) = ranking_loss(&t1(&b), &ranks[1]).unwrap();
+        // Prompt c is fully tied: no pair, left out of the mean.
+        assert!((scalar(&loss) - (scalar(&la) + scalar(&lb)) / 2.0).abs() < 1e-6);
+        // Pooled accuracy: prompt a 5/5, prompt b: completion 4 (reward 4) is ranked last, so its 4 pairs are
+        // wrong, 6/10 right; pooled (5 + 6) / 15.
+        assert!((acc_b - 0.6).abs() < 1e-6);
+        assert!((acc - 11.0 / 15.0).abs() < 1e-6);
+
+        // [N, 1] rewards (a scalar head's output) are accepted.
+        let column = t1(&flat).unsqueeze(1).unwrap();
+        assert_eq!(scalar(&ranking_loss_batch(&column, &ranks).unwrap().0), scalar(&loss));
+    }
+
+    #[test]
+    fn errors_on_mismatch_or_no_pairs() {
+        assert!(ranking_loss(&t1(&[1.0, 2.0, 3.0]), &[0, 1]).is_err());
+        assert!(ranking_loss(&t1(&[1.0, 2.0]), &[0, 0]).is_err());
+        assert!(ranking_loss(&t1(&[1.0]), &[0]).is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! Immutable dataset snapshots built from the store, as the paper prepared
+//! its data: prompts with personal data out, prompts sharing a long prefix
+//! de-duplicated, at most N prompts per user, users split into train /
+//! validation / test (the shared `feedback::split` functions, so the gateway
+//! and the trainer agree), and withdrawn users' data dropped.
+//!
+//! A snapshot is a directory `<data_dir>/snapshots/<id>/` with `sft.jsonl`
+//! (demonstrations), `rm.jsonl` (rankings and comparisons as rank groups; tied
+//! pairs are dropped by the loss), `prompts.jsonl` (for PPO), `ratings.jsonl`
+//! and `manifest.json` (source positions, counts, exclusions, file hashes).
+//! Its id is a hash of the stream positions it covers and the filters, so
+//! building again from the same data gives the same snapshot. It is written
+//! to a temporary directory, fsynced and renamed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use feedback::events::{FeedbackEvent, FeedbackPayload, PromptEvent, WithdrawalEvent, now_ms};
+use feedback::split::{Split, SplitConfig, dedupe_key, split_for};
+use feedback::streams;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::store::{DatasetStore, StoreError, StreamId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One demonstration: the SFT data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftExample {
+    pub prompt: String,
+    pub response: String,
+    pub user: String,
+    pub split: Split,
+}
+
+/// One prompt's ranked completions: the reward-model data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankedExample {
+    pub prompt_id: String,
+    pub prompt: String,
+    pub completions: Vec<String>,
+    /// Rank group of each completion (0 = best; equal = tie).
+    pub ranks: Vec<usize>,
+    pub labeler_group: feedback::events::LabelerGroup,
+    pub split: Split,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptExample {
+    pub prompt_id: String,
+    pub prompt: String,
+    pub user: String,
+    pub split: Split,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Exclusions {
+    pub personal_data: usize,
+    pub duplicate_prefix: usize,
+    pub over_user_cap: usize,
+    pub withdrawn: usize,
+    pub unparseable: usize,
+    pub feedback_without_prompt: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub id: String,
+    pub created_at_ms: u64,
+    /// The last stream id covered, per stream.
+    pub source: BTreeMap<String, String>,
+    pub counts: BTreeMap<String, usize>,
+    pub excluded: Exclusions,
+    pub files: BTreeMap<String, String>,
+}
+
+/// The snapshot's content, before it is written.
+#[derive(Debug, Default)]
+pub struct Dataset {
+    pub sft: Vec<SftExample>,
+    pub rm: Vec<RankedExample>,
+    pub prompts: Vec<PromptExample>,
+    pub ratings: Vec<serde_json::Value>,
+    pub excluded: Exclusions,
+}
+
+/// Filters applied when building.
+#[derive(Debug, Clone)]
+pub struct Filters {
+    pub max_prompts_per_user: usize,
+    /// Normalised characters two prompts must share to count as duplicates.
+    pub dedupe_prefix_chars: usize,
+    pub split: SplitConfig,
+}
+
+/// Builds the dataset from everything in the store.
+pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, SnapshotError> {
+    let mut data = Dataset::default();
+    // Withdrawals apply to the user's prompts logged before them.
+    let mut prompts: Vec<(StreamId, PromptEvent)> = Vec::new();
+    let mut withdrawn_at: HashMap<String, StreamId> = HashMap::new();
+    for entry in store.read(streams::PROMPTS)? {
+        let id = StreamId::parse(&entry.id).unwrap_or_default();
+        let event = entry.fields.get("event").map(String::as_str).unwrap_or("");
+        match entry.fields.get("kind").map(String::as_str) {
+            Some("withdrawal") => match serde_json::from_str::<WithdrawalEvent>(event) {
+                Ok(w) => {
+                    withdrawn_at.insert(w.user, id);
+                }
+                Err(_) => data.excluded.unparseable += 1,
+            },
+            _ => match serde_json::from_str::<PromptEvent>(event) {
+                Ok(p) => prompts.push((id, p)),
+                Err(_) => data.excluded.unparseable += 1,
+            },
+        }
+    }
+    let mut kept: HashMap<String, PromptEvent> = HashMap::new();
+    let mut seen_prefixes = HashSet::new();
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for (id, prompt) in prompts {
+        if withdrawn_at.get(&prompt.user).is_some_and(|w| id < *w) {
+            data.excluded.withdrawn += 1;
+            continue;
+        }
+        if !prompt.pii.is_empty() {
+            data.excluded.personal_data += 1;
+            continue;
+        }
+        if !seen_prefixes.insert(dedupe_key(&prompt.prompt, filters.dedupe_prefix_chars)) {
+            data.excluded.duplicate_prefix += 1;
+            continue;
+        }
+        let count = per_user.entry(prompt.user.clone()).or_default();
+        if *count >= filters.max_prompts_per_user {
+            data.excluded.over_user_cap += 1;
+            continue;
+        }
+        *count += 1;
+        let split = split_for(&prompt.user, &filters.split);
+        data.prompts.push(PromptExample {
+            prompt_id: prompt.prompt_id.clone(),
+            prompt: prompt.prompt.clone(),
+            user: prompt.user.clone(),
+            split,
+        });
+        kept.insert(prompt.prompt_id.clone(), prompt);
+    }
+    for entry in store.read(streams::FEEDBACK)? {
+        let Some(event) = entry.fields.get("event").and_then(|e| serde_json::from_str::<FeedbackEvent>(e).ok()) else {
+            data.excluded.unparseable += 1;
+            continue;
+        };
+        let prompt = event.prompt_id.as_ref().and_then(|id| kept.get(id));
+        if event.prompt_id.is_some() && prompt.is_none() {
+            data.excluded.feedback_without_prompt += 1;
+            continue;
+        }
+        match (&event.payload, prompt) {
+            (FeedbackPayload::Ranking { ranking, .. }, Some(p)) => {
+                if let Some(example) = ranked(p, ranking, &event, &filters.split) {
+                    data.rm.push(example);
+                }
+            }
+            (FeedbackPayload::Comparison { better, worse, .. }, Some(p)) => {
+                let ranking = vec![vec![better.clone()], vec![worse.clone()]];
+                if let Some(example) = ranked(p, &ranking, &event, &filters.split) {
+                    data.rm.push(example);
+                }
+            }
+            (FeedbackPayload::Demonstration { response, .. }, Some(p)) => data.sft.push(SftExample {
+                prompt: p.prompt.clone(),
+                response: response.clone(),
+                user: p.user.clone(),
+                split: split_for(&p.user, &filters.split),
+            }),
+            (FeedbackPayload::Demonstration { prompt: Some(text), response, .. }, None) => {
+                // A labeler-written prompt: split by the labeler.
+                data.sft.push(SftExample {
+                    prompt: text.clone(),
+                    response: response.clone(),
+                    user: event.labeler_id.clone(),
+                    split: split_for(&event.labeler_id, &filters.split),
+                })
+            }
+            (FeedbackPayload::Rating { generation_id, score, flags, .. }, Some(p)) => data.ratings.push(json!({
+                "prompt_id": p.prompt_id, "generation_id": generation_id, "score": score, "flags": flags,
+                "labeler_group": event.labeler_group, "split": split_for(&p.user, &filters.split),
+            })),
+            _ => data.excluded.feedback_without_prompt += 1,
+        }
+    }
+    Ok(data)
+}
+
+fn ranked(
+    p: &PromptEvent,
+    ranking: &[Vec<String>],
+    event: &FeedbackEvent,
+    split: &SplitConfig,
+) -> Option<RankedExample> {
+    let mut completions = Vec::new();
+    let mut ranks = Vec::new();
+    for (rank, group) in ranking.iter().enumerate() {
+        for id in group {
+            let sample = p.samples.iter().find(|s| &s.generation_id == id)?;
+            completions.push(sample.text.clone());
+            ranks.push(rank);
+        }
+    }
+    // A ranking that is one big tie says nothing.
+    if ranks.iter().all(|r| *r == ranks[0]) {
+        return None;
+    }
+    Some(RankedExample {
+        prompt_id: p.prompt_id.clone(),
+        prompt: p.prompt.clone(),
+        completions,
+        ranks,
+        labeler_group: event.labeler_group,
+        split: split_for(&p.user, split),
+    })
+}
+
+/// Writes `data` as a snapshot (or finds the identical one) and returns its manifest.
+pub fn write(
+    store: &DatasetStore,
+    data_dir: &Path,
+    data: &Dataset,
+    filters: &Filters,
+) -> Result<SnapshotManifest, SnapshotError> {
+    let mut source = BTreeMap::new();
+    for stream in [streams::PROMPTS, streams::FEEDBACK] {
+        source.insert(stream.to_string(), store.last_id(stream).to_string());
+    }
+    let identity = json!({"source": source, "max_prompts_per_user": filters.max_prompts_per_user,
+        "dedupe_prefix_chars": filters.dedupe_prefix_chars,
+        "validation": filters.split.validation, "test": filters.split.test});
+    let id = format!("snap-{}", &hex::encode(Sha256::digest(identity.to_string().as_bytes()))[..16]);
+    let root = data_dir.join("snapshots");
+    let dir = root.join(&id);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    };
+    if dir.join("manifest.json").is_file() {
+        let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(io(&dir))?;
+        if let Ok(manifest) = serde_json::from_str(&text) {
+            return Ok(manifest);
+        }
+    }
+    let tmp = root.join(format!(".tmp-{id}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let mut files = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    write_jsonl(&tmp, "sft.jsonl", &data.sft, &mut files, &mut counts)?;
+    write_jsonl(&tmp, "rm.jsonl", &data.rm, &mut files, &mut counts)?;
+    write_jsonl(&tmp, "prompts.jsonl", &data.prompts, &mut files, &mut counts)?;
+    write_jsonl(&tmp, "ratings.jsonl", &data.ratings, &mut files, &mut counts)?;
+    let manifest = SnapshotManifest {
+        id: id.clone(),
+        created_at_ms: now_ms(),
+        source,
+        counts,
+        excluded: data.excluded.clone(),
+        files,
+    };
+    let path = tmp.join("manifest.json");
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&path)(std::io::Error::other(e)))?;
+    write_synced(&path, &text)?;
+    sync_dir(&tmp)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    sync_dir(&root)?;
+    Ok(manifest)
+}
+
+fn write_jsonl<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    rows: &[T],
+    files: &mut BTreeMap<String, String>,
+    counts: &mut BTreeMap<String, usize>,
+) -> Result<(), SnapshotError> {
+    let mut text = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut text, row)
+            .map_err(|e| SnapshotError::Io { path: dir.join(name), source: std::io::Error::other(e) })?;
+        text.push(b'\n');
+    }
+    write_synced(&dir.join(name), &text)?;
+    files.insert(name.to_string(), hex::encode(Sha256::digest(&text)));
+    counts.insert(name.trim_end_matches(".jsonl").to_string(), rows.len());
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::create(path).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SnapshotError::Io { path: dir.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+//! Snapshot building on a hand-made store.
+
+use std::collections::HashMap;
+
+use feedback::events::{
+    FeedbackEvent, FeedbackPayload, LabelerGroup, PromptEvent, SCHEMA_VERSION, Sample, WithdrawalEvent,
+};
+use feedback::pii::{PiiFinding, PiiKind};
+use feedback::split::{DEDUPE_PREFIX_CHARS, SplitConfig, dedupe_key};
+use feedback::streams;
+
+use super::*;
+use crate::store::{DatasetStore, StoredEntry};
+
+fn prompt(id: &str, user: &str, text: &str, pii: bool) -> PromptEvent {
+    PromptEvent {
+        schema_version: SCHEMA_VERSION,
+        prompt_id: id.into(),
+        prompt: text.into(),
+        messages: None,
+        samples: (0..4)
+            .map(|i| Sample {
+                generation_id: format!("{id}-{i}"),
+                text: format!("{id} answer {i}"),
+                finish_reason: "stop".into(),
+                completion_tokens: 3,
+                mean_logprob: -1.0,
+            })
+            .collect(),
+        params: serde_json::json!({}),
+        model: "m".into(),
+        checkpoint: "c".into(),
+        user: user.into(),
+        organization: "o".into(),
+        key_id: "k".into(),
+        use_case: "generation".into(),
+        consent_version: "v".into(),
+        pii: if pii { vec![PiiFinding { kind: PiiKind::Email, start: 0, end: 3 }] } else { vec![] },
+        redacted: false,
+        split: Split::Train,
+        dedupe_key: dedupe_key(text, DEDUPE_PREFIX_CHARS),
+        created_at_ms: 1,
+    }
+}
+
+fn feedback(prompt_id: Option<&str>, payload: FeedbackPayload) -> FeedbackEvent {
+    FeedbackEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id: "e".into(),
+        prompt_id: prompt_id.map(Into::into),
+        labeler_id: "lena".into(),
+        labeler_group: LabelerGroup::Training,
+        organization: "o".into(),
+        key_id: "k".into(),
+        payload,
+        created_at_ms: 1,
+    }
+}
+
+fn entry(stream: &str, n: usize, kind: &str, event: String) -> StoredEntry {
+    StoredEntry {
+        stream: stream.into(),
+        id: format!("{n}-0"),
+        fields: HashMap::from([("kind".to_string(), kind.to_string()), ("event".to_string(), event)]),
+    }
+}
+
+#[test]
+fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = DatasetStore::open(dir.path()).unwrap();
+    let prompts = [
+        prompt("p1", "ann", "Write a poem about the sea.", false),
+        prompt("p2", "ann", "write a POEM   about the sea.", false), // same prefix once normalised
+        prompt("p3", "ann", "Email x@y.com to my boss.", true),      // personal data
+        prompt("p4", "ann", "Tell me a joke.", false),
+        prompt("p5", "ann", "List three colours.", false), // over the cap of 2 for ann
+        prompt("p6", "bob", "Explain rain.", false),       // bob withdraws afterwards
+    ];
+    let mut entries: Vec<StoredEntry> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| entry(streams::PROMPTS, i + 1, "prompt", serde_json::to_string(p).unwrap()))
+        .collect();
+    let withdrawal =
+        WithdrawalEvent { schema_version: 1, user: "bob".into(), removed_from_stream: 0, created_at_ms: 1 };
+    entries.push(entry(streams::PROMPTS, 10, "withdrawal", serde_json::to_string(&withdrawal).unwrap()));
+    let p7 = prompt("p7", "bob", "Explain snow.", false); // logged after bob consented again
+    entries.push(entry(streams::PROMPTS, 11, "prompt", serde_json::to_string(&p7).unwrap()));
+    store.append(streams::PROMPTS, &entries).unwrap();
+
+    let ranking = |p: &str| FeedbackPayload::Ranking {
+        prompt_id: p.into(),
+        ranking: vec![vec![format!("{p}-2")], vec![format!("{p}-0"), format!("{p}-1")], vec![format!("{p}-3")]],
+    };
+    let events = [
+        feedback(Some("p1"), ranking("p1")),
+        feedback(Some("p6"), ranking("p6")), // withdrawn user's prompt
+        feedback(
+            Some("p4"),
+            FeedbackPayload::Comparison { prompt_id: "p4".into(), better: "p4-1".into(), worse: "p4-0".into() },
+        ),
+        feedback(
+            Some("p1"),
+            FeedbackPayload::Demonstration { prompt_id: Some("p1".into()), prompt: None, response: "Waves.".into() },
+        ),
+        feedback(
+            None,
+            FeedbackPayload::Demonstration {
+                prompt_id: None,
+                prompt: Some("Explain tides.".into()),
+                response: "The moon.".into(),
+            },
+        ),
+        feedback(
+            Some("p7"),
+            FeedbackPayload::Rating {
+                generation_id: "p7-0".into(),
+                score: 5,
+                flags: Default::default(),
+                comment: None,
+            },
+        ),
+    ];
+    let entries: Vec<StoredEntry> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| entry(streams::FEEDBACK, i + 1, e.payload.kind(), serde_json::to_string(e).unwrap()))
+        .collect();
+    store.append(streams::FEEDBACK, &entries).unwrap();
+
+    let filters =
+        Filters { max_prompts_per_user: 2, dedupe_prefix_chars: DEDUPE_PREFIX_CHARS, split: SplitConfig::default() };
+    let data = build(&store, &filters).unwrap();
+    let kept: Vec<&str> = data.prompts.iter().map(|p| p.prompt_id.as_str()).collect();
+    assert_eq!(kept, ["p1", "p4", "p7"]);
+    assert_eq!(
+        data.excluded,
+        Exclusions {
+            personal_data: 1,
+            duplicate_prefix: 1,
+            over_user_cap: 1,
+            withdrawn: 1,
+            unparseable: 0,
+            feedback_without_prompt: 1
+        }
+    );
+    assert_eq!(data.rm.len(), 2);
+    assert_eq!(data.rm[0].ranks, [0, 1, 1, 2]);
+    assert_eq!(data.rm[0].completions[0], "p1 answer 2");
+    assert_eq!(data.rm[1].ranks, [0, 1], "a comparison is a ranking of two");
+    assert_eq!(data.sft.len(), 2);
+    assert_eq!(data.ratings.len(), 1);
+
+    let manifest = write(&store, dir.path(), &data, &filters).unwrap();
+    assert_eq!(manifest.counts["rm"], 2);
+    assert_eq!(manifest.source[streams::PROMPTS], "11-0");
+    let again = write(&store, dir.path(), &data, &filters).unwrap();
+    assert_eq!(again, manifest, "the same data gives the same snapshot, untouched");
+    let rm = std::fs::read_to_string(dir.path().join("snapshots").join(&manifest.id).join("rm.jsonl")).unwrap();
+    assert_eq!(hex::encode(sha2::Sha256::digest(rm.as_bytes())), manifest.files["rm.jsonl"]);
+    assert!(
+        !std::fs::read_dir(dir.path().join("snapshots")).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".tmp"))
+    );
+}
