@@ -63,3 +63,8 @@ build-release:
 
 build-debug:
 	$(CARGO) build --bin instructd
+
+## bench-gateway: gateway load test (requests/s, p50/p99 at 1, 16, 64 clients) with oha.
+.PHONY: bench-gateway
+bench-gateway:
+	bash bench/gateway/run.sh

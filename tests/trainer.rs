@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use feedback::redis_server::RedisServer;
-use redis::Commands;
 
 fn start(redis_url: &str, data: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_instructd"))
@@ -17,9 +16,9 @@ fn start(redis_url: &str, data: &Path) -> Child {
         .env("INSTRUCTD_REDIS_URL", redis_url)
         .env("INSTRUCTD__TRAINER__DATA_DIR", data)
         // Small batches and frequent snapshots: many points to be killed at.
-        .env("INSTRUCTD__TRAINER__BATCH", "7")
+        .env("INSTRUCTD__TRAINER__BATCH", "3")
         .env("INSTRUCTD__TRAINER__BLOCK_MS", "100")
-        .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "150")
+        .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "2000")
         .stdout(Stdio::null())
         .spawn()
         .expect("instructd train starts")
@@ -43,12 +42,13 @@ fn kill_9_at_any_point_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let mut expected = std::collections::HashMap::new();
-    for (stream, n) in [("instructd:prompts", 700), ("instructd:feedback", 300)] {
-        let mut ids = Vec::new();
+    // Enough entries that ingestion (batches of 3, each fsynced then acknowledged) runs for seconds.
+    for (stream, n) in [("instructd:prompts", 6000), ("instructd:feedback", 3000)] {
+        let mut pipe = redis::pipe();
         for i in 0..n {
-            let id: String = conn.xadd(stream, "*", &[("kind", "test"), ("event", &format!("{{\"n\":{i}}}"))]).unwrap();
-            ids.push(id);
+            pipe.cmd("XADD").arg(stream).arg("*").arg("kind").arg("test").arg("event").arg(format!("{{\"n\":{i}}}"));
         }
+        let ids: Vec<String> = pipe.query(&mut conn).unwrap();
         expected.insert(stream, ids);
     }
 

@@ -50,11 +50,24 @@ pub struct RedisLink {
     /// When a command last failed for want of Redis: for [`RETRY_INTERVAL`]
     /// after that, commands fail at once instead of each waiting out a timeout.
     down_since: Mutex<Option<Instant>>,
+    /// How long a command may take (longer for links made for blocking reads).
+    response_timeout: Duration,
 }
 
 impl RedisLink {
     /// Parses the URL; does not connect (the first command does).
     pub fn new(url: &str) -> Result<Self, LinkError> {
+        Self::with_response_timeout(url, TIMEOUT)
+    }
+
+    /// A link for blocking reads (`XREAD BLOCK`, `XREADGROUP BLOCK`) of up to
+    /// `max_block`. A blocking command holds its connection, so such readers
+    /// need a link of their own, never the one request paths share.
+    pub fn for_blocking_reads(url: &str, max_block: Duration) -> Result<Self, LinkError> {
+        Self::with_response_timeout(url, max_block + TIMEOUT)
+    }
+
+    fn with_response_timeout(url: &str, response_timeout: Duration) -> Result<Self, LinkError> {
         let client = redis::Client::open(url)
             .map_err(|e| LinkError::Unavailable { url: url.to_string(), reason: format!("invalid URL: {e}") })?;
         Ok(Self {
@@ -64,6 +77,7 @@ impl RedisLink {
             connecting: tokio::sync::Mutex::new(None),
             reachable: AtomicBool::new(false),
             down_since: Mutex::new(None),
+            response_timeout,
         })
     }
 
@@ -91,7 +105,7 @@ impl RedisLink {
         *last_attempt = Some(Instant::now());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(self.response_timeout))
             .set_number_of_retries(1);
         match tokio::time::timeout(TIMEOUT * 2, ConnectionManager::new_with_config(self.client.clone(), config)).await {
             Ok(Ok(connection)) => {
@@ -121,7 +135,7 @@ impl RedisLink {
             return Err(self.unavailable("unreachable moments ago; retrying shortly"));
         }
         let connection = self.connection().await?;
-        let result = tokio::time::timeout(TIMEOUT * 2, command(connection)).await;
+        let result = tokio::time::timeout(self.response_timeout + TIMEOUT, command(connection)).await;
         match result {
             Ok(Ok(value)) => {
                 self.mark(true);

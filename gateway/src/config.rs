@@ -29,6 +29,7 @@ pub struct GatewayConfig {
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
     pub playground: PlaygroundConfig,
+    pub rollout: crate::rollout::RolloutConfig,
 }
 
 /// `[gateway.playground]`: consent, playground sampling, feedback capture.
@@ -95,6 +96,7 @@ impl Default for GatewayConfig {
             refusal_window_secs: 600,
             shutdown_grace_secs: 30,
             playground: PlaygroundConfig::default(),
+            rollout: crate::rollout::RolloutConfig::default(),
         }
     }
 }

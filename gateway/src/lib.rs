@@ -18,6 +18,7 @@ pub mod openai;
 pub mod playground;
 pub mod policy;
 pub mod rate_limit;
+pub mod rollout;
 pub mod routes;
 pub mod server;
 pub mod state;

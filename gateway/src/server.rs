@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use crate::error::ApiError;
 use crate::json::BodyLimit;
 use crate::observe::observe;
-use crate::routes::{admin_keys, chat, completions, feedback, health, labeling, models, playground, playground_page};
+use crate::routes::{
+    admin_checkpoints, admin_keys, chat, completions, feedback, health, labeling, models, playground, playground_page,
+};
 use crate::state::SharedState;
 
 /// Every route the gateway serves: (method, path, handler). The router is
@@ -29,6 +31,11 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("post", "/admin/keys/{id}/suspend", post(admin_keys::suspend)),
         ("post", "/admin/keys/{id}/reinstate", post(admin_keys::reinstate)),
         ("delete", "/admin/keys/{id}", delete(admin_keys::revoke)),
+        ("get", "/admin/checkpoints", get(admin_checkpoints::list)),
+        ("post", "/admin/checkpoints/{id}/load", post(admin_checkpoints::load)),
+        ("post", "/admin/checkpoints/{id}/canary", post(admin_checkpoints::canary)),
+        ("post", "/admin/checkpoints/{id}/promote", post(admin_checkpoints::promote)),
+        ("post", "/admin/checkpoints/rollback", post(admin_checkpoints::rollback)),
         ("get", "/v1/playground/notice", get(playground::notice)),
         ("get", "/v1/playground/consent", get(playground::get_consent)),
         ("post", "/v1/playground/consent", post(playground::post_consent)),

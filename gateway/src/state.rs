@@ -33,6 +33,71 @@ pub struct AppState {
     pub pii: PiiScreen,
     /// The training-use notice users accept (Markdown).
     pub notice_text: String,
+    /// Checkpoint candidates, canary, promotion and rollback.
+    pub rollout: Arc<crate::rollout::Rollout>,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// What only the caller can provide; everything else is built from the config.
+pub struct Parts {
+    pub config: GatewayConfig,
+    pub redis: Arc<RedisLink>,
+    pub engine: Arc<EngineHandle>,
+    pub rollout: Arc<crate::rollout::Rollout>,
+    /// This replica's feedback spill (one per replica).
+    pub spill: feedback::spill::Spill,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("use-case rules {}: {source}", path.display())]
+    Rules { path: std::path::PathBuf, source: crate::policy::PolicyError },
+    #[error("training-use notice {}: {source}", path.display())]
+    Notice { path: std::path::PathBuf, source: std::io::Error },
+    #[error("[gateway.playground.split]: {0}")]
+    Split(String),
+}
+
+impl AppState {
+    /// Builds the gateway's state the same way for `instructd serve`, tests and benchmarks.
+    pub fn assemble(parts: Parts) -> Result<Self, StartError> {
+        let Parts { config, redis: link, engine, rollout, spill } = parts;
+        let rules = &config.use_case_rules;
+        let classifier = crate::policy::RuleClassifier::from_file(rules)
+            .map_err(|source| StartError::Rules { path: rules.clone(), source })?;
+        let playground = &config.playground;
+        let notice_text = std::fs::read_to_string(&playground.notice_file)
+            .map_err(|source| StartError::Notice { path: playground.notice_file.clone(), source })?;
+        playground.split.validate().map_err(StartError::Split)?;
+        let prefix = config.redis_prefix.clone();
+        let window = std::time::Duration::from_secs(config.refusal_window_secs);
+        Ok(Self {
+            keys: KeyStore::new(link.clone(), &prefix, config.default_limits, config.admin_key.as_deref()),
+            limiter: RateLimiter::new(link.clone(), &format!("{prefix}:rl")),
+            policy: Policy::new(Arc::new(classifier)),
+            audit: AuditLog::new(link.clone(), config.max_refusals, window),
+            consent: ConsentStore::new(link.clone(), &prefix),
+            prompts: LoggedPrompts::new(link.clone(), &prefix),
+            labeling: LabelingQueue::new(
+                link.clone(),
+                &prefix,
+                std::time::Duration::from_secs(playground.labeling_lease_secs),
+                playground.labels_per_prompt,
+            ),
+            events: Arc::new(EventLog::new(
+                link.clone(),
+                spill,
+                &format!("{prefix}:event"),
+                std::time::Duration::from_secs(playground.idempotency_ttl_secs),
+            )),
+            pii: PiiScreen::new(),
+            notice_text,
+            rollout,
+            engine,
+            redis: link,
+            metrics: crate::metrics::install(),
+            config,
+        })
+    }
+}

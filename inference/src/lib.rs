@@ -7,6 +7,7 @@
 //! engine behind a swappable handle. It knows nothing of HTTP.
 
 pub mod bpe_tokenizer;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu_linear;
 pub mod engine;

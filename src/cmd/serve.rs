@@ -9,17 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use feedback::consent::ConsentStore;
-use feedback::event_log::EventLog;
-use feedback::labeling::LabelingQueue;
-use feedback::logged_prompts::LoggedPrompts;
-use feedback::pii::PiiScreen;
 use feedback::spill::Spill;
 use feedback::{RedisLink, retention, streams};
-use gateway::AppState;
-use gateway::keys::KeyStore;
-use gateway::policy::{AuditLog, Policy, RuleClassifier};
-use gateway::rate_limit::RateLimiter;
+use gateway::rollout::{self, Rollout};
+use gateway::state::{AppState, Parts};
+use inference::checkpoint::CheckpointStore;
 use inference::engine::EngineHandle;
 use tokio::net::TcpListener;
 
@@ -50,59 +44,45 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     if !link.ping().await {
         tracing::warn!(url = %config.redis.url, "Redis is unreachable: serving with local rate limits until it returns");
     }
-    let classifier = RuleClassifier::from_file(&gateway_config.use_case_rules)
-        .with_context(|| format!("loading use-case rules from {}", gateway_config.use_case_rules.display()))?;
-    let prefix = gateway_config.redis_prefix.clone();
     let listener =
         TcpListener::bind(&gateway_config.addr).await.with_context(|| format!("binding {}", gateway_config.addr))?;
     let address = listener.local_addr()?;
     let playground = &gateway_config.playground;
-    let notice_text = std::fs::read_to_string(&playground.notice_file)
-        .with_context(|| format!("reading the training-use notice {}", playground.notice_file.display()))?;
-    playground.split.validate().map_err(|e| anyhow::anyhow!("[gateway.playground.split]: {e}"))?;
     // One spill file per listening port, so replicas on one machine never share one.
     std::fs::create_dir_all(&playground.spill_dir)
         .with_context(|| format!("creating {}", playground.spill_dir.display()))?;
     let spill_path = playground.spill_dir.join(format!("feedback-{}.jsonl", address.port()));
     let spill = Spill::open(&spill_path, playground.spill_capacity_bytes)
         .with_context(|| format!("opening the feedback spill {}", spill_path.display()))?;
-    let events = Arc::new(EventLog::new(
-        link.clone(),
-        spill,
-        &format!("{prefix}:event"),
-        Duration::from_secs(playground.idempotency_ttl_secs),
-    ));
-    let replayer = events.spawn_replayer(Duration::from_secs(1));
     let trimmer = tokio::spawn(trim_streams(
         link.clone(),
         playground.consumer_groups.clone(),
         Duration::from_secs(playground.trim_interval_secs.max(1)),
     ));
-    let state = Arc::new(AppState {
-        consent: ConsentStore::new(link.clone(), &prefix),
-        prompts: LoggedPrompts::new(link.clone(), &prefix),
-        labeling: LabelingQueue::new(
-            link.clone(),
-            &prefix,
-            Duration::from_secs(playground.labeling_lease_secs),
-            playground.labels_per_prompt,
-        ),
-        events,
-        pii: PiiScreen::new(),
-        notice_text,
-        keys: KeyStore::new(link.clone(), &prefix, gateway_config.default_limits, gateway_config.admin_key.as_deref()),
-        limiter: RateLimiter::new(link.clone(), &format!("{prefix}:rl")),
-        policy: Policy::new(Arc::new(classifier)),
-        audit: AuditLog::new(
-            link.clone(),
-            gateway_config.max_refusals,
-            Duration::from_secs(gateway_config.refusal_window_secs),
-        ),
-        engine: Arc::new(EngineHandle::new(engine)),
-        redis: link,
-        metrics: gateway::metrics::install(),
+    let rollout_config = gateway_config.rollout.clone();
+    let checkpoints = CheckpointStore::open(&rollout_config.checkpoints_dir)
+        .with_context(|| format!("opening the checkpoint store {}", rollout_config.checkpoints_dir.display()))?;
+    let model_name = engine.info().name.clone();
+    let rollout = Arc::new(Rollout::new(
+        checkpoints,
+        rollout_config.clone(),
+        config.engine.clone(),
+        &model_name,
+        &config.model.dtype,
+    ));
+    let engine = Arc::new(EngineHandle::new(engine));
+    // Blocking reads hold their connection: the watcher gets its own.
+    let watch_link = Arc::new(RedisLink::for_blocking_reads(&config.redis.url, rollout::WATCH_BLOCK)?);
+    let watcher =
+        rollout_config.watch.then(|| tokio::spawn(rollout::watch(rollout.clone(), engine.clone(), watch_link)));
+    let state = Arc::new(AppState::assemble(Parts {
         config: gateway_config.clone(),
-    });
+        redis: link.clone(),
+        engine,
+        rollout,
+        spill,
+    })?);
+    let replayer = state.events.spawn_replayer(Duration::from_secs(1));
     // Tests and scripts read this line to find the port when addr ends in :0.
     println!("instructd gateway listening on http://{address}");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -119,6 +99,9 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
         }
     }
     trimmer.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     replayer.abort();
     Ok(())
 }

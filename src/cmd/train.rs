@@ -31,7 +31,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
 async fn train(config: Config) -> anyhow::Result<()> {
     let trainer = config.trainer.clone();
-    let link = Arc::new(RedisLink::new(&config.redis.url)?);
+    let link = Arc::new(RedisLink::for_blocking_reads(&config.redis.url, Duration::from_millis(trainer.block_ms))?);
     let mut store = DatasetStore::open(&trainer.data_dir)
         .with_context(|| format!("opening the dataset store in {}", trainer.data_dir.display()))?;
     let mut ingestor = Ingestor::new(link.clone(), trainer.clone());

@@ -20,7 +20,7 @@ pub async fn create(
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
-    let engine = state.engine.current();
+    let engine = state.engine.pick();
     let prepared = body.prepare(&engine)?;
     respond(&state, &caller, &headers, engine, prepared, Format::Chat).await
 }

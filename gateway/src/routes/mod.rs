@@ -1,5 +1,6 @@
 //! One file per route group; `server.rs` mounts them.
 
+pub mod admin_checkpoints;
 pub mod admin_keys;
 pub mod chat;
 pub mod completions;

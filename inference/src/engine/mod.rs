@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 
 pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, TokenLogprob};
@@ -261,23 +261,69 @@ impl Choice {
 /// Each request takes an `Arc<Engine>` when it starts and keeps its
 /// [`Generation`] from that engine, so a swap never moves it. The old
 /// engine's thread exits once its last request ends and its last `Arc` drops.
+///
+/// A canary engine may run beside it and take a percentage of new requests
+/// ([`pick`](Self::pick)) until it is promoted or dropped.
 pub struct EngineHandle {
     current: ArcSwap<Engine>,
+    canary: ArcSwapOption<Canary>,
+}
+
+/// A candidate engine serving `percent` of new requests.
+pub struct Canary {
+    pub engine: Arc<Engine>,
+    pub percent: u8,
 }
 
 impl EngineHandle {
     pub fn new(engine: Engine) -> Self {
-        Self { current: ArcSwap::from_pointee(engine) }
+        Self { current: ArcSwap::from_pointee(engine), canary: ArcSwapOption::empty() }
     }
 
+    /// The serving engine (the canary, if any, is not included).
     pub fn current(&self) -> Arc<Engine> {
         self.current.load_full()
     }
 
+    /// The engine a new generation request should run on: the canary for its
+    /// share of requests, else the serving engine.
+    pub fn pick(&self) -> Arc<Engine> {
+        if let Some(canary) = self.canary.load_full()
+            && rand::random_range(0..100u8) < canary.percent
+        {
+            return canary.engine.clone();
+        }
+        self.current()
+    }
+
     /// Installs `engine` for all new requests; returns the one it replaced.
     pub fn swap(&self, engine: Engine) -> Arc<Engine> {
-        let old = self.current.swap(Arc::new(engine));
+        self.swap_arc(Arc::new(engine))
+    }
+
+    /// As [`swap`](Self::swap), for an engine already shared (a promoted canary).
+    /// A canary running the same engine is retired with it.
+    pub fn swap_arc(&self, engine: Arc<Engine>) -> Arc<Engine> {
+        if self.canary.load().as_ref().is_some_and(|c| Arc::ptr_eq(&c.engine, &engine)) {
+            self.canary.store(None);
+        }
+        let old = self.current.swap(engine);
         tracing::info!(from = %old.info.checkpoint, to = %self.current.load().info.checkpoint, "engine swapped");
         old
+    }
+
+    /// Sends `percent` (0..=100) of new requests to `engine` beside the serving one.
+    pub fn set_canary(&self, engine: Arc<Engine>, percent: u8) {
+        tracing::info!(canary = %engine.info.checkpoint, percent, "canary set");
+        self.canary.store(Some(Arc::new(Canary { engine, percent: percent.min(100) })));
+    }
+
+    /// Stops the canary; returns its engine.
+    pub fn clear_canary(&self) -> Option<Arc<Engine>> {
+        self.canary.swap(None).map(|c| c.engine.clone())
+    }
+
+    pub fn canary(&self) -> Option<Arc<Canary>> {
+        self.canary.load_full()
     }
 }

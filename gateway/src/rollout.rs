@@ -1,0 +1,285 @@
+//! Checkpoint rollout: the gateway hears a checkpoint announced on
+//! `instructd:checkpoints`, loads it in the background, verifies every file's
+//! checksum and runs a smoke generation, and then, per policy, promotes it
+//! at once or waits for an operator to canary it (a share of new requests),
+//! promote it, or roll back to the previous checkpoint.
+//!
+//! Swaps go through [`EngineHandle`]: a request in flight finishes on the
+//! engine it started on, so a swap drops nothing. A checkpoint that fails
+//! verification or the smoke test is marked failed and never served.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use inference::checkpoint::{CheckpointStore, Manifest};
+use inference::engine::{Engine, EngineConfig, EngineHandle, GenerateRequest};
+use inference::load::{LoadedModel, default_device};
+use inference::model_files::parse_dtype;
+use serde::{Deserialize, Serialize};
+
+/// `[gateway.rollout]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Where the trainer publishes checkpoints (shared with it).
+    pub checkpoints_dir: PathBuf,
+    /// Promote a verified candidate without waiting for an operator.
+    pub auto_promote: bool,
+    /// Watch `instructd:checkpoints` for announcements.
+    pub watch: bool,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self { checkpoints_dir: "checkpoints".into(), auto_promote: false, watch: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum CandidateState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("no checkpoint '{0}' is known to this gateway")]
+    Unknown(String),
+    #[error("checkpoint '{0}' is not ready to serve: {1}")]
+    NotReady(String, String),
+    #[error("there is no previous checkpoint to roll back to")]
+    NoPrevious,
+    #[error("checkpoint '{id}' cannot be served: {message}")]
+    Invalid { id: String, message: String },
+}
+
+#[derive(Default)]
+struct State {
+    candidates: BTreeMap<String, (CandidateState, Option<Arc<Engine>>)>,
+    /// Checkpoints served before the current one, most recent last.
+    history: Vec<String>,
+}
+
+pub struct Rollout {
+    store: CheckpointStore,
+    config: RolloutConfig,
+    engine_config: EngineConfig,
+    model_name: String,
+    dtype: String,
+    state: Mutex<State>,
+}
+
+impl Rollout {
+    pub fn new(
+        store: CheckpointStore,
+        config: RolloutConfig,
+        engine_config: EngineConfig,
+        model_name: &str,
+        dtype: &str,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            engine_config,
+            model_name: model_name.to_string(),
+            dtype: dtype.to_string(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn config(&self) -> &RolloutConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Verifies, loads and smoke-tests checkpoint `id` (blocking work on a
+    /// blocking thread), then promotes it when the policy says so.
+    pub async fn consider(self: &Arc<Self>, handle: &EngineHandle, id: &str) {
+        {
+            let mut state = self.lock();
+            if state.candidates.contains_key(id) || handle.current().info().checkpoint == id {
+                return;
+            }
+            state.candidates.insert(id.to_string(), (CandidateState::Loading, None));
+        }
+        let this = self.clone();
+        let owned = id.to_string();
+        let loaded = tokio::task::spawn_blocking(move || this.load(&owned)).await;
+        let result = match loaded {
+            Ok(result) => result,
+            Err(e) => Err(RolloutError::Invalid { id: id.to_string(), message: format!("loader panicked: {e}") }),
+        };
+        match result {
+            Ok(engine) => {
+                tracing::info!(checkpoint = id, "candidate verified and ready");
+                self.lock().candidates.insert(id.to_string(), (CandidateState::Ready, Some(Arc::new(engine))));
+                if self.config.auto_promote
+                    && let Err(e) = self.promote(handle, id)
+                {
+                    tracing::error!(checkpoint = id, error = %e, "automatic promotion failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(checkpoint = id, error = %e, "candidate refused; the serving model stays");
+                self.lock().candidates.insert(id.to_string(), (CandidateState::Failed(e.to_string()), None));
+            }
+        }
+    }
+
+    fn load(&self, id: &str) -> Result<Engine, RolloutError> {
+        let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
+        self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
+        let dtype = parse_dtype(&self.dtype).map_err(|e| invalid(e.to_string()))?;
+        let loaded =
+            LoadedModel::load(self.store.path(id), dtype, &default_device()).map_err(|e| invalid(e.to_string()))?;
+        let engine =
+            loaded.into_engine(&self.model_name, id, self.engine_config.clone()).map_err(|e| invalid(e.to_string()))?;
+        // Smoke generation: a few greedy tokens must come out.
+        let prompt = engine.tokenizer().encode("Hello", false).map_err(|e| invalid(e.to_string()))?;
+        let mut request = GenerateRequest::new(prompt, 4);
+        request.sampling.temperature = 0.0;
+        request.ignore_eos = true;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| invalid(e.to_string()))?;
+        let completion =
+            runtime.block_on(engine.generate(request)).map_err(|e| invalid(format!("smoke generation failed: {e}")))?;
+        if completion.completion_tokens == 0 {
+            return Err(invalid("smoke generation produced no tokens".into()));
+        }
+        Ok(engine)
+    }
+
+    fn ready_engine(&self, id: &str) -> Result<Arc<Engine>, RolloutError> {
+        match self.lock().candidates.get(id) {
+            Some((CandidateState::Ready, Some(engine))) => Ok(engine.clone()),
+            Some((state, _)) => Err(RolloutError::NotReady(id.to_string(), format!("{state:?}"))),
+            None => Err(RolloutError::Unknown(id.to_string())),
+        }
+    }
+
+    /// Sends `percent` of new requests to candidate `id`.
+    pub fn canary(&self, handle: &EngineHandle, id: &str, percent: u8) -> Result<(), RolloutError> {
+        let engine = self.ready_engine(id)?;
+        handle.set_canary(engine, percent);
+        Ok(())
+    }
+
+    /// Makes candidate `id` the serving checkpoint.
+    pub fn promote(&self, handle: &EngineHandle, id: &str) -> Result<(), RolloutError> {
+        let engine = self.ready_engine(id)?;
+        let old = handle.swap_arc(engine);
+        let mut state = self.lock();
+        state.history.push(old.info().checkpoint.clone());
+        state.candidates.remove(id);
+        metrics::counter!("instructd_checkpoint_swaps_total").increment(1);
+        crate::metrics::set_serving_checkpoint(id);
+        Ok(())
+    }
+
+    /// Serves the previous checkpoint again (reloaded and re-verified from disk).
+    pub async fn rollback(self: &Arc<Self>, handle: &EngineHandle) -> Result<String, RolloutError> {
+        let previous = self.lock().history.last().cloned().ok_or(RolloutError::NoPrevious)?;
+        handle.clear_canary();
+        let this = self.clone();
+        let id = previous.clone();
+        let engine = tokio::task::spawn_blocking(move || this.load(&id))
+            .await
+            .map_err(|e| RolloutError::Invalid { id: previous.clone(), message: e.to_string() })??;
+        handle.swap(engine);
+        self.lock().history.pop();
+        crate::metrics::set_serving_checkpoint(&previous);
+        Ok(previous)
+    }
+
+    /// Every checkpoint on disk with its lineage and metrics, and what this gateway does with it.
+    pub fn status(&self, handle: &EngineHandle) -> serde_json::Value {
+        let (manifests, invalid) = self.store.list();
+        let serving = handle.current().info().checkpoint.clone();
+        let canary = handle.canary().map(|c| (c.engine.info().checkpoint.clone(), c.percent));
+        let state = self.lock();
+        let rows: Vec<serde_json::Value> = manifests
+            .iter()
+            .map(|m: &Manifest| {
+                let role = if m.id == serving {
+                    "serving".to_string()
+                } else if canary.as_ref().is_some_and(|(c, _)| *c == m.id) {
+                    "canary".to_string()
+                } else if state.history.contains(&m.id) {
+                    "previous".to_string()
+                } else {
+                    match state.candidates.get(&m.id) {
+                        Some((CandidateState::Ready, _)) => "ready".into(),
+                        Some((CandidateState::Loading, _)) => "loading".into(),
+                        Some((CandidateState::Failed(_), _)) => "failed".into(),
+                        None => "available".into(),
+                    }
+                };
+                let failure = match state.candidates.get(&m.id) {
+                    Some((CandidateState::Failed(message), _)) => Some(message.clone()),
+                    _ => None,
+                };
+                serde_json::json!({
+                    "id": m.id, "parent": m.parent, "stage": m.stage, "metrics": m.metrics,
+                    "hyperparameters": m.hyperparameters, "snapshots": m.snapshots, "created_at_ms": m.created_at_ms,
+                    "role": role, "failure": failure,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "object": "list",
+            "serving": serving,
+            "canary": canary.map(|(id, percent)| serde_json::json!({"id": id, "percent": percent})),
+            "previous": state.history.last(),
+            "data": rows,
+            "invalid": invalid.iter().map(|(id, e)| serde_json::json!({"id": id, "error": e})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// How long one read of the announcements stream blocks.
+pub const WATCH_BLOCK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Follows `instructd:checkpoints` from now on and considers each announced
+/// checkpoint. `link` must be its own (made with `RedisLink::for_blocking_reads`).
+pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<feedback::RedisLink>) {
+    let mut last = "$".to_string();
+    loop {
+        let from = last.clone();
+        let reply: Result<redis::streams::StreamReadReply, _> = link
+            .run(|mut c| async move {
+                redis::cmd("XREAD")
+                    .arg("BLOCK")
+                    .arg(WATCH_BLOCK.as_millis() as u64)
+                    .arg("STREAMS")
+                    .arg(feedback::streams::CHECKPOINTS)
+                    .arg(from)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        match reply {
+            Ok(reply) => {
+                for key in reply.keys {
+                    for entry in key.ids {
+                        last = entry.id.clone();
+                        if let Some(id) = entry.get::<String>("id") {
+                            tracing::info!(checkpoint = %id, "checkpoint announced");
+                            let (rollout, handle) = (rollout.clone(), handle.clone());
+                            tokio::spawn(async move { rollout.consider(&handle, &id).await });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "checkpoint announcements unavailable; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

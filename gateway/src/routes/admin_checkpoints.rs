@@ -1,0 +1,87 @@
+//! Admin checkpoint routes (admin scope): list checkpoints with lineage,
+//! metrics and role; canary a candidate at a percentage; promote; roll back.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::json::ApiJson;
+use crate::keys::Scope;
+use crate::rollout::RolloutError;
+use crate::state::SharedState;
+
+fn rollout_error(error: RolloutError) -> ApiError {
+    match error {
+        RolloutError::Unknown(_) => ApiError::not_found(error.to_string()).with_param("id"),
+        RolloutError::NotReady(..) | RolloutError::NoPrevious => {
+            let mut e = ApiError::invalid_request(None, error.to_string());
+            e.status = axum::http::StatusCode::CONFLICT;
+            e.with_code("checkpoint_not_ready")
+        }
+        RolloutError::Invalid { .. } => {
+            ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_invalid")
+        }
+    }
+}
+
+pub async fn list(State(state): State<SharedState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.rollout.status(&state.engine)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryRequest {
+    /// Share of new requests sent to the candidate, 0..=100 (0 stops the canary).
+    pub percent: u8,
+}
+
+pub async fn canary(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CanaryRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    if body.percent > 100 {
+        return Err(ApiError::invalid_request(Some("percent"), "percent must be between 0 and 100"));
+    }
+    if body.percent == 0 {
+        state.engine.clear_canary();
+    } else {
+        state.rollout.canary(&state.engine, &id, body.percent).map_err(rollout_error)?;
+    }
+    Ok(Json(state.rollout.status(&state.engine)))
+}
+
+pub async fn promote(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    state.rollout.promote(&state.engine, &id).map_err(rollout_error)?;
+    Ok(Json(state.rollout.status(&state.engine)))
+}
+
+pub async fn rollback(State(state): State<SharedState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let restored = state.rollout.rollback(&state.engine).await.map_err(rollout_error)?;
+    let mut status = state.rollout.status(&state.engine);
+    status["restored"] = json!(restored);
+    Ok(Json(status))
+}
+
+/// `POST /admin/checkpoints/{id}/load`: load and verify a checkpoint on disk that was not announced.
+pub async fn load(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    state.rollout.consider(&state.engine, &id).await;
+    Ok(Json(state.rollout.status(&state.engine)))
+}
