@@ -10,11 +10,11 @@ TEST_VENV := .cache/test-venv
 
 .PHONY: run demo test test-venv model chat bench bench-compare lint fmt build-release build-debug
 
-## run: Redis (started if none answers), the default model (fetched once), and the gateway.
+## run: Redis (started if none answers), the default model (fetched once), the trainer and the gateway.
 run: build-release
 	bash scripts/ensure-redis.sh
 	$(RELEASE_BIN) model fetch-default --models-dir $(MODELS_DIR)
-	INSTRUCTD_ADMIN_KEY=$$(bash scripts/dev-admin-key.sh) INSTRUCTD_LOG=$${INSTRUCTD_LOG:-info} $(RELEASE_BIN) serve
+	bash scripts/run-all.sh $(RELEASE_BIN)
 
 ## demo: two answers from the default model on the command line.
 demo: build-release
