@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn env_overrides_file() {
         let config = load(
-            "[gateway]\naddr = \"0.0.0.0:1\"\n",
+            "[gateway]\naddr = \"0.0.0.0:1\"\n[gateway.default_limits]\nrequests_per_minute = 1\ntokens_per_minute = 2\nmax_concurrent = 3\n",
             &[
                 ("INSTRUCTD_ADDR", "127.0.0.1:9999"),
                 ("INSTRUCTD__ENGINE__MAX_RUNNING", "7"),

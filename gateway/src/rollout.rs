@@ -268,7 +268,9 @@ pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<f
                 for key in reply.keys {
                     for entry in key.ids {
                         last = entry.id.clone();
-                        if let Some(id) = entry.get::<String>("id") {
+                        // Reward models are published too, but never served.
+                        let servable = entry.get::<String>("stage").is_none_or(|s| s != "reward_model");
+                        if let Some(id) = entry.get::<String>("id").filter(|_| servable) {
                             tracing::info!(checkpoint = %id, "checkpoint announced");
                             let (rollout, handle) = (rollout.clone(), handle.clone());
                             tokio::spawn(async move { rollout.consider(&handle, &id).await });

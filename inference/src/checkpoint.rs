@@ -106,11 +106,12 @@ impl CheckpointStore {
         if ok { Ok(()) } else { Err(CheckpointError::BadId(id.to_string())) }
     }
 
-    /// Publishes a checkpoint whose files `write_files` puts in the directory it is given.
+    /// Publishes a checkpoint whose files `write_files` puts in the directory
+    /// it is given (it may also fill the manifest's metrics).
     pub fn publish(
         &self,
         mut manifest: Manifest,
-        write_files: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+        write_files: impl FnOnce(&Path, &mut Manifest) -> Result<(), CheckpointError>,
     ) -> Result<Manifest, CheckpointError> {
         Self::check_id(&manifest.id)?;
         let target = self.path(&manifest.id);
@@ -121,7 +122,7 @@ impl CheckpointStore {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let result = (|| {
-            write_files(&tmp)?;
+            write_files(&tmp, &mut manifest)?;
             manifest.files.clear();
             for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))?.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -149,7 +150,7 @@ impl CheckpointStore {
 
     /// Registers an existing model directory (e.g. the starting model) as a checkpoint.
     pub fn import_dir(&self, src: &Path, manifest: Manifest) -> Result<Manifest, CheckpointError> {
-        self.publish(manifest, |dir| {
+        self.publish(manifest, |dir, _| {
             for entry in std::fs::read_dir(src).map_err(io(src))?.flatten() {
                 let name = entry.file_name();
                 if entry.path().is_file() && name != MANIFEST {
@@ -281,7 +282,7 @@ mod tests {
         assert!(base.files.contains_key("model.safetensors") && base.files.contains_key("config.json"));
         let src = store.path("base");
         store
-            .publish(Manifest::new("sft-1", Some("base"), Stage::Sft), |dir| {
+            .publish(Manifest::new("sft-1", Some("base"), Stage::Sft), |dir, _| {
                 for name in base.files.keys() {
                     std::fs::copy(src.join(name), dir.join(name)).unwrap();
                 }
@@ -327,7 +328,7 @@ mod tests {
         assert_eq!(store.list().1.len(), 1, "an unreadable manifest is listed as invalid");
 
         // A publish that fails part-way leaves nothing behind.
-        let failed = store.publish(Manifest::new("broken", None, Stage::Sft), |_| {
+        let failed = store.publish(Manifest::new("broken", None, Stage::Sft), |_, _| {
             Err(CheckpointError::Invalid { id: "broken".into(), message: "trainer died".into() })
         });
         assert!(failed.is_err() && !store.path("broken").exists());

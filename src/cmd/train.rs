@@ -1,7 +1,10 @@
-//! `instructd train`: the continuous trainer process. This increment ingests
-//! the streams durably (exactly once, surviving kill -9) and builds dataset
-//! snapshots when enough new data arrived or the period passed; the training
-//! stages build on these snapshots.
+//! `instructd train`: the continuous trainer process. It ingests the streams
+//! durably (exactly once, surviving kill -9), builds dataset snapshots when
+//! enough new data arrived or the period passed, and refreshes from each
+//! snapshot: SFT on new demonstrations, a reward model on new rankings. New
+//! policies are published to the checkpoint store and announced on
+//! `instructd:checkpoints` for the gateway to roll out. Training runs on this
+//! process's one thread: ingestion waits meanwhile (entries stay in Redis).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use feedback::RedisLink;
+use inference::checkpoint::CheckpointStore;
 use trainer::ingest::Ingestor;
+use trainer::refresh::Refresher;
 use trainer::snapshot::{self, Filters};
 use trainer::store::DatasetStore;
 
@@ -35,6 +40,17 @@ async fn train(config: Config) -> anyhow::Result<()> {
     let mut store = DatasetStore::open(&trainer.data_dir)
         .with_context(|| format!("opening the dataset store in {}", trainer.data_dir.display()))?;
     let mut ingestor = Ingestor::new(link.clone(), trainer.clone());
+    let checkpoints_dir = &config.gateway.rollout.checkpoints_dir;
+    let checkpoints = CheckpointStore::open(checkpoints_dir)
+        .with_context(|| format!("opening the checkpoint store {}", checkpoints_dir.display()))?;
+    let mut refresher = Refresher::open(
+        checkpoints,
+        &config.model.dir,
+        &trainer.data_dir,
+        trainer.refresh.clone(),
+        trainer.sft.clone(),
+        trainer.reward_model.clone(),
+    )?;
     let filters = Filters {
         max_prompts_per_user: trainer.max_prompts_per_user,
         dedupe_prefix_chars: trainer.dedupe_prefix_chars,
@@ -92,6 +108,22 @@ async fn train(config: Config) -> anyhow::Result<()> {
             println!("snapshot {} {:?}", manifest.id, manifest.counts);
             new_events = 0;
             last_snapshot = Instant::now();
+            drop(_guard);
+            match refresher.after_snapshot(&manifest, &data) {
+                Ok(published) => {
+                    for p in published.into_iter().filter(|p| p.servable) {
+                        match trainer::refresh::announce(&link, &p.manifest).await {
+                            Ok(_) => println!("announced {}", p.manifest.id),
+                            Err(e) => tracing::error!(
+                                checkpoint = %p.manifest.id, error = %e,
+                                "checkpoint not announced; load it with POST /admin/checkpoints/{{id}}/load"
+                            ),
+                        }
+                    }
+                }
+                // A failed refresh leaves the serving model as it is; the next snapshot retries.
+                Err(e) => tracing::error!(error = %e, "refresh failed"),
+            }
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct TrainerConfig {
     pub max_prompts_per_user: usize,
     /// Characters of the normalised prompt that make the dedupe key.
     pub dedupe_prefix_chars: usize,
+    pub refresh: crate::refresh::RefreshConfig,
+    pub sft: crate::sft::SftConfig,
+    pub reward_model: crate::reward_model::RmConfig,
 }
 
 impl Default for TrainerConfig {
@@ -43,6 +46,9 @@ impl Default for TrainerConfig {
             snapshot_period_secs: 600,
             max_prompts_per_user: 200,
             dedupe_prefix_chars: feedback::split::DEDUPE_PREFIX_CHARS,
+            refresh: Default::default(),
+            sft: Default::default(),
+            reward_model: Default::default(),
         }
     }
 }

@@ -7,6 +7,11 @@
 pub mod config;
 pub mod ingest;
 pub mod losses;
+pub mod optim;
+pub mod policy_model;
+pub mod refresh;
+pub mod reward_model;
+pub mod sft;
 pub mod snapshot;
 pub mod store;
 

@@ -1,0 +1,388 @@
+//! A model directory loaded for training: every weight a candle [`Var`] in a [`VarMap`], the [`Llama`] built on
+//! those vars (so its differentiable forward reaches all of them), the tokenizer, and a way back to a model
+//! directory the serving side loads (`inference::load::LoadedModel::load`).
+//!
+//! Shared by SFT, the reward model (its trunk) and PPO (policy, reference and value trunks).
+//!
+//! Weights are trained in F32 whatever the file's dtype, and saved in F32 by default: Adam updates of ~1e-5
+//! relative size vanish when rounded to BF16 (about 3 significant digits).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use inference::config::LlamaConfig;
+use inference::llama::Llama;
+use inference::model_files::ModelFiles;
+use inference::tokenizer::{ChatMessage, Tokenizer};
+
+use crate::losses::token_logprobs;
+
+/// Errors of the training stages (SFT, reward model).
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] inference::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The data cannot train anything (no training examples, nothing left after tokenisation, ...).
+    #[error("training data: {0}")]
+    Data(String),
+    /// A saved checkpoint is incomplete or inconsistent.
+    #[error("{}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+}
+
+pub type TrainResult<T> = std::result::Result<T, TrainError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}
+
+/// Files besides the weights that make a model directory: copied verbatim when a trained model is saved
+/// (`config.json` gets its `torch_dtype` updated).
+pub const SIDECAR_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE",
+];
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// A prompt rendered with the chat template, then the response (and end-of-sequence) tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTokens {
+    pub ids: Vec<u32>,
+    /// `ids[..prompt_len]` is the rendered prompt (ending where the assistant's reply begins).
+    pub prompt_len: usize,
+}
+
+/// Tokenises a (prompt, response) pair as the serving side sees a chat: the prompt as one user message through
+/// the model's chat template with the generation prompt (`<|im_start|>assistant\n` for ChatML), encoded without
+/// extra special tokens (the template carries them), then the response, then the first end-of-sequence id when
+/// `append_eos` (so the model learns to stop, and the reward model reads a fixed final token).
+pub fn encode_chat(tokenizer: &Tokenizer, prompt: &str, response: &str, append_eos: bool) -> TrainResult<ChatTokens> {
+    let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
+    let mut ids = tokenizer.encode(&text, false)?;
+    let prompt_len = ids.len();
+    ids.extend(tokenizer.encode(response, false)?);
+    if append_eos {
+        let Some(&eos) = tokenizer.eos_token_ids().first() else {
+            return Err(TrainError::Data("the tokenizer has no end-of-sequence token".into()));
+        };
+        ids.push(eos);
+    }
+    Ok(ChatTokens { ids, prompt_len })
+}
+
+/// A model directory's weights as trainable variables.
+pub struct PolicyModel {
+    varmap: VarMap,
+    model: Llama,
+    tokenizer: Tokenizer,
+    files: ModelFiles,
+    device: Device,
+}
+
+impl PolicyModel {
+    /// Loads `dir` (Hugging Face layout) on `device`, every tensor of its safetensors a [`Var`] (F32).
+    /// A tensor the model needs but the files lack is an error naming it (a `VarMap` would silently create it).
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> TrainResult<Self> {
+        let files = ModelFiles::open(dir.as_ref())?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for path in &files.weight_files {
+                let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+                    .map_err(|e| inference::Error::model_file(path, format!("cannot read safetensors: {e}")))?;
+                for (name, tensor) in tensors {
+                    let tensor = tensor.to_dtype(DType::F32)?.to_device(device)?;
+                    data.insert(name, Var::from_tensor(&tensor)?);
+                }
+            }
+        }
+        let loaded: HashSet<String> = varmap.data().lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Llama::new(&files.config, vb).map_err(|e| match e {
+            inference::Error::Candle(inner) => {
+                inference::Error::model_file(&files.dir, format!("weights do not match config.json: {inner}"))
+            }
+            other => other,
+        })?;
+        let mut missing: Vec<String> = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|k| !loaded.contains(*k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(TrainError::Checkpoint {
+                path: files.dir.clone(),
+                message: format!("weights missing from the safetensors: {}", missing.join(", ")),
+            });
+        }
+        let tokenizer = Tokenizer::from_dir(&files.dir)?.with_extra_eos(&files.config.eos_token_ids());
+        Ok(Self { varmap, model, tokenizer, files, device: device.clone() })
+    }
+
+    pub fn llama(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.files.config
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The directory the weights came from.
+    pub fn source_dir(&self) -> &Path {
+        &self.files.dir
+    }
+
+    /// Every variable with its tensor name, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Every variable, sorted by tensor name (a stable order for the optimiser).
+    pub fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Detached copies of every weight, for keeping the best epoch while training goes on.
+    pub fn snapshot_weights(&self) -> TrainResult<HashMap<String, Tensor>> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?))).collect()
+    }
+
+    /// Sets the weights back to a [`PolicyModel::snapshot_weights`] copy.
+    pub fn restore_weights(&self, weights: &HashMap<String, Tensor>) -> TrainResult<()> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, var) in data.iter() {
+            let Some(w) = weights.get(name) else {
+                return Err(TrainError::Data(format!("weight snapshot lacks {name}")));
+            };
+            var.set(w)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a loadable model directory: `model.safetensors` (same tensor names as the source, F32), the
+    /// source's `config.json` and tokenizer files.
+    pub fn save(&self, out_dir: &Path) -> TrainResult<()> {
+        self.save_as(out_dir, DType::F32)
+    }
+
+    /// [`PolicyModel::save`] with the weights converted to `dtype`.
+    pub fn save_as(&self, out_dir: &Path, dtype: DType) -> TrainResult<()> {
+        std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+        let tensors: HashMap<String, Tensor> = {
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?.to_device(&Device::Cpu)?)))
+                .collect::<TrainResult<_>>()?
+        };
+        write_safetensors_atomic(&tensors, &out_dir.join(WEIGHTS_FILE))?;
+        copy_model_sidecars(&self.files.dir, out_dir, dtype)
+    }
+
+    /// Sum of log-probabilities of the response tokens and the end-of-sequence token given the chat-rendered
+    /// prompt, one forward per pair, no dropout.
+    pub fn response_logprobs<P: AsRef<str>, R: AsRef<str>>(&self, pairs: &[(P, R)]) -> TrainResult<Vec<f32>> {
+        pairs
+            .iter()
+            .map(|(p, r)| {
+                let tokens = encode_chat(&self.tokenizer, p.as_ref(), r.as_ref(), true)?;
+                let n = tokens.ids.len();
+                let input = Tensor::new(&tokens.ids[..n - 1], &self.device)?.unsqueeze(0)?;
+                let targets = Tensor::new(&tokens.ids[1..], &self.device)?.unsqueeze(0)?;
+                let logits = self.model.forward_train(&input, 0.0)?;
+                let lp = token_logprobs(&logits, &targets)?.squeeze(0)?.detach();
+                let first = tokens.prompt_len.max(1) - 1;
+                Ok(lp.narrow(0, first, n - 1 - first)?.sum_all()?.to_scalar::<f32>()?)
+            })
+            .collect()
+    }
+}
+
+/// Writes `tensors` to `path` through a temporary file in the same directory, fsynced, then renamed.
+pub(crate) fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> TrainResult<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> TrainResult<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Copies `config.json` (with `torch_dtype` set to the saved weights' dtype) and the [`SIDECAR_FILES`] that
+/// exist from `src` to `dst`. Nothing to do when both are the same directory.
+pub(crate) fn copy_model_sidecars(src: &Path, dst: &Path, dtype: DType) -> TrainResult<()> {
+    if let (Ok(a), Ok(b)) = (src.canonicalize(), dst.canonicalize())
+        && a == b
+    {
+        return Ok(());
+    }
+    let config_path = src.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Checkpoint { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
+    if let Some(obj) = config.as_object_mut() {
+        let name = match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        obj.insert("torch_dtype".into(), serde_json::Value::String(name.into()));
+    }
+    let pretty = serde_json::to_vec_pretty(&config).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_file_atomic(&dst.join("config.json"), &pretty)?;
+    for file in SIDECAR_FILES {
+        let from = src.join(file);
+        if from.is_file() {
+            let to = dst.join(file);
+            std::fs::copy(&from, &to).map_err(io_err(&to))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::path::Path;
+
+    use inference::tiny_model::{TinySpec, init_tiny};
+
+    /// A tiny random model directory (hidden 64, 2 layers, ChatML template).
+    pub fn tiny_model(dir: &Path, seed: u64, tied: bool) {
+        init_tiny(dir, &TinySpec { seed, tie_word_embeddings: tied, ..TinySpec::default() }).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::tiny_model;
+    use super::*;
+    use inference::load::LoadedModel;
+
+    fn logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
+        let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        model.forward_train(&input, 0.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn save_then_serving_load_gives_the_same_logits() {
+        for tied in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let src = tmp.path().join("src");
+            tiny_model(&src, 3, tied);
+            let model = PolicyModel::load(&src, &Device::Cpu).unwrap();
+            let expected_tensors = if tied { 20 } else { 21 };
+            assert_eq!(model.vars().len(), expected_tensors, "one var per tensor in the file");
+            // Move every weight so a save that wrote the source file back would be caught.
+            for var in model.vars() {
+                var.set(&(var.as_tensor() + var.randn_like(0.0, 0.01).unwrap()).unwrap()).unwrap();
+            }
+            let ids = encode_chat(model.tokenizer(), "What colour is the sky?", "Blue.", true).unwrap().ids;
+            let before = logits(model.llama(), &ids);
+
+            let out = tmp.path().join("out");
+            model.save(&out).unwrap();
+            for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+                assert!(out.join(file).is_file(), "{file} missing");
+            }
+            let loaded = LoadedModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+            assert!(loaded.tokenizer.has_chat_template());
+            let after = logits(&loaded.model, &ids);
+            let diff = max_diff(&before, &after);
+            assert!(diff < 1e-5, "tied={tied}: max logit difference {diff}");
+            let original = LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap();
+            assert!(max_diff(&before, &logits(&original.model, &ids)) > 1e-3, "the saved weights are the trained ones");
+
+            // And back into training: same weights again.
+            let reloaded = PolicyModel::load(&out, &Device::Cpu).unwrap();
+            assert!(max_diff(&before, &logits(reloaded.llama(), &ids)) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 0, true);
+        let path = tmp.path().join(WEIGHTS_FILE);
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        tensors.remove("model.layers.1.mlp.up_proj.weight");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let err = PolicyModel::load(tmp.path(), &Device::Cpu).err().expect("must fail").to_string();
+        assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    }
+
+    #[test]
+    fn snapshot_and_restore_weights() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 1, true);
+        let model = PolicyModel::load(tmp.path(), &Device::Cpu).unwrap();
+        let ids = [5u32, 9, 40, 77];
+        let before = logits(model.llama(), &ids);
+        let saved = model.snapshot_weights().unwrap();
+        for var in model.vars() {
+            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+        }
+        assert!(max_diff(&before, &logits(model.llama(), &ids)) > 1e-3);
+        model.restore_weights(&saved).unwrap();
+        assert_eq!(max_diff(&before, &logits(model.llama(), &ids)), 0.0);
+    }
+
+    #[test]
+    fn chat_encoding_masks_the_prompt_and_ends_with_eos() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 0, true);
+        let model = PolicyModel::load(tmp.path(), &Device::Cpu).unwrap();
+        let tok = model.tokenizer();
+        let t = encode_chat(tok, "Hi", "Hello there", true).unwrap();
+        let prompt = tok.decode(&t.ids[..t.prompt_len], false).unwrap();
+        assert!(prompt.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{prompt:?}");
+        assert_eq!(tok.decode(&t.ids[t.prompt_len..], false).unwrap(), "Hello there<|im_end|>");
+        let no_eos = encode_chat(tok, "Hi", "Hello there", false).unwrap();
+        assert_eq!(no_eos.ids.len() + 1, t.ids.len());
+    }
+}

@@ -1,0 +1,749 @@
+//! The reward model (paper section 3.5, "Reward modeling"): the SFT model with its unembedding replaced by a
+//! scalar head, trained on labelers' rankings.
+//!
+//! - Input: the prompt through the chat template, the response, then EOS (see [`encode_chat`]); the reward is
+//!   `head(hidden state at the last token)`, the final-norm hidden state of the EOS token, which attends to the
+//!   whole prompt and response. Sequences longer than `max_seq_len` keep their last `max_seq_len` tokens (the
+//!   response and EOS matter most).
+//! - Loss ([`ranking_loss_batch`]): each prompt's K completions are forwarded once, in one batch, and all its
+//!   C(K,2) comparisons (ties dropped) form one batch element; a step averages over prompts.
+//! - One epoch by default (the paper: more overfit), Adam β = (0.9, 0.95), cosine decay to 10% of the peak
+//!   (paper peak: 9e-6 at 6B; here 1e-5 for SmolLM2-135M, and 2e-3 for the tiny random test models).
+//! - Afterwards the head's bias is shifted so the labelers' demonstrations (training split) score 0 on average.
+//!
+//! On disk an RM is a model directory: the trunk as `model.safetensors` (HF names; an untied `lm_head.weight` is
+//! kept, unused, so the directory still loads as a causal LM), `config.json` and the tokenizer files, plus
+//! `reward_head.safetensors` (`score.weight` `[1, hidden]`, `score.bias` `[1]`) and `rm.json` ([`RmMeta`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Linear, VarMap};
+use feedback::split::Split;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::losses::{ranking_loss_batch, ranking_pairs};
+use crate::optim::{Adam, AdamConfig, Decay, Gradients, LrSchedule, PAPER_FINAL_LR_RATIO};
+use crate::policy_model::{
+    PolicyModel, TrainError, TrainResult, encode_chat, io_err, write_file_atomic, write_safetensors_atomic,
+};
+use crate::snapshot::{RankedExample, SftExample};
+
+/// The scalar head's weights.
+pub const HEAD_FILE: &str = "reward_head.safetensors";
+/// What makes a model directory a reward model.
+pub const META_FILE: &str = "rm.json";
+/// The training report written next to the model.
+pub const REPORT_FILE: &str = "rm_report.json";
+/// The paper's RM learning rate (6B model).
+pub const PAPER_RM_LR: f64 = 9e-6;
+/// Epochs of RM training in the paper.
+pub const PAPER_RM_EPOCHS: usize = 1;
+const META_KIND: &str = "instructd-reward-model";
+const HEAD_WEIGHT: &str = "score.weight";
+const HEAD_BIAS: &str = "score.bias";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RmConfig {
+    /// Passes over the training rankings (paper: 1).
+    pub epochs: usize,
+    /// Peak learning rate (paper: 9e-6 for the 6B RM).
+    pub learning_rate: f64,
+    pub final_lr_ratio: f64,
+    pub warmup_steps: usize,
+    /// Prompts (rankings) per optimiser step (paper: 64).
+    pub batch_prompts: usize,
+    /// Prompts per forward/backward pass; all K completions of a prompt always share one pass. Gradients of a
+    /// step's micro-batches are accumulated, so this bounds memory only.
+    pub micro_batch_prompts: usize,
+    pub residual_dropout: f32,
+    /// Sequences keep their last `max_seq_len` tokens.
+    pub max_seq_len: usize,
+    pub max_grad_norm: Option<f64>,
+    pub adam: AdamConfig,
+    /// Seeds the head's initialisation and the order of prompts.
+    pub seed: u64,
+    /// Sequences per forward when scoring (validation, demonstrations).
+    pub score_batch_size: usize,
+}
+
+impl Default for RmConfig {
+    fn default() -> Self {
+        Self {
+            epochs: PAPER_RM_EPOCHS,
+            learning_rate: 1e-5,
+            final_lr_ratio: PAPER_FINAL_LR_RATIO,
+            warmup_steps: 0,
+            batch_prompts: 8,
+            micro_batch_prompts: 2,
+            residual_dropout: 0.0,
+            max_seq_len: 512,
+            max_grad_norm: Some(1.0),
+            adam: AdamConfig::default(),
+            seed: 0,
+            score_batch_size: 16,
+        }
+    }
+}
+
+impl RmConfig {
+    fn validate(&self) -> TrainResult<()> {
+        let bad = |m: &str| Err(TrainError::Data(format!("RM config: {m}")));
+        if self.epochs == 0 || self.batch_prompts == 0 || self.micro_batch_prompts == 0 || self.score_batch_size == 0 {
+            return bad("epochs, batch_prompts, micro_batch_prompts and score_batch_size must be positive");
+        }
+        let rates_ok =
+            self.learning_rate.is_finite() && self.learning_rate > 0.0 && (0.0..=1.0).contains(&self.final_lr_ratio);
+        if self.max_seq_len < 2 || !rates_ok {
+            return bad("max_seq_len must be at least 2, learning_rate positive, final_lr_ratio within [0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.residual_dropout) {
+            return bad("residual_dropout must be within [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// `rm.json`: how to read the directory as a reward model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RmMeta {
+    pub kind: String,
+    pub format_version: u32,
+    pub head_file: String,
+    pub hidden_size: usize,
+    /// The scored sequence ends with the tokenizer's first EOS id.
+    pub append_eos: bool,
+    /// Longer sequences keep their last `max_seq_len` tokens.
+    pub max_seq_len: usize,
+    /// Subtracted from the head's bias so demonstrations score 0 on average (already applied to the bias).
+    pub bias_offset: f32,
+    /// Demonstrations the offset was measured on.
+    pub demonstrations: usize,
+    /// The policy (SFT) directory the trunk started from.
+    pub source_policy: PathBuf,
+}
+
+/// Ranking quality on a set of prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RankEval {
+    pub prompts: usize,
+    pub pairs: usize,
+    /// Mean over prompts of the per-prompt ranking loss.
+    pub loss: f32,
+    /// Fraction of pairs the RM orders like the labeler (strictly).
+    pub accuracy: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RmEpoch {
+    pub epoch: usize,
+    pub steps: usize,
+    /// Mean over the epoch's steps of the step loss (as the weights changed).
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub val: Option<RankEval>,
+    pub last_lr: f64,
+    pub wall_secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RmReport {
+    pub epochs: Vec<RmEpoch>,
+    /// The validation split before training (the untrained head: about chance).
+    pub val_before: Option<RankEval>,
+    /// Mean demonstration reward before the bias shift (what was subtracted); `None` without demonstrations.
+    pub bias_offset: Option<f32>,
+    /// Mean demonstration reward after the shift (≈ 0).
+    pub demo_mean_after: Option<f32>,
+    pub demonstrations: usize,
+    pub train_prompts: usize,
+    pub val_prompts: usize,
+    /// Rankings left out: no ordered pair (all tied) or completions and ranks of different lengths.
+    pub skipped: usize,
+    /// Sequences cut to `max_seq_len`.
+    pub truncated: usize,
+    pub total_steps: usize,
+    pub wall_secs: f64,
+    pub source_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub config: RmConfig,
+}
+
+/// A transformer trunk and a scalar head.
+pub struct RewardModel {
+    trunk: PolicyModel,
+    head_vars: VarMap,
+    head: Linear,
+    meta: RmMeta,
+}
+
+impl RewardModel {
+    /// A fresh reward model from a policy (SFT) directory: its trunk, and a new head ~ N(0, 1/(hidden + 1)),
+    /// bias 0, seeded.
+    pub fn from_policy(
+        policy_dir: impl AsRef<Path>,
+        device: &Device,
+        seed: u64,
+        max_seq_len: usize,
+    ) -> TrainResult<Self> {
+        let trunk = PolicyModel::load(policy_dir.as_ref(), device)?;
+        let hidden = trunk.config().hidden_size;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let std = 1.0 / ((hidden + 1) as f64).sqrt();
+        let weight: Vec<f32> = (0..hidden)
+            .map(|_| {
+                let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        let weight = Tensor::from_vec(weight, (1, hidden), device)?;
+        let bias = Tensor::zeros(1, DType::F32, device)?;
+        let meta = RmMeta {
+            kind: META_KIND.into(),
+            format_version: 1,
+            head_file: HEAD_FILE.into(),
+            hidden_size: hidden,
+            append_eos: true,
+            max_seq_len: max_seq_len.min(trunk.llama().max_positions()),
+            bias_offset: 0.0,
+            demonstrations: 0,
+            source_policy: trunk.source_dir().to_path_buf(),
+        };
+        Self::assemble(trunk, weight, bias, meta)
+    }
+
+    /// Loads a reward-model directory written by [`RewardModel::save`], on the default device.
+    pub fn load(dir: impl AsRef<Path>) -> TrainResult<Self> {
+        Self::load_on(dir, &inference::load::default_device())
+    }
+
+    pub fn load_on(dir: impl AsRef<Path>, device: &Device) -> TrainResult<Self> {
+        let dir = dir.as_ref();
+        let meta_path = dir.join(META_FILE);
+        let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+        let checkpoint = |message: String| TrainError::Checkpoint { path: meta_path.clone(), message };
+        let meta: RmMeta = serde_json::from_str(&text).map_err(|e| checkpoint(format!("invalid rm.json: {e}")))?;
+        if meta.kind != META_KIND || meta.format_version != 1 {
+            return Err(checkpoint(format!(
+                "not a reward model (kind {:?}, version {})",
+                meta.kind, meta.format_version
+            )));
+        }
+        let trunk = PolicyModel::load(dir, device)?;
+        let head_path = dir.join(&meta.head_file);
+        let mut head = candle_core::safetensors::load(&head_path, device).map_err(|e| TrainError::Checkpoint {
+            path: head_path.clone(),
+            message: format!("cannot read the reward head: {e}"),
+        })?;
+        let hidden = trunk.config().hidden_size;
+        let (weight, bias) = match (head.remove(HEAD_WEIGHT), head.remove(HEAD_BIAS)) {
+            (Some(w), Some(b)) if w.dims() == [1, hidden] && b.dims() == [1] => (w, b),
+            _ => {
+                return Err(TrainError::Checkpoint {
+                    path: head_path,
+                    message: format!("expected {HEAD_WEIGHT} [1, {hidden}] and {HEAD_BIAS} [1]"),
+                });
+            }
+        };
+        Self::assemble(trunk, weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?, meta)
+    }
+
+    fn assemble(trunk: PolicyModel, weight: Tensor, bias: Tensor, meta: RmMeta) -> TrainResult<Self> {
+        let head_vars = VarMap::new();
+        let (weight, bias) = (Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
+        {
+            let mut data = head_vars.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.insert(HEAD_WEIGHT.into(), weight.clone());
+            data.insert(HEAD_BIAS.into(), bias.clone());
+        }
+        let head = Linear::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+        Ok(Self { trunk, head_vars, head, meta })
+    }
+
+    /// Writes the reward model as a directory (see the module docs).
+    pub fn save(&self, out_dir: impl AsRef<Path>) -> TrainResult<()> {
+        let out_dir = out_dir.as_ref();
+        self.trunk.save(out_dir)?;
+        let head: HashMap<String, Tensor> = {
+            let data = self.head_vars.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_device(&Device::Cpu)?)))
+                .collect::<TrainResult<_>>()?
+        };
+        write_safetensors_atomic(&head, &out_dir.join(HEAD_FILE))?;
+        let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| TrainError::Data(e.to_string()))?;
+        write_file_atomic(&out_dir.join(META_FILE), &meta)
+    }
+
+    pub fn trunk(&self) -> &PolicyModel {
+        &self.trunk
+    }
+
+    pub fn head(&self) -> &Linear {
+        &self.head
+    }
+
+    pub fn meta(&self) -> &RmMeta {
+        &self.meta
+    }
+
+    /// Trunk variables (sorted by name), then the head's weight and bias.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut vars = self.trunk.vars();
+        let data = self.head_vars.data().lock().unwrap_or_else(|e| e.into_inner());
+        vars.extend([HEAD_WEIGHT, HEAD_BIAS].iter().filter_map(|n| data.get(*n).cloned()));
+        vars
+    }
+
+    /// The token ids the RM scores for a (prompt, response) pair, and whether they were cut to `max_seq_len`.
+    pub fn encode(&self, prompt: &str, response: &str) -> TrainResult<(Vec<u32>, bool)> {
+        let mut ids = encode_chat(self.trunk.tokenizer(), prompt, response, self.meta.append_eos)?.ids;
+        let max = self.meta.max_seq_len;
+        let cut = ids.len() > max;
+        if cut {
+            ids.drain(..ids.len() - max);
+        }
+        Ok((ids, cut))
+    }
+
+    /// Rewards `[B]` of a batch of token sequences, differentiable wrt the trunk and head.
+    pub fn rewards(&self, sequences: &[&[u32]], residual_dropout: f32) -> TrainResult<Tensor> {
+        let device = self.trunk.device();
+        let t = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t == 0 || sequences.iter().any(|s| s.is_empty()) {
+            return Err(TrainError::Data("cannot score an empty sequence".into()));
+        }
+        let mut ids = Vec::with_capacity(sequences.len() * t);
+        let mut last = Vec::with_capacity(sequences.len());
+        for (b, s) in sequences.iter().enumerate() {
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(0u32, t - s.len()));
+            last.push((b * t + s.len() - 1) as u32);
+        }
+        let input = Tensor::from_vec(ids, (sequences.len(), t), device)?;
+        let hidden = self.trunk.llama().hidden_states(&input, residual_dropout)?;
+        let (b, t, h) = hidden.dims3()?;
+        let at_last = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(last, b, device)?, 0)?;
+        Ok(self.head.forward(&at_last)?.squeeze(1)?)
+    }
+
+    /// Rewards of (prompt, response) pairs, for the evaluation gate and PPO.
+    pub fn score<P: AsRef<str>, R: AsRef<str>>(&self, pairs: &[(P, R)]) -> TrainResult<Vec<f32>> {
+        let sequences =
+            pairs.iter().map(|(p, r)| Ok(self.encode(p.as_ref(), r.as_ref())?.0)).collect::<TrainResult<Vec<_>>>()?;
+        self.score_tokens(&sequences, 16)
+    }
+
+    /// Rewards of already-tokenised sequences (as [`RewardModel::encode`] makes them), `batch` per forward.
+    pub fn score_tokens(&self, sequences: &[Vec<u32>], batch: usize) -> TrainResult<Vec<f32>> {
+        let mut out = Vec::with_capacity(sequences.len());
+        for chunk in sequences.chunks(batch.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            out.extend(self.rewards(&refs, 0.0)?.detach().to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// Shifts the head's bias so the given demonstrations score 0 on average; returns the mean before the shift
+    /// (`None` when there are none).
+    pub fn center_on_demonstrations(
+        &mut self,
+        demonstrations: &[SftExample],
+        batch: usize,
+    ) -> TrainResult<Option<f32>> {
+        if demonstrations.is_empty() {
+            return Ok(None);
+        }
+        let pairs: Vec<(&str, &str)> =
+            demonstrations.iter().map(|d| (d.prompt.as_str(), d.response.as_str())).collect();
+        let sequences = pairs.iter().map(|(p, r)| Ok(self.encode(p, r)?.0)).collect::<TrainResult<Vec<_>>>()?;
+        let scores = self.score_tokens(&sequences, batch)?;
+        let mean = (scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len() as f64) as f32;
+        let bias = self.head.bias().ok_or_else(|| TrainError::Data("reward head has no bias".into()))?;
+        let var = self
+            .head_vars
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(HEAD_BIAS)
+            .cloned()
+            .ok_or_else(|| TrainError::Data("reward head has no bias".into()))?;
+        var.set(&(bias.detach() - f64::from(mean))?)?;
+        self.meta.bias_offset += mean;
+        self.meta.demonstrations = demonstrations.len();
+        Ok(Some(mean))
+    }
+}
+
+/// One prompt's completions, tokenised.
+struct Ranking {
+    sequences: Vec<Vec<u32>>,
+    ranks: Vec<usize>,
+    pairs: usize,
+}
+
+/// Trains a reward model from the policy (SFT) in `policy_dir` on the training split of `examples`, reports
+/// validation pair accuracy before and after each epoch, then shifts the head's bias so the training-split
+/// entries of `demonstrations` score 0 on average, and saves it to `out_dir` (with `rm_report.json`).
+pub fn train(
+    policy_dir: impl AsRef<Path>,
+    examples: &[RankedExample],
+    demonstrations: &[SftExample],
+    config: RmConfig,
+    out_dir: impl AsRef<Path>,
+) -> TrainResult<RmReport> {
+    config.validate()?;
+    let started = Instant::now();
+    let (policy_dir, out_dir) = (policy_dir.as_ref(), out_dir.as_ref());
+    let device = inference::load::default_device();
+    let mut rm = RewardModel::from_policy(policy_dir, &device, config.seed, config.max_seq_len)?;
+
+    let (mut skipped, mut truncated) = (0usize, 0usize);
+    let mut encode_split = |split: Split| -> TrainResult<Vec<Ranking>> {
+        let mut out = Vec::new();
+        for ex in examples.iter().filter(|e| e.split == split) {
+            let pairs = ranking_pairs(&ex.ranks).len();
+            if ex.completions.len() != ex.ranks.len() || pairs == 0 {
+                skipped += 1;
+                continue;
+            }
+            let mut sequences = Vec::with_capacity(ex.completions.len());
+            for completion in &ex.completions {
+                let (ids, cut) = rm.encode(&ex.prompt, completion)?;
+                truncated += usize::from(cut);
+                sequences.push(ids);
+            }
+            out.push(Ranking { sequences, ranks: ex.ranks.clone(), pairs });
+        }
+        Ok(out)
+    };
+    let train_set = encode_split(Split::Train)?;
+    let val_set = encode_split(Split::Validation)?;
+    if train_set.is_empty() {
+        return Err(TrainError::Data("no training-split rankings with an ordered pair".into()));
+    }
+    let val_before = if val_set.is_empty() { None } else { Some(evaluate(&rm, &val_set, &config)?) };
+    tracing::info!(
+        source = %policy_dir.display(),
+        train = train_set.len(),
+        validation = val_set.len(),
+        val_accuracy_before = ?val_before.map(|v| v.accuracy),
+        "RM training starts"
+    );
+
+    let steps_per_epoch = train_set.len().div_ceil(config.batch_prompts);
+    let total_steps = steps_per_epoch * config.epochs;
+    let schedule = LrSchedule {
+        decay: Decay::Cosine { final_ratio: config.final_lr_ratio },
+        ..LrSchedule::cosine(config.learning_rate, total_steps, config.warmup_steps)
+    };
+    let vars = rm.vars();
+    let mut adam = Adam::new(vars.clone(), config.adam)?;
+    let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(1));
+    let mut order: Vec<usize> = (0..train_set.len()).collect();
+    let mut epochs = Vec::with_capacity(config.epochs);
+    let mut step = 0usize;
+    for epoch in 1..=config.epochs {
+        let span = tracing::info_span!("rm_epoch", epoch, train_loss = tracing::field::Empty);
+        let _entered = span.enter();
+        let epoch_start = Instant::now();
+        order.shuffle(&mut rng);
+        let (mut loss_sum, mut correct, mut pairs, mut last_lr) = (0f64, 0f64, 0usize, 0f64);
+        for chunk in order.chunks(config.batch_prompts) {
+            let lr = schedule.lr(step);
+            let step_span = tracing::info_span!(
+                "rm_step",
+                step,
+                lr,
+                loss = tracing::field::Empty,
+                accuracy = tracing::field::Empty,
+                grad_norm = tracing::field::Empty
+            );
+            let _step_entered = step_span.enter();
+            let mut grads = Gradients::new();
+            let (mut step_loss, mut step_correct, mut step_pairs) = (0f64, 0f64, 0usize);
+            for micro in chunk.chunks(config.micro_batch_prompts) {
+                let rankings: Vec<&Ranking> = micro.iter().map(|&i| &train_set[i]).collect();
+                let sequences: Vec<&[u32]> =
+                    rankings.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+                let ranks: Vec<&[usize]> = rankings.iter().map(|r| r.ranks.as_slice()).collect();
+                let rewards = rm.rewards(&sequences, config.residual_dropout)?;
+                let (loss, accuracy) = ranking_loss_batch(&rewards, &ranks)?;
+                let weight = micro.len() as f64 / chunk.len() as f64;
+                grads.accumulate(&loss.backward()?, &vars, weight)?;
+                let micro_pairs: usize = rankings.iter().map(|r| r.pairs).sum();
+                step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
+                step_correct += f64::from(accuracy) * micro_pairs as f64;
+                step_pairs += micro_pairs;
+            }
+            let grad_norm = match config.max_grad_norm {
+                Some(max) => grads.clip_global_norm(max)?,
+                None => grads.global_norm()?,
+            };
+            adam.step(&grads, lr)?;
+            let step_accuracy = step_correct / step_pairs.max(1) as f64;
+            step_span.record("loss", step_loss);
+            step_span.record("accuracy", step_accuracy);
+            step_span.record("grad_norm", grad_norm);
+            tracing::debug!(step, lr, loss = step_loss, accuracy = step_accuracy, grad_norm, "RM step");
+            loss_sum += step_loss;
+            correct += step_correct;
+            pairs += step_pairs;
+            last_lr = lr;
+            step += 1;
+        }
+        let train_loss = (loss_sum / steps_per_epoch as f64) as f32;
+        span.record("train_loss", train_loss);
+        let val = if val_set.is_empty() { None } else { Some(evaluate(&rm, &val_set, &config)?) };
+        let record = RmEpoch {
+            epoch,
+            steps: steps_per_epoch,
+            train_loss,
+            train_accuracy: (correct / pairs.max(1) as f64) as f32,
+            val,
+            last_lr,
+            wall_secs: epoch_start.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            epoch,
+            train_loss,
+            train_accuracy = record.train_accuracy,
+            val_accuracy = ?val.map(|v| v.accuracy),
+            wall_secs = record.wall_secs,
+            "RM epoch done"
+        );
+        epochs.push(record);
+    }
+
+    let demos: Vec<SftExample> = demonstrations.iter().filter(|d| d.split == Split::Train).cloned().collect();
+    let bias_offset = rm.center_on_demonstrations(&demos, config.score_batch_size)?;
+    let demo_mean_after = match bias_offset {
+        Some(_) => {
+            let pairs: Vec<(&str, &str)> = demos.iter().map(|d| (d.prompt.as_str(), d.response.as_str())).collect();
+            let scores = rm.score(&pairs)?;
+            Some((scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len() as f64) as f32)
+        }
+        None => {
+            tracing::warn!("no training-split demonstrations: the reward model's bias is not centred");
+            None
+        }
+    };
+    rm.save(out_dir)?;
+    let report = RmReport {
+        epochs,
+        val_before,
+        bias_offset,
+        demo_mean_after,
+        demonstrations: demos.len(),
+        train_prompts: train_set.len(),
+        val_prompts: val_set.len(),
+        skipped,
+        truncated,
+        total_steps,
+        wall_secs: started.elapsed().as_secs_f64(),
+        source_dir: policy_dir.to_path_buf(),
+        out_dir: out_dir.to_path_buf(),
+        config,
+    };
+    let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_file_atomic(&out_dir.join(REPORT_FILE), &json)?;
+    tracing::info!(wall_secs = report.wall_secs, bias_offset = ?bias_offset, out = %out_dir.display(), "RM done");
+    Ok(report)
+}
+
+/// Pair accuracy and mean per-prompt ranking loss of `rm` on `set`, without dropout.
+fn evaluate(rm: &RewardModel, set: &[Ranking], config: &RmConfig) -> TrainResult<RankEval> {
+    let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
+    for chunk in set.chunks(config.micro_batch_prompts) {
+        let sequences: Vec<&[u32]> = chunk.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+        let ranks: Vec<&[usize]> = chunk.iter().map(|r| r.ranks.as_slice()).collect();
+        let rewards = rm.rewards(&sequences, 0.0)?.detach();
+        let (loss, accuracy) = ranking_loss_batch(&rewards, &ranks)?;
+        let chunk_pairs: usize = chunk.iter().map(|r| r.pairs).sum();
+        loss_sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
+        correct += f64::from(accuracy) * chunk_pairs as f64;
+        pairs += chunk_pairs;
+    }
+    Ok(RankEval {
+        prompts: set.len(),
+        pairs,
+        loss: (loss_sum / set.len().max(1) as f64) as f32,
+        accuracy: (correct / pairs.max(1) as f64) as f32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy_model::test_util::tiny_model;
+    use feedback::events::LabelerGroup;
+
+    const OTHERS: [&str; 8] = [
+        "no, I do not think so",
+        "maybe later",
+        "it depends on the weather",
+        "I cannot tell",
+        "probably not today",
+        "ask someone else",
+        "no",
+        "that is hard to say",
+    ];
+    const YES: [&str; 4] = ["yes", "yes, I think so", "I would say yes", "yes of course"];
+
+    /// `n` prompts, K = 4: one completion says "yes" (rank 0), three do not (tied at rank 1), in shuffled order.
+    fn marker_rankings(n: usize, split: Split, seed: u64) -> Vec<RankedExample> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let mut items: Vec<(String, usize)> = vec![(YES[rng.random_range(0..YES.len())].to_string(), 0)];
+                let mut others = OTHERS.to_vec();
+                others.shuffle(&mut rng);
+                items.extend(others[..3].iter().map(|o| (o.to_string(), 1)));
+                items.shuffle(&mut rng);
+                RankedExample {
+                    prompt_id: format!("p{i}"),
+                    prompt: format!("Question {i}: should we go to the {} today?", ["park", "beach", "zoo"][i % 3]),
+                    completions: items.iter().map(|(c, _)| c.clone()).collect(),
+                    ranks: items.iter().map(|(_, r)| *r).collect(),
+                    labeler_group: LabelerGroup::Training,
+                    split,
+                }
+            })
+            .collect()
+    }
+
+    fn demos() -> Vec<SftExample> {
+        ["Say hello", "What is 2+2?", "Name a colour", "Tell me a joke", "Describe the sea"]
+            .iter()
+            .zip(["Hello!", "4", "Blue", "Why did the chicken cross the road?", "Wide, blue and deep."])
+            .map(|(p, r)| SftExample {
+                prompt: p.to_string(),
+                response: r.into(),
+                user: "u".into(),
+                split: Split::Train,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reward_model_learns_a_hidden_preference_and_centres_demonstrations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (policy, out) = (tmp.path().join("policy"), tmp.path().join("rm"));
+        tiny_model(&policy, 11, true);
+        let mut data = marker_rankings(16, Split::Train, 1);
+        data.extend(marker_rankings(8, Split::Validation, 2));
+        // A fully tied ranking and a malformed one are skipped, not fatal.
+        let mut tied = data[0].clone();
+        tied.ranks = vec![0; 4];
+        let mut malformed = data[1].clone();
+        malformed.ranks.pop();
+        data.extend([tied, malformed]);
+        // The paper's single epoch; 8 steps of 2 prompts.
+        let config = RmConfig { learning_rate: 2e-3, batch_prompts: 2, micro_batch_prompts: 2, ..RmConfig::default() };
+        let started = Instant::now();
+        let report = train(&policy, &data, &demos(), config, &out).unwrap();
+        eprintln!(
+            "RM tiny: {:.2}s, before {:?}, epochs {:#?}",
+            started.elapsed().as_secs_f64(),
+            report.val_before,
+            report.epochs
+        );
+        assert_eq!((report.train_prompts, report.val_prompts, report.skipped), (16, 8, 2));
+        let before = report.val_before.unwrap();
+        assert_eq!(before.pairs, 24);
+        let after = report.epochs.last().unwrap().val.unwrap();
+        assert!(after.accuracy >= 0.9, "validation pair accuracy {} (before {})", after.accuracy, before.accuracy);
+        assert!(before.accuracy < 0.8, "the untrained head is near chance: {}", before.accuracy);
+        assert!(after.loss < before.loss);
+        let centred = report.demo_mean_after.unwrap();
+        assert!(centred.abs() < 1e-3, "demonstrations average {centred} after the bias shift");
+        assert!(report.bias_offset.unwrap().abs() > 1e-3, "the shift did something");
+
+        // The saved model agrees: demonstrations centred, "yes" preferred on unseen prompts.
+        let rm = RewardModel::load(&out).unwrap();
+        let scores =
+            rm.score(&demos().iter().map(|d| (d.prompt.clone(), d.response.clone())).collect::<Vec<_>>()).unwrap();
+        assert!((scores.iter().sum::<f32>() / scores.len() as f32).abs() < 1e-3);
+        let s = rm
+            .score(&[("Should I take the bus?", "yes, I think so"), ("Should I take the bus?", "maybe later")])
+            .unwrap();
+        assert!(s[0] > s[1], "{s:?}");
+        assert!(out.join(REPORT_FILE).is_file());
+    }
+
+    #[test]
+    fn save_load_round_trip_gives_identical_scores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (policy, out) = (tmp.path().join("policy"), tmp.path().join("rm"));
+        tiny_model(&policy, 4, false);
+        let mut rm = RewardModel::from_policy(&policy, &Device::Cpu, 9, 512).unwrap();
+        for var in rm.vars() {
+            var.set(&(var.as_tensor() + var.randn_like(0.0, 0.01).unwrap()).unwrap()).unwrap();
+        }
+        rm.center_on_demonstrations(&demos(), 3).unwrap();
+        let pairs = [("Hi", "Hello there"), ("What is 2+2?", "4"), ("Name a colour", "a long answer about green")];
+        let before = rm.score(&pairs).unwrap();
+        rm.save(&out).unwrap();
+        for file in ["model.safetensors", HEAD_FILE, META_FILE, "config.json", "tokenizer.json"] {
+            assert!(out.join(file).is_file(), "{file} missing");
+        }
+        let loaded = RewardModel::load_on(&out, &Device::Cpu).unwrap();
+        assert_eq!(loaded.score(&pairs).unwrap(), before);
+        assert_eq!(loaded.meta(), rm.meta());
+        // The trunk directory still loads as a causal LM (untied lm_head kept).
+        inference::load::LoadedModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+        // A plain model directory is not a reward model.
+        assert!(matches!(RewardModel::load_on(&policy, &Device::Cpu), Err(TrainError::Io { .. })));
+    }
+
+    #[test]
+    fn scores_do_not_depend_on_batch_padding() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 6, true);
+        let rm = RewardModel::from_policy(tmp.path(), &Device::Cpu, 1, 512).unwrap();
+        let pairs = [("Hi", "Hello"), ("Write a long answer please", "Here is a rather longer answer than the other")];
+        let batched = rm.score(&pairs).unwrap();
+        for (i, pair) in pairs.iter().enumerate() {
+            let alone = rm.score(&[*pair]).unwrap()[0];
+            assert!((alone - batched[i]).abs() < 1e-5, "{alone} vs {}", batched[i]);
+        }
+        // Truncation keeps the end of the sequence.
+        let short = RewardModel::from_policy(tmp.path(), &Device::Cpu, 1, 8).unwrap();
+        let (ids, cut) = short.encode("Hi", "Hello").unwrap();
+        assert!(cut && ids.len() == 8 && *ids.last().unwrap() == inference::tiny_model::EOS_TOKEN_ID);
+    }
+
+    #[test]
+    fn every_trunk_parameter_and_the_head_get_gradients() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 12, false);
+        let rm = RewardModel::from_policy(tmp.path(), &Device::Cpu, 3, 512).unwrap();
+        let ex = &marker_rankings(1, Split::Train, 5)[0];
+        let seqs: Vec<Vec<u32>> = ex.completions.iter().map(|c| rm.encode(&ex.prompt, c).unwrap().0).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let (loss, _) = crate::losses::ranking_loss(&rm.rewards(&refs, 0.0).unwrap(), &ex.ranks).unwrap();
+        let store = loss.backward().unwrap();
+        let mut named = rm.trunk().named_vars();
+        named.retain(|(n, _)| n != "lm_head.weight");
+        let head = rm.vars().split_off(named.len() + 1);
+        assert_eq!(head.len(), 2);
+        named.push((HEAD_WEIGHT.to_string(), head[0].clone()));
+        assert_eq!(named.len(), 21);
+        let grad_norm = |var: &Var, name: &str| {
+            let grad = store.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+            grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        for (name, var) in &named {
+            assert!(grad_norm(var, name) > 0.0, "{name} has a zero gradient");
+        }
+        // The ranking loss sees only reward differences: the bias cancels (hence the paper's bias shift after
+        // training).
+        assert_eq!(grad_norm(&head[1], HEAD_BIAS), 0.0);
+    }
+}
