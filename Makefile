@@ -68,3 +68,8 @@ build-debug:
 .PHONY: bench-gateway
 bench-gateway:
 	bash bench/gateway/run.sh
+
+## bench-feedback: feedback events/s accepted end to end (HTTP to stream) at 16 and 64 clients, beside redis-benchmark XADD.
+.PHONY: bench-feedback
+bench-feedback:
+	bash bench/feedback/run.sh

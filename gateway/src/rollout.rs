@@ -69,6 +69,9 @@ pub struct Rollout {
     engine_config: EngineConfig,
     model_name: String,
     dtype: String,
+    /// The model the gateway started with (from `[model]`, not the store), so
+    /// a rollback can return to it: (checkpoint id, directory).
+    initial: Option<(String, PathBuf)>,
     state: Mutex<State>,
 }
 
@@ -86,8 +89,15 @@ impl Rollout {
             engine_config,
             model_name: model_name.to_string(),
             dtype: dtype.to_string(),
+            initial: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Records the model served at start-up (checkpoint id and directory).
+    pub fn with_initial(mut self, id: &str, dir: &std::path::Path) -> Self {
+        self.initial = Some((id.to_string(), dir.to_path_buf()));
+        self
     }
 
     pub fn config(&self) -> &RolloutConfig {
@@ -134,10 +144,16 @@ impl Rollout {
 
     fn load(&self, id: &str) -> Result<Engine, RolloutError> {
         let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
-        self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
+        // The start-up model is not in the store (nothing to verify against): load it from its directory.
+        let dir = match &self.initial {
+            Some((initial, dir)) if initial == id && !self.store.path(id).exists() => dir.clone(),
+            _ => {
+                self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
+                self.store.path(id)
+            }
+        };
         let dtype = parse_dtype(&self.dtype).map_err(|e| invalid(e.to_string()))?;
-        let loaded =
-            LoadedModel::load(self.store.path(id), dtype, &default_device()).map_err(|e| invalid(e.to_string()))?;
+        let loaded = LoadedModel::load(dir, dtype, &default_device()).map_err(|e| invalid(e.to_string()))?;
         let engine =
             loaded.into_engine(&self.model_name, id, self.engine_config.clone()).map_err(|e| invalid(e.to_string()))?;
         // Smoke generation: a few greedy tokens must come out.

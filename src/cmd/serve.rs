@@ -63,13 +63,10 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let checkpoints = CheckpointStore::open(&rollout_config.checkpoints_dir)
         .with_context(|| format!("opening the checkpoint store {}", rollout_config.checkpoints_dir.display()))?;
     let model_name = engine.info().name.clone();
-    let rollout = Arc::new(Rollout::new(
-        checkpoints,
-        rollout_config.clone(),
-        config.engine.clone(),
-        &model_name,
-        &config.model.dtype,
-    ));
+    let rollout = Arc::new(
+        Rollout::new(checkpoints, rollout_config.clone(), config.engine.clone(), &model_name, &config.model.dtype)
+            .with_initial(&engine.info().checkpoint, &config.model.dir),
+    );
     let engine = Arc::new(EngineHandle::new(engine));
     // Blocking reads hold their connection: the watcher gets its own.
     let watch_link = Arc::new(RedisLink::for_blocking_reads(&config.redis.url, rollout::WATCH_BLOCK)?);

@@ -38,4 +38,9 @@ ok(f"SFT refresh {serving} trained on {row['metrics']['train_examples']} demonst
 r = client(users[0]).completions.create(model=model, prompt="Hello", max_tokens=4)
 assert r.system_fingerprint == serving, r.system_fingerprint
 ok("completions now come from the refreshed checkpoint")
+
+res = httpx.post(f"{BASE}/admin/checkpoints/rollback", headers=admin_headers())
+assert res.status_code == 200 and res.json()["serving"] == initial, res.text
+assert client(users[0]).completions.create(model=model, prompt="Hello", max_tokens=2).system_fingerprint == initial
+ok("rolled back to the start-up model")
 print("all passed")
