@@ -215,12 +215,20 @@ fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
 pub fn verify_dir(dir: &Path) -> Result<Manifest, CheckpointError> {
     let manifest = read_manifest(dir)?;
     let invalid = |message: String| CheckpointError::Invalid { id: manifest.id.clone(), message };
+    let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if manifest.id != dir_name {
+        return Err(invalid(format!("the manifest names checkpoint {:?} but sits in {dir_name:?}", manifest.id)));
+    }
     for required in ["config.json", "tokenizer.json"] {
         if !manifest.files.contains_key(required) {
             return Err(invalid(format!("{required} is missing from the manifest")));
         }
     }
     for (name, expected) in &manifest.files {
+        // A manifest may only name plain files inside its own directory.
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) {
+            return Err(invalid(format!("the manifest lists an invalid file name {name:?}")));
+        }
         let path = dir.join(name);
         if !path.is_file() {
             return Err(invalid(format!("{name} is missing")));
@@ -229,7 +237,7 @@ pub fn verify_dir(dir: &Path) -> Result<Manifest, CheckpointError> {
         if &actual != expected {
             return Err(invalid(format!(
                 "{name}: checksum mismatch (expected {}…, found {}…)",
-                &expected[..expected.len().min(12)],
+                expected.chars().take(12).collect::<String>(),
                 &actual[..12]
             )));
         }
@@ -336,5 +344,18 @@ mod tests {
         let reopened = CheckpointStore::open(store.root()).unwrap();
         assert!(!reopened.root().join(".tmp-crashed").exists());
         assert!(matches!(store.verify("../etc"), Err(CheckpointError::BadId(_))));
+
+        // A manifest copied into another checkpoint's directory, or naming files outside it, is refused.
+        std::fs::write(store.path("base").join(MANIFEST), b"{not json").unwrap();
+        let (_t2, other) = store_with_base();
+        let mut manifest: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(other.path("base").join(MANIFEST)).unwrap()).unwrap();
+        manifest.id = "elsewhere".into();
+        std::fs::write(other.path("base").join(MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        assert!(other.verify("base").unwrap_err().to_string().contains("sits in"));
+        manifest.id = "base".into();
+        manifest.files.insert("../escape".into(), "00".into());
+        std::fs::write(other.path("base").join(MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        assert!(other.verify("base").unwrap_err().to_string().contains("invalid file name"));
     }
 }
