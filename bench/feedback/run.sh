@@ -25,9 +25,6 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-BIN=target/release/instructd
-TOOLS=.cache/bench-tools
-OHA_VERSION="${OHA_VERSION:-1.16.0}"
 DURATION="${DURATION:-10s}"
 CONCURRENCY="${CONCURRENCY:-16,64}"
 REQUESTS="${REQUESTS:-200000}"
@@ -46,65 +43,19 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-WORK="$(mktemp -d)"
-REDIS_PID=""
-GATEWAY_PID=""
-cleanup() {
-    [[ -n "$GATEWAY_PID" ]] && kill "$GATEWAY_PID" 2>/dev/null && wait "$GATEWAY_PID" 2>/dev/null
-    [[ -n "$REDIS_PID" ]] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+source bench/harness.sh
 
 # --- tools -----------------------------------------------------------------
-[[ "$BUILD" == 0 ]] || cargo build --release --bin instructd
-[[ -x "$BIN" ]] || { echo "no $BIN (run without --no-build)" >&2; exit 1; }
-command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null \
-    || (apt-get update -qq && apt-get install -y -qq redis-server redis-tools)
-OHA="$TOOLS/bin/oha"
-if [[ ! -x "$OHA" ]]; then
-    echo "installing oha $OHA_VERSION into $TOOLS (once; a few minutes)" >&2
-    cargo install oha --version "$OHA_VERSION" --locked --root "$TOOLS"
-fi
+ensure_tools "$BUILD"
 
 # --- redis and the gateway -------------------------------------------------
 MODEL="$WORK/tiny"
 "$BIN" model init-tiny "$MODEL" --seed 7 >/dev/null
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-REDIS_PORT="$(free_port)"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
-for _ in $(seq 100); do
-    rcli ping >/dev/null 2>&1 && break
-    sleep 0.1
-done
-rcli ping >/dev/null || { cat "$WORK/redis.log" >&2; exit 1; }
-
-ADMIN="sk-bench-admin-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-INSTRUCTD_ADDR=127.0.0.1:0 \
-INSTRUCTD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-INSTRUCTD_ADMIN_KEY="$ADMIN" \
-INSTRUCTD_MODEL="$MODEL" \
-INSTRUCTD_CONFIG="${INSTRUCTD_CONFIG:-configs/default.toml}" \
-INSTRUCTD_LOG=warn \
-INSTRUCTD__ENGINE__COMPUTE_THREADS=1 \
-INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR="$WORK/spill" \
-    "$BIN" serve >"$WORK/gateway.out" 2>"$WORK/gateway.err" &
-GATEWAY_PID=$!
-URL=""
-for _ in $(seq 1800); do
-    URL="$(sed -n 's/^instructd gateway listening on //p' "$WORK/gateway.out" | head -n1)"
-    [[ -n "$URL" ]] && break
-    kill -0 "$GATEWAY_PID" 2>/dev/null || break
-    sleep 0.1
-done
-[[ -n "$URL" ]] || { echo "the gateway did not start:" >&2; cat "$WORK/gateway.err" >&2; exit 1; }
+start_redis
+start_gateway "$MODEL" INSTRUCTD__ENGINE__COMPUTE_THREADS=1
 
 # --- a labeler with consent and a few logged prompts -------------------------
-json_field() { python3 -c 'import json, sys; v = json.load(sys.stdin); [v := v[int(k) if k.isdigit() else k] for k in sys.argv[1].split(".")]; print(v)' "$1"; }
 SECRET="$(curl -sf "$URL/admin/keys" -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
     -d '{"user": "bench", "scopes": ["labeler", "playground"], "limits": {"requests_per_minute": 0, "tokens_per_minute": 0, "max_concurrent": 0}}' \
     | json_field secret)"
