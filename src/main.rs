@@ -6,6 +6,7 @@
 
 mod cmd;
 mod config;
+mod simulation;
 mod telemetry;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,8 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Run the continuous trainer (ingestion and dataset snapshots).
     Train(cmd::train::TrainArgs),
+    /// Drive simulated playground users and labelers through the HTTP API, judging by a hidden preference.
+    SimulateLabelers(cmd::simulate_labelers::SimulateLabelersArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::SimulateLabelers(args) => cmd::simulate_labelers::run(args),
     }
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod model;
 pub mod serve;
+pub mod simulate_labelers;
 pub mod train;
 
 use std::path::Path;
