@@ -13,10 +13,7 @@ fn consent_feedback_labeling_and_no_leaks() {
     let Some(python) = python() else { return };
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let spill = tmp.path().join("spill");
-    let spill = spill.to_str().unwrap();
-    let gateway =
-        Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill)]);
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
     run_script(&python, "feedback_flow.py", &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_REDIS_URL", &redis.url())]);
 }
 
@@ -25,12 +22,7 @@ fn feedback_survives_a_redis_outage_exactly_once() {
     let Some(python) = python() else { return };
     let mut redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let spill = tmp.path().join("spill");
-    let gateway = Gateway::start(
-        &redis.url(),
-        &tiny_model(tmp.path()),
-        &[("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill.to_str().unwrap())],
-    );
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
     let state = tmp.path().join("state.json");
     let redis_url = redis.url();
     let run = |phase: &str| {

@@ -16,11 +16,9 @@ fn demonstrations_become_a_served_sft_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let checkpoints = tmp.path().join("checkpoints");
-    let spill = tmp.path().join("spill");
     let shared = [
         ("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", checkpoints.to_str().unwrap()),
         ("INSTRUCTD__GATEWAY__ROLLOUT__AUTO_PROMOTE", "true"),
-        ("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill.to_str().unwrap()),
     ];
     let gateway = Gateway::start(&redis.url(), &model, &shared);
     let mut trainer = Command::new(env!("CARGO_BIN_EXE_instructd"))

@@ -64,12 +64,7 @@ fn playground_page_in_a_browser() {
     let python = python.unwrap();
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let spill = tmp.path().join("spill");
-    let gateway = Gateway::start(
-        &redis.url(),
-        &tiny_model(tmp.path()),
-        &[("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill.to_str().unwrap())],
-    );
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
     run_script(
         &python,
         "playground_browser.py",

@@ -147,12 +147,7 @@ fn check_run(
 fn simulated_users_and_labelers_judge_by_a_hidden_rule() {
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let spill = tmp.path().join("spill");
-    let gateway = Gateway::start(
-        &redis.url(),
-        &tiny_model(tmp.path()),
-        &[("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", spill.to_str().unwrap())],
-    );
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
     let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
 
     let common = ["--prompts", "6", "--k", "4", "--max-tokens", "8"];

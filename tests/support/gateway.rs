@@ -32,15 +32,22 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 pub struct Gateway {
     child: Child,
     pub url: String,
+    /// This gateway's own spill and checkpoint directories (removed on drop).
+    _scratch: tempfile::TempDir,
 }
 
 impl Gateway {
     /// Starts a gateway on a free port; `env` adds or overrides settings.
     pub fn start(redis_url: &str, model: &Path, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
+        // Files a gateway writes stay in its own scratch directory, never the
+        // repository's; `env` may still point them elsewhere.
+        let scratch = tempfile::tempdir().expect("scratch directory");
         command
             .arg("serve")
             .current_dir(repo_root())
+            .env("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR", scratch.path().join("spill"))
+            .env("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", scratch.path().join("checkpoints"))
             .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
             .env("INSTRUCTD_ADDR", "127.0.0.1:0")
             .env("INSTRUCTD_REDIS_URL", redis_url)
@@ -69,7 +76,7 @@ impl Gateway {
                 panic!("the gateway did not report its address within 180 s");
             }
         };
-        Self { child, url }
+        Self { child, url, _scratch: scratch }
     }
 
     pub fn pid(&self) -> u32 {
