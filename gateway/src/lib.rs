@@ -22,6 +22,7 @@ pub mod rollout;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod training_curves;
 
 pub use config::GatewayConfig;
 pub use server::{route_list, router, serve};

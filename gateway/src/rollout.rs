@@ -213,6 +213,24 @@ impl Rollout {
         Ok(previous)
     }
 
+    /// The loaded engine serving checkpoint `id` for a request that pins it: the serving engine, the canary, or a
+    /// verified candidate waiting for promotion. `None` when this gateway has no such engine loaded.
+    pub fn pinned(&self, handle: &EngineHandle, id: &str) -> Option<Arc<Engine>> {
+        let current = handle.current();
+        if current.info().checkpoint == id {
+            return Some(current);
+        }
+        if let Some(canary) = handle.canary().filter(|c| c.engine.info().checkpoint == id) {
+            return Some(canary.engine.clone());
+        }
+        self.ready_engine(id).ok()
+    }
+
+    /// The manifest of every checkpoint in the store whose manifest parses, oldest first.
+    pub fn manifests(&self) -> Vec<Manifest> {
+        self.store.list().0
+    }
+
     /// Every checkpoint on disk with its lineage and metrics, and what this gateway does with it.
     pub fn status(&self, handle: &EngineHandle) -> serde_json::Value {
         let (manifests, invalid) = self.store.list();

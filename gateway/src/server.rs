@@ -13,7 +13,8 @@ use crate::error::ApiError;
 use crate::json::BodyLimit;
 use crate::observe::observe;
 use crate::routes::{
-    admin_checkpoints, admin_keys, chat, completions, feedback, health, labeling, models, playground, playground_page,
+    admin_checkpoints, admin_keys, admin_training, chat, completions, feedback, health, labeling, models, playground,
+    playground_page,
 };
 use crate::state::SharedState;
 
@@ -36,6 +37,8 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("post", "/admin/checkpoints/{id}/canary", post(admin_checkpoints::canary)),
         ("post", "/admin/checkpoints/{id}/promote", post(admin_checkpoints::promote)),
         ("post", "/admin/checkpoints/rollback", post(admin_checkpoints::rollback)),
+        ("get", "/admin/training/report", get(admin_training::report)),
+        ("get", "/admin/training", get(admin_training::page)),
         ("get", "/v1/playground/notice", get(playground::notice)),
         ("get", "/v1/playground/consent", get(playground::get_consent)),
         ("post", "/v1/playground/consent", post(playground::post_consent)),

@@ -12,8 +12,8 @@ const SPEC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi.yaml");
 const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
 /// Routes that are public by design (probes and scrapers carry no API key; the
-/// playground page asks for a key in the browser and sends it with each call).
-const PUBLIC_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/playground"];
+/// playground and training pages ask for a key in the browser and send it with each call).
+const PUBLIC_PATHS: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/playground", "/admin/training"];
 
 fn spec() -> Value {
     let text = std::fs::read_to_string(SPEC_PATH).unwrap_or_else(|e| panic!("reading {SPEC_PATH}: {e}"));

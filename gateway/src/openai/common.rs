@@ -134,8 +134,28 @@ pub fn validate_all(engine: &Engine, requests: &[GenerateRequest], stream: bool)
     Ok(())
 }
 
+/// `model` names the engine's model, alone or pinned to the engine's checkpoint (`name@checkpoint`).
 pub fn check_model(engine: &Engine, model: &str) -> Result<(), ApiError> {
-    if model == engine.info().name { Ok(()) } else { Err(ApiError::model_not_found(model)) }
+    let info = engine.info();
+    match model.split_once('@') {
+        None if model == info.name => Ok(()),
+        Some((name, checkpoint)) if name == info.name && checkpoint == info.checkpoint => Ok(()),
+        _ => Err(ApiError::model_not_found(model)),
+    }
+}
+
+/// The engine a request runs on: the one serving its pinned checkpoint (`model: "<name>@<checkpoint id>"`), or
+/// the serving / canary pick for a plain model name. A pin to a checkpoint this gateway has not loaded is a 404.
+pub fn engine_for(state: &crate::state::AppState, model: &str) -> Result<std::sync::Arc<Engine>, ApiError> {
+    let Some((_, checkpoint)) = model.split_once('@') else { return Ok(state.engine.pick()) };
+    state.rollout.pinned(&state.engine, checkpoint).ok_or_else(|| {
+        let mut error = ApiError::model_not_found(model);
+        error.message = format!(
+            "The checkpoint '{checkpoint}' is not loaded on this gateway: the serving checkpoint, the canary and \
+             verified candidates can be pinned (GET /admin/checkpoints lists them)."
+        );
+        error
+    })
 }
 
 pub fn check_max_tokens(max_tokens: Option<i64>, param: &'static str) -> Result<Option<usize>, ApiError> {

@@ -10,6 +10,7 @@ use crate::generation::respond;
 use crate::json::ApiJson;
 use crate::keys::Scope;
 use crate::openai::chat::ChatCompletionRequest;
+use crate::openai::common::engine_for;
 use crate::openai::response::Format;
 use crate::state::SharedState;
 
@@ -20,7 +21,7 @@ pub async fn create(
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
-    let engine = state.engine.pick();
+    let engine = engine_for(&state, &body.model)?;
     let prepared = body.prepare(&engine)?;
     respond(&state, &caller, &headers, engine, prepared, Format::Chat).await
 }

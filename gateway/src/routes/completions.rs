@@ -9,6 +9,7 @@ use crate::error::ApiError;
 use crate::generation::respond;
 use crate::json::ApiJson;
 use crate::keys::Scope;
+use crate::openai::common::engine_for;
 use crate::openai::completions::CompletionRequest;
 use crate::openai::response::Format;
 use crate::state::SharedState;
@@ -20,7 +21,7 @@ pub async fn create(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
-    let engine = state.engine.pick();
+    let engine = engine_for(&state, &body.model)?;
     let prepared = body.prepare(&engine)?;
     respond(&state, &caller, &headers, engine, prepared, Format::Completion).await
 }

@@ -2,6 +2,7 @@
 
 pub mod admin_checkpoints;
 pub mod admin_keys;
+pub mod admin_training;
 pub mod chat;
 pub mod completions;
 pub mod feedback;

@@ -140,7 +140,7 @@ pub async fn completions(
     ApiJson(body): ApiJson<PlaygroundRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Playground)?;
-    let engine = state.engine.pick();
+    let engine = crate::openai::common::engine_for(&state, &body.model)?;
     let plan = body.prepare(&engine, &state)?;
     let ticket = admit(&state, &caller, &headers, &plan.prepared).await?;
     let limit_headers = ticket.admission.headers().clone();
