@@ -10,10 +10,12 @@ TEST_VENV := .cache/test-venv
 
 .PHONY: run demo test test-venv model chat bench bench-compare lint fmt build-release build-debug
 
-## run: Redis (started if none answers), the default model (fetched once), the trainer and the gateway.
+## run: Redis (started if none answers), the default model and the pre-training corpus (fetched once),
+## the trainer and the gateway.
 run: build-release
 	bash scripts/ensure-redis.sh
 	$(RELEASE_BIN) model fetch-default --models-dir $(MODELS_DIR)
+	$(RELEASE_BIN) model fetch-corpus
 	bash scripts/run-all.sh $(RELEASE_BIN)
 
 ## demo: two answers from the default model on the command line.
@@ -28,6 +30,7 @@ test: build-debug test-venv
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	$(DEBUG_BIN) model fetch-default --models-dir $(MODELS_DIR)
+	$(DEBUG_BIN) model fetch-corpus
 	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 \
 		$(CARGO) test --workspace --all-targets
 

@@ -49,10 +49,12 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Run the OpenAI-compatible gateway.
     Serve(cmd::serve::ServeArgs),
-    /// Run the continuous trainer (ingestion and dataset snapshots).
+    /// Run the continuous trainer (ingestion, snapshots, SFT / RM / PPO-ptx refreshes, evaluation gate).
     Train(cmd::train::TrainArgs),
     /// Drive simulated playground users and labelers through the HTTP API, judging by a hidden preference.
     SimulateLabelers(cmd::simulate_labelers::SimulateLabelersArgs),
+    /// Win rate of one checkpoint over another under a hidden preference, on held-out prompts, through the API.
+    WinRate(cmd::win_rate::WinRateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,5 +68,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::SimulateLabelers(args) => cmd::simulate_labelers::run(args),
+        Command::WinRate(args) => cmd::win_rate::run(args),
     }
 }

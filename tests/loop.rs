@@ -23,6 +23,7 @@ fn demonstrations_become_a_served_sft_checkpoint() {
     let gateway = Gateway::start(&redis.url(), &model, &shared);
     let mut trainer = Command::new(env!("CARGO_BIN_EXE_instructd"))
         .arg("train")
+        .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
         .current_dir(repo_root())
         .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
         .env("INSTRUCTD_REDIS_URL", redis.url())
@@ -39,4 +40,268 @@ fn demonstrations_become_a_served_sft_checkpoint() {
     run_script(&python, "loop_sft.py", &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_REDIS_URL", &redis.url())]);
     let _ = trainer.kill();
     let _ = trainer.wait();
+}
+
+/// GET or POST (with a JSON body) as the admin; the JSON answer.
+fn admin(url: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+    let http = reqwest::blocking::Client::new();
+    let request = match method {
+        "GET" => http.get(format!("{url}{path}")),
+        _ => http.post(format!("{url}{path}")).json(&body.unwrap_or_default()),
+    };
+    let response = request.bearer_auth(gateway::ADMIN_KEY).send().expect("the gateway answers");
+    let status = response.status();
+    let text = response.text().unwrap_or_default();
+    assert!(status.is_success(), "{method} {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+fn instructd(args: &[&str], envs: &[(&str, &str)]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_instructd"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("INSTRUCTD_ADMIN_KEY", gateway::ADMIN_KEY)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("instructd runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "instructd {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).expect("a summary line");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// The whole recipe on a tiny model, in two rounds as the paper runs it.
+/// Simulated users and labelers like answers that say "blue" (a rule the
+/// gateway and trainer never see).
+///
+/// 1. Round one: the start-up model's samples never say "blue", so every
+///    ranking is one big tie (no signal) but the demonstrations teach the
+///    word: an SFT refresh is announced, verified and promoted.
+/// 2. Round two: the SFT policy's samples differ in how often they say it,
+///    so the rankings carry signal: a reward-model refresh, then PPO-ptx
+///    from the SFT policy, judged by the evaluation gate against it.
+/// 3. The offered policy beats the start-up model under the hidden rule on
+///    held-out prompts, is canaried and promoted; every response names the
+///    checkpoint that produced it.
+#[test]
+fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let checkpoints = tmp.path().join("checkpoints");
+    let shared = [("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", checkpoints.to_str().unwrap())];
+    let gateway = Gateway::start(&redis.url(), &model, &shared);
+    let url = gateway.url.clone();
+    let initial = admin(&url, "GET", "/admin/checkpoints", None)["serving"].as_str().unwrap().to_string();
+
+    let corpus = repo_root().join("tests/data/corpus");
+    // The trainer runs between the rounds' traffic: each start reads the whole round in one batch (one
+    // snapshot), and the restart shows the trainer picking up where it left off.
+    let start_trainer = || {
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_instructd"))
+                .arg("train")
+                .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
+                .current_dir(repo_root())
+                .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
+                .env("INSTRUCTD_REDIS_URL", redis.url())
+                .env("INSTRUCTD_MODEL", &model)
+                .env("INSTRUCTD__TRAINER__DATA_DIR", tmp.path().join("data"))
+                .env("INSTRUCTD__TRAINER__CORPUS__DIR", &corpus)
+                .env("INSTRUCTD__TRAINER__BATCH", "100000")
+                .env("INSTRUCTD__TRAINER__BLOCK_MS", "200")
+                .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "1")
+                .env("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS", "4")
+                // Tiny random models learn at rates a real model would not survive.
+                .env("INSTRUCTD__TRAINER__SFT__LEARNING_RATE", "0.01")
+                .env("INSTRUCTD__TRAINER__SFT__EPOCHS", "24")
+                .env("INSTRUCTD__TRAINER__REWARD_MODEL__LEARNING_RATE", "0.002")
+                .env("INSTRUCTD__TRAINER__REWARD_MODEL__EPOCHS", "4")
+                .env("INSTRUCTD__TRAINER__REWARD_MODEL__BATCH_PROMPTS", "4")
+                .env("INSTRUCTD__TRAINER__PPO__LEARNING_RATE", "0.002")
+                .env("INSTRUCTD__TRAINER__PPO__VALUE_LEARNING_RATE", "0.003")
+                .env("INSTRUCTD__TRAINER__PPO__ITERATIONS", "12")
+                .env("INSTRUCTD__TRAINER__PPO__PTX_COEF", "0.05")
+                .env("INSTRUCTD__TRAINER__PPO__KL_COEF", "0.1")
+                .env("INSTRUCTD__TRAINER__PPO__MAX_NEW_TOKENS", "16")
+                .env("INSTRUCTD__TRAINER__CORPUS__SEQ_LEN", "64")
+                .env("INSTRUCTD__TRAINER__EVALUATION__MAX_NEW_TOKENS", "16")
+                // A tiny model drifts further per nat of reward than a real one.
+                .env("INSTRUCTD__TRAINER__EVALUATION__MAX_KL_FROM_SFT", "60")
+                .envs(shared)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("instructd train starts"),
+        )
+    };
+    // Each round asks its own prompts (the snapshot drops prompts sharing a long prefix with earlier ones).
+    let topics = ["the sea", "a garden", "winter", "trains", "bread", "music", "a forest", "the moon"];
+    let asks = ["Describe", "Write a line about", "Tell me something about", "Give advice about", "Explain"];
+    let round_prompts = |round: usize| {
+        let path = tmp.path().join(format!("prompts-{round}.txt"));
+        let lines: Vec<String> = (0..48)
+            .map(|i| {
+                format!("{} {} (round {round}, question {i}).", asks[i % asks.len()], topics[(i / 5) % topics.len()])
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    };
+    let simulate = |round: usize, k: &str, demonstrations: &str| {
+        let prompts = round_prompts(round);
+        let people = instructd(
+            &[
+                "simulate-labelers",
+                "--url",
+                &url,
+                "--preference",
+                "contains:blue",
+                "--users",
+                "12",
+                "--labelers",
+                "2",
+                "--prompts",
+                "48",
+                "--k",
+                k,
+                "--max-tokens",
+                "16",
+                "--demonstrations",
+                demonstrations,
+                "--seed",
+                &round.to_string(),
+                "--prompts-file",
+                prompts.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(people["errors"], 0, "{people}");
+    };
+    let wait_for = |what: &str, done: &dyn Fn(&[serde_json::Value]) -> Option<serde_json::Value>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            let status = admin(&url, "GET", "/admin/checkpoints", None);
+            let rows = status["data"].as_array().cloned().unwrap_or_default();
+            let failed: Vec<_> = rows.iter().filter(|r| r["role"] == "failed").collect();
+            assert!(failed.is_empty(), "{failed:?}");
+            if let Some(found) = done(&rows) {
+                return found;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {what} within 600 s: {status}");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    };
+
+    // Round one.
+    simulate(1, "4", "1");
+    let trainer = start_trainer();
+    let sft = wait_for("verified SFT policy", &|rows| {
+        rows.iter().find(|r| r["stage"] == "sft" && r["role"] == "ready").cloned()
+    });
+    let sft_id = sft["id"].as_str().unwrap().to_string();
+    assert!(sft["parent"].as_str().unwrap().starts_with("base:"), "{sft}");
+    canary_then_promote(&url, &initial, &sft_id);
+    drop(trainer);
+
+    // Round two, sampled from the SFT policy; no new demonstrations.
+    simulate(2, "8", "0");
+    let _trainer = start_trainer();
+    let ppo = wait_for("PPO-ptx refresh", &|rows| rows.iter().find(|r| r["stage"] == "ppo_ptx").cloned());
+    let status = admin(&url, "GET", "/admin/checkpoints", None);
+    let rows = status["data"].as_array().unwrap();
+    let rm = rows.iter().find(|r| r["stage"] == "reward_model").expect("a reward model was trained");
+    assert!(rm["metrics"]["train_prompts"].as_u64().unwrap() > 0, "{rm}");
+    assert_eq!(ppo["hyperparameters"]["reward_model"], rm["id"], "PPO used the reward model");
+    assert_eq!(ppo["hyperparameters"]["reference"], sft_id.as_str(), "the KL reference is the SFT policy");
+    assert_eq!(ppo["parent"], sft_id.as_str());
+    let iterations = ppo["metrics"]["iterations"].as_array().expect("PPO logs its iterations");
+    assert_eq!(iterations.len(), 12, "{ppo}");
+    for it in iterations {
+        for field in ["reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "ptx_loss"] {
+            assert!(it[field].is_number(), "{field} missing from {it}");
+        }
+    }
+    let evaluation = &ppo["metrics"]["evaluation"];
+    for field in ["win_rate", "candidate_reward", "serving_reward", "kl_from_sft", "alignment_tax"] {
+        assert!(evaluation[field].is_number(), "{field} missing from {evaluation}");
+    }
+    // The gate decides: a PPO policy the reward model prefers to SFT within the KL and alignment-tax limits is
+    // offered (announced, verified, canaried, promoted); otherwise SFT stays the offered policy.
+    let ppo_id = ppo["id"].as_str().unwrap().to_string();
+    let offered = if evaluation["passed"] == true {
+        wait_for("verified PPO policy", &|rows| {
+            rows.iter().find(|r| r["id"] == ppo_id.as_str() && r["role"] == "ready").cloned()
+        });
+        canary_then_promote(&url, &sft_id, &ppo_id);
+        ppo_id
+    } else {
+        eprintln!("the evaluation gate held PPO back: {evaluation}");
+        sft_id
+    };
+
+    // Ground truth: the hidden rule itself, on prompts no simulated user sent, against the start-up model
+    // (served by a second gateway, as this one no longer holds it).
+    let baseline = Gateway::start(&redis.url(), &model, &[]);
+    let judged = instructd(
+        &[
+            "win-rate",
+            "--url",
+            &url,
+            "--baseline-url",
+            &baseline.url,
+            "--preference",
+            "contains:blue",
+            "--candidate",
+            &offered,
+            "--baseline",
+            &initial,
+            "--prompts",
+            "16",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "16",
+        ],
+        &[],
+    );
+    assert_eq!(judged["prompts"], 16, "{judged}");
+    let (wins, losses) = (judged["wins"].as_u64().unwrap(), judged["losses"].as_u64().unwrap());
+    assert!(
+        judged["win_rate"].as_f64().unwrap() >= 0.6 && wins >= 4 * losses.max(1),
+        "the offered policy should clearly beat the start-up model under the hidden rule: {judged}"
+    );
+}
+
+/// Sends half the traffic to `candidate`, checks that responses come from both and name their checkpoint,
+/// then promotes it.
+fn canary_then_promote(url: &str, serving: &str, candidate: &str) {
+    admin(url, "POST", &format!("/admin/checkpoints/{candidate}/canary"), Some(serde_json::json!({"percent": 50})));
+    let model_name = admin(url, "GET", "/v1/models", None)["data"][0]["id"].as_str().unwrap().to_string();
+    let client = reqwest::blocking::Client::new();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..24 {
+        let body = serde_json::json!({"model": model_name, "prompt": format!("Hello {i}"), "max_tokens": 2});
+        let r: serde_json::Value = client
+            .post(format!("{url}/v1/completions"))
+            .bearer_auth(gateway::ADMIN_KEY)
+            .json(&body)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        seen.insert(r["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(seen, [serving.to_string(), candidate.to_string()].into(), "a 50% canary serves both");
+    admin(url, "POST", &format!("/admin/checkpoints/{candidate}/promote"), None);
+    assert_eq!(admin(url, "GET", "/admin/checkpoints", None)["serving"], candidate);
+}
+
+/// A child process that is killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -11,6 +11,7 @@ use feedback::redis_server::RedisServer;
 fn start(redis_url: &str, data: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_instructd"))
         .arg("train")
+        .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("INSTRUCTD_CONFIG", Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml"))
         .env("INSTRUCTD_REDIS_URL", redis_url)

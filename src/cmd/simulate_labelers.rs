@@ -84,11 +84,11 @@ fn fraction(value: &str) -> Result<f64, String> {
 }
 
 /// A simulated person: their user id, key id and secret; labelers have a group.
-struct Person {
-    user: String,
-    key_id: String,
-    secret: String,
-    labeler_group: Option<&'static str>,
+pub(crate) struct Person {
+    pub user: String,
+    pub key_id: String,
+    pub secret: String,
+    pub labeler_group: Option<&'static str>,
 }
 
 /// One playground prompt of the run.
@@ -259,7 +259,7 @@ pub fn run(args: SimulateLabelersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_key(
+pub(crate) fn create_key(
     api: &Api,
     admin_key: &str,
     user: &str,
@@ -295,7 +295,7 @@ fn accept_notice(api: &Api, user: &Person) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn first_model(api: &Api, key: &str) -> anyhow::Result<String> {
+pub(crate) fn first_model(api: &Api, key: &str) -> anyhow::Result<String> {
     let models = api.get("/v1/models", key)?;
     models.body["data"][0]["id"].as_str().map(str::to_string).context("GET /v1/models lists no model")
 }
@@ -308,7 +308,8 @@ fn playground_user(run: &Run, user: &Person, jobs: Vec<Job>) -> Tally {
         let index = job.index;
         let body = json!({
             "model": run.model,
-            "prompt": job.prompt,
+            // As a chat turn: the trainer trains on prompts through the chat template, as chat serves them.
+            "messages": [{"role": "user", "content": job.prompt}],
             "k": run.args.k,
             "max_tokens": run.args.max_tokens,
             "temperature": run.args.temperature,

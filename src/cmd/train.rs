@@ -1,10 +1,13 @@
 //! `instructd train`: the continuous trainer process. It ingests the streams
 //! durably (exactly once, surviving kill -9), builds dataset snapshots when
 //! enough new data arrived or the period passed, and refreshes from each
-//! snapshot: SFT on new demonstrations, a reward model on new rankings. New
-//! policies are published to the checkpoint store and announced on
-//! `instructd:checkpoints` for the gateway to roll out. Training runs on this
-//! process's one thread: ingestion waits meanwhile (entries stay in Redis).
+//! snapshot: SFT on new demonstrations, a reward model on new rankings,
+//! PPO-ptx once a reward model exists, each policy through the evaluation
+//! gate. Policies that pass are published to the checkpoint store and
+//! announced on `instructd:checkpoints` for the gateway to roll out. Training
+//! runs on a blocking thread while ingestion waits (entries stay in Redis);
+//! Prometheus metrics stay served on `[trainer] metrics_addr`, progress bars
+//! show on a terminal, and `<data_dir>/training.jsonl` records every stage.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +23,77 @@ use trainer::snapshot::{self, Filters};
 use trainer::store::DatasetStore;
 
 use crate::config::Config;
+
+/// Serves Prometheus `/metrics` (the trainer's journal gauges and counters) on `addr`, in the background.
+async fn serve_metrics(addr: &str) -> anyhow::Result<()> {
+    if addr.is_empty() {
+        return Ok(());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    // Metrics are for watching; a taken port must not stop training.
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::warn!(addr, error = %e, "trainer metrics not served: cannot bind [trainer] metrics_addr");
+            return Ok(());
+        }
+    };
+    println!("instructd trainer metrics on http://{}/metrics", listener.local_addr()?);
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Progress bars for the refresh stages: iterations for PPO, a spinner with the elapsed time for the others.
+/// Drawn on stderr when it is a terminal; one plain line per finished stage on stdout either way.
+#[derive(Default)]
+struct Bars {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl trainer::refresh::Progress for Bars {
+    fn stage_started(&mut self, stage: &str, checkpoint: &str, iterations: Option<usize>) {
+        let bar = match iterations {
+            Some(n) => indicatif::ProgressBar::new(n as u64).with_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} iterations {elapsed} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            ),
+            None => {
+                let spinner = indicatif::ProgressBar::new_spinner().with_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {prefix} {elapsed} {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                spinner.enable_steady_tick(Duration::from_millis(200));
+                spinner
+            }
+        };
+        bar.set_prefix(format!("{stage} {checkpoint}"));
+        self.bar = Some(bar);
+    }
+
+    fn ppo_iteration(&mut self, it: &trainer::ppo::PpoIteration) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "reward {:+.4}  KL {:.3}  entropy {:.3}  clip {:.3}",
+                it.reward_mean, it.kl, it.entropy, it.clip_fraction
+            ));
+            bar.inc(1);
+        }
+    }
+
+    fn stage_finished(&mut self, stage: &str, checkpoint: &str, outcome: &str) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+            println!("{stage} {checkpoint}: {outcome} after {:.1} s", bar.elapsed().as_secs_f64());
+        }
+    }
+}
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -43,14 +117,16 @@ async fn train(config: Config) -> anyhow::Result<()> {
     let checkpoints_dir = &config.gateway.rollout.checkpoints_dir;
     let checkpoints = CheckpointStore::open(checkpoints_dir)
         .with_context(|| format!("opening the checkpoint store {}", checkpoints_dir.display()))?;
-    let mut refresher = Refresher::open(
-        checkpoints,
-        &config.model.dir,
-        &trainer.data_dir,
-        trainer.refresh.clone(),
-        trainer.sft.clone(),
-        trainer.reward_model.clone(),
-    )?;
+    if !trainer.corpus.dir.is_dir() {
+        tracing::warn!(
+            dir = %trainer.corpus.dir.display(),
+            "no pre-training corpus: PPO-ptx and the alignment-tax check will fail until \
+             `instructd model fetch-corpus` has run"
+        );
+    }
+    let mut refresher = Refresher::open(checkpoints, &config.model.dir, &trainer.data_dir, trainer.clone())?
+        .with_progress(Box::new(Bars::default()));
+    serve_metrics(&trainer.metrics_addr).await?;
     let filters = Filters {
         max_prompts_per_user: trainer.max_prompts_per_user,
         dedupe_prefix_chars: trainer.dedupe_prefix_chars,
@@ -109,7 +185,16 @@ async fn train(config: Config) -> anyhow::Result<()> {
             new_events = 0;
             last_snapshot = Instant::now();
             drop(_guard);
-            match refresher.after_snapshot(&manifest, &data) {
+            // Training runs on a blocking thread so this runtime keeps serving /metrics meanwhile;
+            // ingestion waits (entries stay in Redis).
+            let (back, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = refresher.after_snapshot(&manifest, &data);
+                (refresher, outcome)
+            })
+            .await
+            .context("the refresh thread panicked")?;
+            refresher = back;
+            match outcome {
                 Ok(published) => {
                     for p in published.into_iter().filter(|p| p.servable) {
                         match trainer::refresh::announce(&link, &p.manifest).await {

@@ -7,8 +7,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainerConfig {
-    /// Where the dataset store, snapshots and the trainer's log live.
+    /// Where the dataset store, snapshots and the trainer's journal (`training.jsonl`) live.
     pub data_dir: PathBuf,
+    /// Where `instructd train` serves Prometheus `/metrics` (empty: nowhere).
+    pub metrics_addr: String,
     /// The consumer group every trainer process reads with.
     pub group: String,
     /// This process's consumer name; keep it stable across restarts so the
@@ -31,12 +33,19 @@ pub struct TrainerConfig {
     pub refresh: crate::refresh::RefreshConfig,
     pub sft: crate::sft::SftConfig,
     pub reward_model: crate::reward_model::RmConfig,
+    pub ppo: crate::ppo::PpoConfig,
+    pub evaluation: crate::evaluation::GateConfig,
+    /// The pre-training text of PPO-ptx and the alignment-tax check.
+    pub corpus: crate::corpus::CorpusConfig,
+    /// Where training runs: in this process, or an external command.
+    pub backend: crate::backend::BackendConfig,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
             data_dir: "data".into(),
+            metrics_addr: "127.0.0.1:9465".into(),
             group: "trainer".into(),
             consumer: "trainer-1".into(),
             batch: 128,
@@ -49,6 +58,10 @@ impl Default for TrainerConfig {
             refresh: Default::default(),
             sft: Default::default(),
             reward_model: Default::default(),
+            ppo: Default::default(),
+            evaluation: Default::default(),
+            corpus: Default::default(),
+            backend: Default::default(),
         }
     }
 }

@@ -70,8 +70,7 @@ pub struct ChatTokens {
 /// extra special tokens (the template carries them), then the response, then the first end-of-sequence id when
 /// `append_eos` (so the model learns to stop, and the reward model reads a fixed final token).
 pub fn encode_chat(tokenizer: &Tokenizer, prompt: &str, response: &str, append_eos: bool) -> TrainResult<ChatTokens> {
-    let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
-    let mut ids = tokenizer.encode(&text, false)?;
+    let mut ids = encode_prompt(tokenizer, prompt)?;
     let prompt_len = ids.len();
     ids.extend(tokenizer.encode(response, false)?);
     if append_eos {
@@ -81,6 +80,13 @@ pub fn encode_chat(tokenizer: &Tokenizer, prompt: &str, response: &str, append_e
         ids.push(eos);
     }
     Ok(ChatTokens { ids, prompt_len })
+}
+
+/// The prompt as one user message through the chat template, ending where the assistant's reply begins: what
+/// the serving side's chat route feeds the model, and the prompt part of [`encode_chat`].
+pub fn encode_prompt(tokenizer: &Tokenizer, prompt: &str) -> TrainResult<Vec<u32>> {
+    let text = tokenizer.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
+    Ok(tokenizer.encode(&text, false)?)
 }
 
 /// A model directory's weights as trainable variables.

@@ -333,6 +333,14 @@ impl RewardModel {
         Ok(self.head.forward(&at_last)?.squeeze(1)?)
     }
 
+    /// Per-position values `[B, T]` of a right-padded batch of token ids `[B, T]`: the head applied to every
+    /// position's hidden state, differentiable. PPO's value function is a reward model read this way (the paper
+    /// initialises it from the RM).
+    pub fn values(&self, input: &Tensor, residual_dropout: f32) -> TrainResult<Tensor> {
+        let hidden = self.trunk.llama().hidden_states(input, residual_dropout)?;
+        Ok(self.head.forward(&hidden)?.squeeze(2)?)
+    }
+
     /// Rewards of (prompt, response) pairs, for the evaluation gate and PPO.
     pub fn score<P: AsRef<str>, R: AsRef<str>>(&self, pairs: &[(P, R)]) -> TrainResult<Vec<f32>> {
         let sequences =
