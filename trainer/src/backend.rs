@@ -106,8 +106,24 @@ impl TrainingBackend for InProcess {
     fn run(&self, job: &StageJob<'_>, progress: &mut dyn FnMut(&PpoIteration)) -> TrainResult<Value> {
         match job.stage {
             Stage::Sft => {
-                let report = sft::train(job.policy_dir, &job.data.sft, self.config.sft.clone(), job.out_dir)?;
+                let config = self.config.sft.clone();
+                let report = match job.reward_model_dir {
+                    // The paper picks the SFT epoch by reward-model score on validation prompts.
+                    Some(rm_dir) => {
+                        let scorer = RewardModel::load(rm_dir)?;
+                        let prompts = validation_prompts(job.data, self.config.evaluation.max_prompts);
+                        let mut select = |epoch: &sft::SftEpoch, model: &crate::policy_model::PolicyModel| {
+                            let score = mean_reward(model, &scorer, &prompts, &self.config.evaluation)?;
+                            tracing::info!(epoch = epoch.epoch, score, "SFT epoch scored by the reward model");
+                            Ok(score)
+                        };
+                        sft::train_with_selector(job.policy_dir, &job.data.sft, config, job.out_dir, Some(&mut select))?
+                    }
+                    None => sft::train(job.policy_dir, &job.data.sft, config, job.out_dir)?,
+                };
                 Ok(json!({
+                    "selected_by": report.selected_by,
+                    "epoch_scores": report.epochs.iter().map(|e| e.score).collect::<Vec<_>>(),
                     "best_epoch": report.best_epoch,
                     "val_loss": report.epochs.get(report.best_epoch.saturating_sub(1)).and_then(|e| e.val_loss),
                     "train_loss": report.epochs.last().map(|e| e.train_loss),
@@ -149,6 +165,42 @@ impl TrainingBackend for InProcess {
             Stage::Base => Err(TrainError::Data("the base model is not trained".into())),
         }
     }
+}
+
+/// Held-out users' prompts (validation split, else test), at most `max`: what SFT epochs are scored on.
+fn validation_prompts(data: &Dataset, max: usize) -> Vec<String> {
+    let of = |split: Split| data.prompts.iter().filter(move |p| p.split == split).map(|p| p.prompt.clone());
+    let mut prompts: Vec<String> = of(Split::Validation).collect();
+    if prompts.is_empty() {
+        prompts = of(Split::Test).collect();
+    }
+    prompts.truncate(max.max(1));
+    prompts
+}
+
+/// Mean reward-model score of the policy's samples (the gate's sampling settings) on `prompts`; 0 without
+/// prompts, so every epoch ties and the last one is kept.
+fn mean_reward(
+    policy: &crate::policy_model::PolicyModel,
+    scorer: &RewardModel,
+    prompts: &[String],
+    settings: &crate::evaluation::GateConfig,
+) -> TrainResult<f64> {
+    if prompts.is_empty() {
+        return Ok(0.0);
+    }
+    let engine = crate::episodes::engine_sharing(policy, "sft-selection", prompts.len())?;
+    let sample = crate::episodes::SampleSettings {
+        max_new_tokens: settings.max_new_tokens,
+        temperature: settings.temperature,
+        seed: settings.seed,
+        max_prompt_tokens: 512,
+    };
+    let episodes = crate::episodes::sample(&engine, prompts, sample)?;
+    let pairs: Vec<(&str, &str)> =
+        episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect();
+    let scores = scorer.score(&pairs)?;
+    Ok(scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64)
 }
 
 /// The training split's prompts: what PPO samples rollouts from.
@@ -299,6 +351,45 @@ mod tests {
         let out = tmp.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
         (tmp, (snapshot, policy, out))
+    }
+
+    #[test]
+    fn with_a_reward_model_sft_keeps_the_epoch_it_scores_highest() {
+        use crate::snapshot::{PromptExample, SftExample};
+        let (_tmp, d) = dirs();
+        let rm_dir = d.2.with_file_name("rm");
+        RewardModel::from_policy(&d.1, &candle_core::Device::Cpu, 1, 128).unwrap().save(&rm_dir).unwrap();
+        let example = |i: usize, split| SftExample {
+            prompt: format!("Question {i}?"),
+            response: "Blue.".into(),
+            user: format!("u{i}"),
+            split,
+        };
+        let data = Dataset {
+            sft: (0..6).map(|i| example(i, if i < 5 { Split::Train } else { Split::Validation })).collect(),
+            prompts: (0..3)
+                .map(|i| PromptExample {
+                    prompt_id: format!("p{i}"),
+                    prompt: format!("Validation question {i}?"),
+                    user: "v".into(),
+                    split: Split::Validation,
+                })
+                .collect(),
+            ..Dataset::default()
+        };
+        let mut config = TrainerConfig::default();
+        config.sft.epochs = 2;
+        config.sft.learning_rate = 1e-2;
+        config.evaluation.max_new_tokens = 4;
+        let job = StageJob { reward_model_dir: Some(&rm_dir), ..job(Stage::Sft, &d, &data) };
+        let metrics = InProcess { config }.run(&job, &mut |_| {}).unwrap();
+        assert_eq!(metrics["selected_by"], "selector", "{metrics}");
+        let scores = metrics["epoch_scores"].as_array().unwrap();
+        assert_eq!(scores.len(), 2);
+        assert!(scores.iter().all(|s| s.as_f64().is_some_and(f64::is_finite)), "{metrics}");
+        let best = metrics["best_epoch"].as_u64().unwrap() as usize;
+        let top = scores.iter().map(|s| s.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(scores[best - 1].as_f64().unwrap(), top, "the saved epoch is the best scored: {metrics}");
     }
 
     #[test]

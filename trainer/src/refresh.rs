@@ -223,11 +223,13 @@ impl Refresher {
             let mut manifest = Manifest::new(&new_id("sft"), Some(&self.parent_label()), Stage::Sft);
             manifest.hyperparameters = json!(self.config.sft);
             let gate = self.gate_for(&parent_dir, None, &held_out)?;
+            // With a reward model, the epoch kept is the one it scores highest on validation prompts.
+            let reward_model_dir = self.state.reward_model.as_ref().map(|id| self.store.path(id));
             let plan = StagePlan {
                 manifest,
                 policy_dir: parent_dir,
                 reference_dir: None,
-                reward_model_dir: None,
+                reward_model_dir,
                 corpus: None,
                 gate: Some(gate),
             };
