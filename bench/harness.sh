@@ -11,9 +11,13 @@ OHA="$TOOLS/bin/oha"
 WORK="$(mktemp -d)"
 REDIS_PID=""
 GATEWAY_PID=""
+# Further processes a script starts (trainers, a second gateway): stopped first.
+EXTRA_PIDS=()
 cleanup() {
-    [[ -n "$GATEWAY_PID" ]] && kill "$GATEWAY_PID" 2>/dev/null && wait "$GATEWAY_PID" 2>/dev/null
-    [[ -n "$REDIS_PID" ]] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
+    local pid
+    for pid in "${EXTRA_PIDS[@]}" "$GATEWAY_PID" "$REDIS_PID"; do
+        [[ -n "$pid" ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT

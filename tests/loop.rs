@@ -5,9 +5,9 @@
 #[allow(dead_code)]
 mod gateway;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use gateway::{Gateway, RedisServer, python, repo_root, run_script, tiny_model};
+use gateway::{Gateway, RedisServer, python, repo_root, run_script, start_trainer, tiny_model};
 
 #[test]
 fn demonstrations_become_a_served_sft_checkpoint() {
@@ -21,22 +21,16 @@ fn demonstrations_become_a_served_sft_checkpoint() {
         ("INSTRUCTD__GATEWAY__ROLLOUT__AUTO_PROMOTE", "true"),
     ];
     let gateway = Gateway::start(&redis.url(), &model, &shared);
-    let mut trainer = Command::new(env!("CARGO_BIN_EXE_instructd"))
-        .arg("train")
-        .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
-        .current_dir(repo_root())
-        .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
-        .env("INSTRUCTD_REDIS_URL", redis.url())
-        .env("INSTRUCTD_MODEL", &model)
-        .env("INSTRUCTD__TRAINER__DATA_DIR", tmp.path().join("data"))
-        .env("INSTRUCTD__TRAINER__BLOCK_MS", "200")
-        .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "20")
-        .env("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_DEMONSTRATIONS", "4")
-        .env("INSTRUCTD__TRAINER__SFT__EPOCHS", "2")
-        .envs(shared)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("instructd train starts");
+    let model_dir = model.to_str().unwrap();
+    let mut env = vec![
+        ("INSTRUCTD_MODEL", model_dir),
+        ("INSTRUCTD__TRAINER__BLOCK_MS", "200"),
+        ("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "20"),
+        ("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_DEMONSTRATIONS", "4"),
+        ("INSTRUCTD__TRAINER__SFT__EPOCHS", "2"),
+    ];
+    env.extend(shared);
+    let mut trainer = start_trainer(&redis.url(), &tmp.path().join("data"), &env);
     run_script(&python, "loop_sft.py", &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_REDIS_URL", &redis.url())]);
     let _ = trainer.kill();
     let _ = trainer.wait();
@@ -97,43 +91,34 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
     let corpus = repo_root().join("tests/data/corpus");
     // The trainer runs between the rounds' traffic: each start reads the whole round in one batch (one
     // snapshot), and the restart shows the trainer picking up where it left off.
-    let start_trainer = || {
-        KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_instructd"))
-                .arg("train")
-                .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
-                .current_dir(repo_root())
-                .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
-                .env("INSTRUCTD_REDIS_URL", redis.url())
-                .env("INSTRUCTD_MODEL", &model)
-                .env("INSTRUCTD__TRAINER__DATA_DIR", tmp.path().join("data"))
-                .env("INSTRUCTD__TRAINER__CORPUS__DIR", &corpus)
-                .env("INSTRUCTD__TRAINER__BATCH", "100000")
-                .env("INSTRUCTD__TRAINER__BLOCK_MS", "200")
-                .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "1")
-                .env("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS", "4")
-                // Tiny random models learn at rates a real model would not survive.
-                .env("INSTRUCTD__TRAINER__SFT__LEARNING_RATE", "0.01")
-                .env("INSTRUCTD__TRAINER__SFT__EPOCHS", "24")
-                .env("INSTRUCTD__TRAINER__REWARD_MODEL__LEARNING_RATE", "0.002")
-                .env("INSTRUCTD__TRAINER__REWARD_MODEL__EPOCHS", "4")
-                .env("INSTRUCTD__TRAINER__REWARD_MODEL__BATCH_PROMPTS", "4")
-                .env("INSTRUCTD__TRAINER__PPO__LEARNING_RATE", "0.002")
-                .env("INSTRUCTD__TRAINER__PPO__VALUE_LEARNING_RATE", "0.003")
-                .env("INSTRUCTD__TRAINER__PPO__ITERATIONS", "12")
-                .env("INSTRUCTD__TRAINER__PPO__PTX_COEF", "0.05")
-                .env("INSTRUCTD__TRAINER__PPO__KL_COEF", "0.1")
-                .env("INSTRUCTD__TRAINER__PPO__MAX_NEW_TOKENS", "16")
-                .env("INSTRUCTD__TRAINER__CORPUS__SEQ_LEN", "64")
-                .env("INSTRUCTD__TRAINER__EVALUATION__MAX_NEW_TOKENS", "16")
-                // A tiny model drifts further per nat of reward than a real one.
-                .env("INSTRUCTD__TRAINER__EVALUATION__MAX_KL_FROM_SFT", "60")
-                .envs(shared)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("instructd train starts"),
-        )
-    };
+    let (model_dir, corpus_dir) = (model.to_str().unwrap(), corpus.to_str().unwrap());
+    let mut env = vec![
+        ("INSTRUCTD_MODEL", model_dir),
+        ("INSTRUCTD__TRAINER__CORPUS__DIR", corpus_dir),
+        ("INSTRUCTD__TRAINER__BATCH", "100000"),
+        ("INSTRUCTD__TRAINER__BLOCK_MS", "200"),
+        ("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "1"),
+        ("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS", "4"),
+        // Tiny random models learn at rates a real model would not survive.
+        ("INSTRUCTD__TRAINER__SFT__LEARNING_RATE", "0.01"),
+        ("INSTRUCTD__TRAINER__SFT__EPOCHS", "24"),
+        ("INSTRUCTD__TRAINER__REWARD_MODEL__LEARNING_RATE", "0.002"),
+        ("INSTRUCTD__TRAINER__REWARD_MODEL__EPOCHS", "4"),
+        ("INSTRUCTD__TRAINER__REWARD_MODEL__BATCH_PROMPTS", "4"),
+        ("INSTRUCTD__TRAINER__PPO__LEARNING_RATE", "0.002"),
+        ("INSTRUCTD__TRAINER__PPO__VALUE_LEARNING_RATE", "0.003"),
+        ("INSTRUCTD__TRAINER__PPO__ITERATIONS", "12"),
+        ("INSTRUCTD__TRAINER__PPO__PTX_COEF", "0.05"),
+        ("INSTRUCTD__TRAINER__PPO__KL_COEF", "0.1"),
+        ("INSTRUCTD__TRAINER__PPO__MAX_NEW_TOKENS", "16"),
+        ("INSTRUCTD__TRAINER__CORPUS__SEQ_LEN", "64"),
+        ("INSTRUCTD__TRAINER__EVALUATION__MAX_NEW_TOKENS", "16"),
+        // A tiny model drifts further per nat of reward than a real one.
+        ("INSTRUCTD__TRAINER__EVALUATION__MAX_KL_FROM_SFT", "60"),
+    ];
+    env.extend(shared);
+    let data_dir = tmp.path().join("data");
+    let start_trainer = || KillOnDrop(start_trainer(&redis.url(), &data_dir, &env));
     // Each round asks its own prompts (the snapshot drops prompts sharing a long prefix with earlier ones).
     let topics = ["the sea", "a garden", "winter", "trains", "bread", "music", "a forest", "the moon"];
     let asks = ["Describe", "Write a line about", "Tell me something about", "Give advice about", "Explain"];

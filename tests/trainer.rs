@@ -3,26 +3,26 @@
 //! once and nothing left pending in the consumer group.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+#[path = "support/gateway.rs"]
+#[allow(dead_code)]
+mod gateway;
+
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use feedback::redis_server::RedisServer;
+use gateway::{RedisServer, start_trainer};
 
 fn start(redis_url: &str, data: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_instructd"))
-        .arg("train")
-        .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("INSTRUCTD_CONFIG", Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml"))
-        .env("INSTRUCTD_REDIS_URL", redis_url)
-        .env("INSTRUCTD__TRAINER__DATA_DIR", data)
-        // Small batches: many points to be killed at (snapshots are tested elsewhere).
-        .env("INSTRUCTD__TRAINER__BATCH", "3")
-        .env("INSTRUCTD__TRAINER__BLOCK_MS", "100")
-        .env("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "2000")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("instructd train starts")
+    start_trainer(
+        redis_url,
+        data,
+        &[
+            // Small batches: many points to be killed at (snapshots are tested elsewhere).
+            ("INSTRUCTD__TRAINER__BATCH", "3"),
+            ("INSTRUCTD__TRAINER__BLOCK_MS", "100"),
+            ("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "2000"),
+        ],
+    )
 }
 
 fn stored_ids(data: &Path, stream: &str) -> Vec<String> {

@@ -50,14 +50,6 @@ command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y 
 "$BIN" model fetch-corpus >/dev/null
 MODEL="models/smollm2-135m-instruct"
 TRAINER_PID=""
-BASELINE_PID=""
-stop_extra() {
-    [[ -n "$TRAINER_PID" ]] && kill "$TRAINER_PID" 2>/dev/null && wait "$TRAINER_PID" 2>/dev/null
-    [[ -n "$BASELINE_PID" ]] && kill "$BASELINE_PID" 2>/dev/null && wait "$BASELINE_PID" 2>/dev/null
-    TRAINER_PID=""
-    BASELINE_PID=""
-}
-trap 'stop_extra; cleanup' EXIT
 
 start_redis
 start_gateway "$MODEL"
@@ -94,6 +86,7 @@ start_trainer() {
         INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR="$WORK/checkpoints" \
         "$BIN" train >>"$WORK/trainer.out" 2>>"$WORK/trainer.err" &
     TRAINER_PID=$!
+    EXTRA_PIDS+=("$TRAINER_PID")
 }
 
 # wait_for PYTHON_CONDITION: polls /admin/checkpoints until the condition on `rows` holds; prints its value.
@@ -137,7 +130,7 @@ env INSTRUCTD_ADDR="127.0.0.1:$BASE_PORT" INSTRUCTD_REDIS_URL="redis://127.0.0.1
     INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR="$WORK/spill-base" \
     INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR="$WORK/checkpoints-base" \
     "$BIN" serve >"$WORK/base.out" 2>"$WORK/base.err" &
-BASELINE_PID=$!
+EXTRA_PIDS+=($!)
 for _ in $(seq 1800); do grep -q "listening on" "$WORK/base.out" 2>/dev/null && break; sleep 0.1; done
 
 win_rate() { # CHECKPOINT

@@ -25,6 +25,8 @@ use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 /// Attention softmax runs in F32 whatever the weights' dtype.
 const ATTENTION_DTYPE: DType = DType::F32;
 
+/// Cloning is cheap and shares the weights (tensors are reference-counted).
+#[derive(Clone)]
 pub struct Llama {
     config: LlamaConfig,
     embed_tokens: Embedding,
@@ -185,6 +187,7 @@ impl Llama {
     }
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     attn: Attention,
     mlp: Mlp,
@@ -241,6 +244,7 @@ fn serve(linear: &Linear, x: &Tensor) -> Result<Tensor> {
 /// so serving streams them in one pass (one parallel matmul instead of
 /// three for Q/K/V, two for gate/up). The separate `Linear`s become views
 /// into the stacked matrix, so the weights are held once.
+#[derive(Clone)]
 struct Fused {
     linear: Linear,
     widths: Vec<usize>,
@@ -288,6 +292,7 @@ fn residual_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if p > 0.0 { Ok(candle_nn::ops::dropout(x, p)?) } else { Ok(x.clone()) }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -382,6 +387,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
@@ -418,6 +424,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -440,6 +447,7 @@ impl RmsNorm {
 }
 
 /// Precomputed `cos` / `sin` of every position, `[max_positions, head_dim / 2]`.
+#[derive(Clone)]
 struct RopeTables {
     cos: Tensor,
     sin: Tensor,

@@ -1,5 +1,6 @@
-//! Starts the real `instructd serve` binary for end-to-end tests, against a
-//! private `redis-server`, and runs the Python scripts under `tests/e2e/`
+//! Starts the real `instructd serve` and `instructd train` binaries for
+//! end-to-end tests, against a private `redis-server`, and runs the Python
+//! scripts under `tests/e2e/`
 //! (which drive it with the unmodified `openai` client) against it.
 //! Each test binary uses a different part of it (hence `allow(dead_code)` where it is included).
 
@@ -27,6 +28,22 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
         .expect("instructd runs");
     assert!(status.success(), "init-tiny failed");
     out
+}
+
+/// Starts `instructd train` on the default config against `redis_url`, keeping its data in `data_dir` and its
+/// metrics on a free port; `env` adds or overrides settings (the model, batch sizes, hyperparameters).
+pub fn start_trainer(redis_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_instructd"))
+        .arg("train")
+        .current_dir(repo_root())
+        .env("INSTRUCTD_CONFIG", repo_root().join("configs/default.toml"))
+        .env("INSTRUCTD_REDIS_URL", redis_url)
+        .env("INSTRUCTD__TRAINER__DATA_DIR", data_dir)
+        .env("INSTRUCTD__TRAINER__METRICS_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("instructd train starts")
 }
 
 pub struct Gateway {

@@ -190,15 +190,8 @@ fn mean_reward(
         return Ok(0.0);
     }
     let engine = crate::episodes::engine_sharing(policy, "sft-selection", prompts.len())?;
-    let sample = crate::episodes::SampleSettings {
-        max_new_tokens: settings.max_new_tokens,
-        temperature: settings.temperature,
-        seed: settings.seed,
-        max_prompt_tokens: 512,
-    };
-    let episodes = crate::episodes::sample(&engine, prompts, sample)?;
-    let pairs: Vec<(&str, &str)> =
-        episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect();
+    let episodes = crate::episodes::sample(&engine, prompts, settings.sample_settings())?;
+    let pairs = crate::episodes::prompt_response_pairs(prompts, &episodes);
     let scores = scorer.score(&pairs)?;
     Ok(scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len().max(1) as f64)
 }

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use inference::engine::{Engine, EngineConfig, FinishReason, GenerateRequest, ModelInfo};
 use inference::llama::Llama;
+use inference::load::LoadedModel;
 use inference::sampling::SamplingParams;
 use inference::tokenizer::Tokenizer;
 
@@ -65,10 +66,10 @@ pub fn engine_sharing(policy: &PolicyModel, name: &str, capacity: usize) -> Trai
     start_engine(llama, policy.tokenizer().clone(), name, capacity)
 }
 
-/// A serving engine on a model directory (a candidate or the serving checkpoint, for evaluation).
-pub fn engine_for_dir(dir: &std::path::Path, name: &str, capacity: usize) -> TrainResult<Engine> {
-    let loaded = inference::load::LoadedModel::load(dir, DType::F32, &inference::load::default_device())?;
-    start_engine(loaded.model, loaded.tokenizer, name, capacity)
+/// A serving engine on a loaded model (a candidate or the serving checkpoint, for evaluation), sharing its
+/// weights, so the same model can then score what the engine sampled.
+pub fn engine_for(loaded: &LoadedModel, name: &str, capacity: usize) -> TrainResult<Engine> {
+    start_engine(loaded.model.clone(), loaded.tokenizer.clone(), name, capacity)
 }
 
 fn start_engine(llama: Llama, tokenizer: Tokenizer, name: &str, capacity: usize) -> TrainResult<Engine> {
@@ -110,7 +111,8 @@ pub fn sample(engine: &Engine, prompts: &[String], settings: SampleSettings) -> 
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| io(e.to_string()))?;
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().build().map_err(|e| sampling_error(e.to_string()))?;
                 runtime.block_on(async {
                     let mut episodes = Vec::with_capacity(pending.len());
                     for (prompt_index, prompt_ids, generation) in pending {
@@ -127,12 +129,17 @@ pub fn sample(engine: &Engine, prompts: &[String], settings: SampleSettings) -> 
                 })
             })
             .join()
-            .map_err(|_| io("the sampling thread panicked".into()))?
+            .map_err(|_| sampling_error("the sampling thread panicked".into()))?
     })
 }
 
-fn io(message: String) -> TrainError {
+fn sampling_error(message: String) -> TrainError {
     TrainError::Data(message)
+}
+
+/// `(prompt, response text)` of each episode, for the reward model.
+pub fn prompt_response_pairs<'a>(prompts: &'a [String], episodes: &'a [Episode]) -> Vec<(&'a str, &'a str)> {
+    episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect()
 }
 
 /// Episodes as right-padded next-token tensors: `input` `[B, L-1]` (the sequence without its last token),

@@ -25,7 +25,7 @@ use inference::load::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{PretrainCorpus, held_out_loss};
-use crate::episodes::{SampleSettings, engine_for_dir, response_logprobs, sample};
+use crate::episodes::{SampleSettings, engine_for, response_logprobs, sample};
 use crate::policy_model::TrainResult;
 use crate::reward_model::RewardModel;
 
@@ -97,21 +97,28 @@ pub struct GateInputs<'a> {
     pub corpus: Option<&'a PretrainCorpus>,
 }
 
+impl GateConfig {
+    /// How candidates are sampled: also how SFT epochs are scored once a reward model exists.
+    pub fn sample_settings(&self) -> SampleSettings {
+        SampleSettings {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            seed: self.seed,
+            max_prompt_tokens: 512,
+        }
+    }
+}
+
 pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Evaluation> {
     let started = std::time::Instant::now();
     let prompts: Vec<String> = inputs.prompts.iter().take(config.max_prompts.max(1)).cloned().collect();
-    let settings = SampleSettings {
-        max_new_tokens: config.max_new_tokens,
-        temperature: config.temperature,
-        seed: config.seed,
-        max_prompt_tokens: 512,
-    };
-    let candidate_engine = engine_for_dir(inputs.candidate_dir, "candidate", prompts.len())?;
-    let candidate = sample(&candidate_engine, &prompts, settings)?;
-    drop(candidate_engine);
-    let serving_engine = engine_for_dir(inputs.serving_dir, "serving", prompts.len())?;
-    let serving = sample(&serving_engine, &prompts, settings)?;
-    drop(serving_engine);
+    let settings = config.sample_settings();
+    // Each model is loaded once: its engine samples, then the same weights score.
+    let device = inference::load::default_device();
+    let candidate_model = LoadedModel::load(inputs.candidate_dir, DType::F32, &device)?;
+    let candidate = sample(&engine_for(&candidate_model, "candidate", prompts.len())?, &prompts, settings)?;
+    let serving_model = LoadedModel::load(inputs.serving_dir, DType::F32, &device)?;
+    let serving = sample(&engine_for(&serving_model, "serving", prompts.len())?, &prompts, settings)?;
 
     // Compare on the prompts both answered (the same set unless lengths differ).
     let serving_by_prompt: std::collections::HashMap<usize, &str> =
@@ -141,12 +148,14 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
         .sum();
     let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64;
 
-    let device = inference::load::default_device();
-    let candidate_model = LoadedModel::load(inputs.candidate_dir, DType::F32, &device)?;
-    let sft_model = LoadedModel::load(inputs.sft_dir, DType::F32, &device)?;
     let cand_lp = response_logprobs(&candidate_model.model, &candidate, 8)?;
-    let sft_lp = response_logprobs(&sft_model.model, &candidate, 8)?;
-    drop(sft_model);
+    // An SFT candidate is its own reference (KL 0); only a PPO candidate loads its SFT policy.
+    let sft_lp = if inputs.sft_dir == inputs.candidate_dir {
+        cand_lp.clone()
+    } else {
+        let sft_model = LoadedModel::load(inputs.sft_dir, DType::F32, &device)?;
+        response_logprobs(&sft_model.model, &candidate, 8)?
+    };
     let kl_from_sft =
         cand_lp.iter().zip(&sft_lp).map(|(c, s)| f64::from(c - s)).sum::<f64>() / candidate.len().max(1) as f64;
 
@@ -154,8 +163,6 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
         Some(corpus) => {
             let windows = corpus.held_out(config.ptx_windows);
             let c = held_out_loss(&candidate_model.model, &windows, 4)?;
-            drop(candidate_model);
-            let serving_model = LoadedModel::load(inputs.serving_dir, DType::F32, &device)?;
             let s = held_out_loss(&serving_model.model, &windows, 4)?;
             (Some(f64::from(c)), Some(f64::from(s)))
         }

@@ -36,7 +36,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{PretrainCorpus, lm_loss};
-use crate::episodes::{Episode, EpisodeBatch, SampleSettings, engine_sharing, sample};
+use crate::episodes::{Episode, EpisodeBatch, SampleSettings, engine_sharing, prompt_response_pairs, sample};
 use crate::losses::{
     PAPER_CLIP_RATIO, PAPER_GAE_GAMMA, PAPER_KL_BETA, PAPER_PTX_GAMMA, entropy, gae, kl_penalty, masked_mean,
     ppo_policy_loss, shaped_rewards, token_logprobs, value_loss, whiten,
@@ -306,9 +306,7 @@ pub fn train(
         }
 
         // 2. Scores, old log-probabilities, reference log-probabilities, values.
-        let pairs: Vec<(&str, &str)> =
-            episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect();
-        let scores = scorer.score(&pairs)?;
+        let scores = scorer.score(&prompt_response_pairs(&prompts, &episodes))?;
         let refs: Vec<&Episode> = episodes.iter().collect();
         let batch = EpisodeBatch::new(&refs, &device)?;
         let logprobs = |model: &inference::llama::Llama| {

@@ -13,6 +13,7 @@
 //! a restarted trainer does not repeat a refresh.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use inference::checkpoint::{CheckpointError, CheckpointStore, Manifest, Stage};
 use serde::{Deserialize, Serialize};
@@ -94,7 +95,7 @@ pub struct Refresher {
     /// Where dataset snapshots live (`<data_dir>/snapshots`).
     snapshots_dir: PathBuf,
     /// Loaded on first use (PPO's mix, the alignment tax).
-    corpus: Option<PretrainCorpus>,
+    corpus: Option<Arc<PretrainCorpus>>,
     journal: Journal,
     progress: Box<dyn Progress>,
 }
@@ -120,7 +121,7 @@ struct StagePlan {
     policy_dir: PathBuf,
     reference_dir: Option<PathBuf>,
     reward_model_dir: Option<PathBuf>,
-    corpus: Option<PretrainCorpus>,
+    corpus: Option<Arc<PretrainCorpus>>,
     gate: Option<Gate>,
 }
 
@@ -184,22 +185,22 @@ impl Refresher {
         })
     }
 
-    /// The pre-training corpus, tokenised once with the policy's tokenizer.
-    fn corpus(&mut self) -> Result<&PretrainCorpus, RefreshError> {
-        if self.corpus.is_none() {
-            let tokenizer = inference::tokenizer::Tokenizer::from_dir(&self.base_model).map_err(TrainError::from)?;
-            let corpus = PretrainCorpus::load(&self.config.corpus, &tokenizer)?;
-            tracing::info!(
-                dir = %self.config.corpus.dir.display(),
-                files = corpus.files,
-                tokens = corpus.tokens,
-                train_windows = corpus.train_windows(),
-                held_out_windows = corpus.held_out_windows(),
-                "pre-training corpus loaded"
-            );
-            self.corpus = Some(corpus);
+    /// The pre-training corpus, tokenised once with the policy's tokenizer and shared by PPO and the gate.
+    fn corpus(&mut self) -> Result<Arc<PretrainCorpus>, RefreshError> {
+        if let Some(corpus) = &self.corpus {
+            return Ok(corpus.clone());
         }
-        self.corpus.as_ref().ok_or_else(|| RefreshError::Train(TrainError::Data("corpus".into())))
+        let tokenizer = inference::tokenizer::Tokenizer::from_dir(&self.base_model).map_err(TrainError::from)?;
+        let corpus = PretrainCorpus::load(&self.config.corpus, &tokenizer)?;
+        tracing::info!(
+            dir = %self.config.corpus.dir.display(),
+            files = corpus.files,
+            tokens = corpus.tokens,
+            train_windows = corpus.train_windows(),
+            held_out_windows = corpus.held_out_windows(),
+            "pre-training corpus loaded"
+        );
+        Ok(self.corpus.insert(Arc::new(corpus)).clone())
     }
 
     /// Runs the refreshes `snapshot` calls for; returns what was published.
@@ -297,7 +298,7 @@ impl Refresher {
         });
         let gate = self.gate_for(&policy_dir, Some(&reference_dir), held_out)?;
         let corpus = if self.config.ppo.ptx_coef > 0.0 && self.config.backend.kind == BackendKind::InProcess {
-            Some(self.corpus()?.clone())
+            Some(self.corpus()?)
         } else {
             None
         };
@@ -346,7 +347,7 @@ impl Refresher {
                 policy_dir: &policy_dir,
                 reference_dir: reference_dir.as_deref(),
                 reward_model_dir: reward_model_dir.as_deref(),
-                corpus: corpus.as_ref(),
+                corpus: corpus.as_deref(),
                 out_dir: dir,
             };
             let mut on_iteration = |it: &ppo::PpoIteration| {
@@ -394,11 +395,8 @@ impl Refresher {
         held_out: &HeldOut,
     ) -> Result<Gate, RefreshError> {
         let enabled = self.config.evaluation.enabled && self.state.reward_model.is_some();
-        let corpus = if enabled && self.config.evaluation.max_alignment_tax.is_some() {
-            Some(self.corpus()?.clone())
-        } else {
-            None
-        };
+        let corpus =
+            if enabled && self.config.evaluation.max_alignment_tax.is_some() { Some(self.corpus()?) } else { None };
         Ok(Gate {
             enabled,
             config: self.config.evaluation.clone(),
@@ -448,7 +446,7 @@ struct Gate {
     sft_dir: Option<PathBuf>,
     prompts: Vec<String>,
     split: &'static str,
-    corpus: Option<PretrainCorpus>,
+    corpus: Option<Arc<PretrainCorpus>>,
 }
 
 impl Gate {
@@ -466,7 +464,7 @@ impl Gate {
             reward_model: &reward_model,
             prompts: &self.prompts,
             prompt_split: self.split,
-            corpus: self.corpus.as_ref(),
+            corpus: self.corpus.as_deref(),
         };
         let evaluation = evaluation::evaluate(inputs, &self.config).map_err(|e| invalid(candidate, e))?;
         if let Some(metrics) = manifest.metrics.as_object_mut() {
