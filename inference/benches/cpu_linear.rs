@@ -16,25 +16,37 @@ fn main() {
         for m in [1usize, 4, 16, 128] {
             let x = vec![0.5f32; m * k];
             std::hint::black_box(matmul_transposed(&x, m, &w, n, k));
-            let iters = 20;
-            let t = Instant::now();
-            for _ in 0..iters {
-                std::hint::black_box(matmul_transposed(&x, m, &w, n, k));
-            }
-            report(label, m, t.elapsed().as_secs_f64() / iters as f64, n, k, 1);
+            let seconds = best_of(|| {
+                let iters = 10;
+                let t = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(matmul_transposed(&x, m, &w, n, k));
+                }
+                t.elapsed().as_secs_f64() / iters as f64
+            });
+            report(label, m, seconds, n, k, 1);
         }
     }
     // 120 distinct 1536x576 matrices (424 MB): every weight comes from memory once.
     let (n, k) = (1536usize, 576usize);
     let ws: Vec<Vec<f32>> = (0..120).map(|i| vec![0.25f32 + i as f32; n * k]).collect();
-    for m in [1usize, 1, 4, 16, 64] {
+    for m in [1usize, 4, 16, 64] {
         let x = vec![0.5f32; m * k];
-        let t = Instant::now();
-        for w in &ws {
-            std::hint::black_box(matmul_transposed(&x, m, w, n, k));
-        }
-        report("120 x 1536x576 streamed", m, t.elapsed().as_secs_f64(), n, k, ws.len());
+        let seconds = best_of(|| {
+            let t = Instant::now();
+            for w in &ws {
+                std::hint::black_box(matmul_transposed(&x, m, w, n, k));
+            }
+            t.elapsed().as_secs_f64()
+        });
+        report("120 x 1536x576 streamed", m, seconds, n, k, ws.len());
     }
+}
+
+/// The fastest of several timings: this machine shares its memory bus and
+/// cores with neighbours, and the minimum is the figure least disturbed by them.
+fn best_of(mut time: impl FnMut() -> f64) -> f64 {
+    (0..7).map(|_| time()).fold(f64::INFINITY, f64::min)
 }
 
 fn report(label: &str, m: usize, seconds: f64, n: usize, k: usize, matrices: usize) {

@@ -131,27 +131,43 @@ pub(crate) fn attend_batch(
     if !matches!(q.device(), Device::Cpu) {
         return attend_on_device(q, k, v, caches, layer, dims);
     }
-    let qv = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let kv = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let vv = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let mut out = vec![0f32; n * dims.q_width()];
+    attend_rows(&flat(q)?, &flat(k)?, &flat(v)?, caches, layer, dims, &mut out)?;
+    Ok(Tensor::from_vec(out, (n, dims.q_width()), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// [`attend_batch`] on host caches, over slices: `q` `[N, heads * D]`, `k`
+/// and `v` `[N, kv_heads * D]`, writing `out` `[N, heads * D]`. Sequences
+/// are attended in parallel: each owns its cache and its rows.
+pub(crate) fn attend_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    caches: &mut [(&mut SequenceCache, usize)],
+    layer: usize,
+    dims: AttentionDims,
+    out: &mut [f32],
+) -> Result<()> {
     let (qw, kw) = (dims.q_width(), dims.kv_width());
-    let mut out = vec![0f32; n * qw];
-    // Split the query and output rows by sequence, then attend to the
-    // sequences in parallel: each owns its cache and its rows.
     let mut work = Vec::with_capacity(caches.len());
-    let (mut q_rest, mut out_rest, mut start) = (qv.as_slice(), out.as_mut_slice(), 0);
+    let (mut q_rest, mut out_rest, mut start) = (q, out, 0);
     for (cache, len) in caches.iter_mut() {
         let (q_rows, q_tail) = q_rest.split_at(*len * qw);
         let (out_rows, out_tail) = std::mem::take(&mut out_rest).split_at_mut(*len * qw);
-        let new_k = &kv[start * kw..(start + *len) * kw];
-        let new_v = &vv[start * kw..(start + *len) * kw];
+        let new_k = &k[start * kw..(start + *len) * kw];
+        let new_v = &v[start * kw..(start + *len) * kw];
         work.push((&mut **cache, q_rows, out_rows, new_k, new_v));
         (q_rest, out_rest, start) = (q_tail, out_tail, start + *len);
     }
+    if work.len() == 1 {
+        // One sequence: no parallel task to hand out.
+        let (cache, q_rows, out_rows, new_k, new_v) = work.pop().expect("one item");
+        return attend_one(cache, layer, q_rows, new_k, new_v, dims, out_rows);
+    }
     work.into_par_iter().try_for_each(|(cache, q_rows, out_rows, new_k, new_v)| {
         attend_one(cache, layer, q_rows, new_k, new_v, dims, out_rows)
-    })?;
-    Ok(Tensor::from_vec(out, (n, qw), &Device::Cpu)?.to_dtype(dtype)?)
+    })
 }
 
 /// Appends one sequence's new keys and values to its cache and attends its
@@ -175,14 +191,46 @@ fn attend_one(
     if len <= HOST_LOOP_MAX_NEW_TOKENS {
         attend_host(q_rows, kc, vc, offset, len, dims, out_rows);
     } else {
-        let total = offset + len;
-        let k_all = Tensor::from_slice(kc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
-        let v_all = Tensor::from_slice(vc.as_slice(), (total, dims.num_kv_heads, dims.head_dim), &Device::Cpu)?;
-        let q_c = Tensor::from_slice(q_rows, (len, dims.num_heads, dims.head_dim), &Device::Cpu)?;
-        let o = attend_matmul(&q_c, &k_all.transpose(0, 1)?, &v_all.transpose(0, 1)?, offset, dims)?;
-        out_rows.copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
+        attend_host_matmul(q_rows, kc, vc, offset, len, dims, out_rows);
     }
     Ok(())
+}
+
+/// Attention of many new rows (a long prompt): the keys of each kv head are
+/// transposed once, so a query's scores are a sum of `head_dim` scaled key
+/// columns (vector multiply-adds, no per-position reductions); the query
+/// rows are attended in parallel. Same inputs and result as [`attend_host`].
+fn attend_host_matmul(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    offset: usize,
+    len: usize,
+    dims: AttentionDims,
+    out: &mut [f32],
+) {
+    let d = dims.head_dim;
+    let (qw, kw, g) = (dims.q_width(), dims.kv_width(), dims.groups());
+    let total = offset + len;
+    let scale = 1.0 / (d as f32).sqrt();
+    // keys_t[kvh][c][p]: component `c` of kv head `kvh`'s key at position `p`.
+    let mut keys_t = vec![0f32; dims.num_kv_heads * d * total];
+    for (p, row) in k.chunks_exact(kw).enumerate() {
+        for (hc, &x) in row.iter().enumerate() {
+            keys_t[hc * total + p] = x;
+        }
+    }
+    out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
+        let visible = offset + i + 1;
+        let mut scores = vec![0f32; visible];
+        for h in 0..dims.num_heads {
+            let kvh = h / g;
+            let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d].iter().map(|x| x * scale).collect();
+            simd::transposed_scores(&qh, &keys_t[kvh * d * total..], total, &mut scores);
+            simd::softmax_in_place(&mut scores);
+            simd::weighted_sum(&scores, &v[kvh * d..], kw, &mut out_row[h * d..(h + 1) * d]);
+        }
+    });
 }
 
 /// The direct loop: query row `i` (position `offset + i`) attends to cached
@@ -197,21 +245,10 @@ fn attend_host(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, dims:
         for h in 0..dims.num_heads {
             let kvh = h / g;
             let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores[..visible].iter_mut().enumerate() {
-                *s = simd::dot(qh, &k[j * kw + kvh * d..j * kw + (kvh + 1) * d]) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in scores[..visible].iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[i * qw + h * d..i * qw + (h + 1) * d];
-            o.fill(0.0);
-            for (j, s) in scores[..visible].iter().enumerate() {
-                simd::axpy(o, s / sum, &v[j * kw + kvh * d..j * kw + (kvh + 1) * d]);
-            }
+            let scores = &mut scores[..visible];
+            simd::scaled_dots(qh, &k[kvh * d..], kw, scale, scores);
+            simd::softmax_in_place(scores);
+            simd::weighted_sum(scores, &v[kvh * d..], kw, &mut out[i * qw + h * d..i * qw + (h + 1) * d]);
         }
     }
 }
@@ -275,7 +312,8 @@ pub(crate) fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<
 mod tests {
     use super::*;
 
-    /// The direct loop and the matmul path agree, for prefill and decode rows.
+    /// The direct loop, the host matmul path and the device (candle) path
+    /// agree, for prefill and decode rows.
     #[test]
     fn host_loop_matches_matmul_attention() {
         let dims = AttentionDims { num_heads: 6, num_kv_heads: 2, head_dim: 8 };
@@ -294,6 +332,10 @@ mod tests {
         let mut out = vec![0f32; len * 48];
         attend_host(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
         let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "max difference {diff}");
+        assert!(diff < 1e-5, "direct loop: max difference {diff}");
+        let mut out = vec![0f32; len * 48];
+        attend_host_matmul(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
+        let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "host matmul: max difference {diff}");
     }
 }

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub use crate::kv_cache::SequenceCache;
 use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 
+mod host;
+
 /// Attention softmax runs in F32 whatever the weights' dtype.
 const ATTENTION_DTYPE: DType = DType::F32;
 
@@ -152,6 +154,10 @@ impl Llama {
         }
         if ids.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.runs_on_host() {
+            let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+            return self.forward_host(chunks, &ids, &positions);
         }
         let n = ids.len();
         let positions = Tensor::from_vec(positions, n, &self.device)?;
