@@ -4,7 +4,13 @@
 # one sitting on one machine. Optional: needs `bash bench/llamacpp/setup.sh`
 # (builds llama.cpp from PyPI's llama-cpp-python) and the default model.
 #
-#   bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
+# The machine this was built on shares its memory bus with neighbours, and
+# its bandwidth swings between ~15 and ~35 GB/s from minute to minute. So
+# the two engines alternate for ROUNDS rounds (A B, B A, A B, ...), and
+# bench/compare_summary.py reports each row's ratio per round and the median:
+# a ratio from one round compares two runs a minute apart, not two sittings.
+#
+#   ROUNDS=3 bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,9 +32,29 @@ if [[ ! -f "$F32_GGUF" ]]; then
     "$BIN" model dequantize-gguf .cache/SmolLM2-135M-Instruct.Q4_1.gguf "$F32_GGUF" --dtype f32
 fi
 
-echo "== instructd =="
-"$BIN" bench --model "$MODEL" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C"
-echo
-echo "== llama.cpp (llama-cpp-python) =="
-.cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$F32_GGUF" \
-    --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --threads "$(nproc)"
+ROUNDS="${ROUNDS:-3}"
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+
+run_instructd() {
+    echo "== instructd (round $1) =="
+    "$BIN" bench --model "$MODEL" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --json | tee "$OUT/raw"
+    tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
+}
+
+run_llamacpp() {
+    echo "== llama.cpp, llama-cpp-python (round $1) =="
+    .cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$F32_GGUF" \
+        --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --threads "$(nproc)" --json | tee "$OUT/raw"
+    tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+    if (( round % 2 )); then
+        run_instructd "$round"; echo; run_llamacpp "$round"
+    else
+        run_llamacpp "$round"; echo; run_instructd "$round"
+    fi
+    echo
+done
+python3 bench/compare_summary.py "$OUT/results.jsonl"
