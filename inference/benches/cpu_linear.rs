@@ -11,7 +11,9 @@ fn main() {
     println!("|---|---:|---:|---:|---:|");
     // One projection-sized matrix, reused (cache resident), and the
     // SmolLM2 vocabulary projection (113 MB, from memory).
-    for &(label, n, k) in &[("1536x576 cached", 1536usize, 576usize), ("49152x576 lm_head", 49152, 576)] {
+    for &(label, n, k) in
+        &[("1536x576 cached", 1536usize, 576usize), ("576x1536 cached", 576, 1536), ("49152x576 lm_head", 49152, 576)]
+    {
         let w = vec![0.25f32; n * k];
         for m in [1usize, 4, 16, 128] {
             let x = vec![0.5f32; m * k];

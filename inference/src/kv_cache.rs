@@ -16,8 +16,10 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::simd;
 
-/// Prompts up to this many new tokens are attended in the direct loop; longer
-/// ones go through matmuls, whose cost grows better with the square.
+/// Prompts up to this many new tokens are attended position by position;
+/// longer ones against keys transposed once per layer, rows in parallel (see
+/// [`attend_host_long`]). The split point was tuned for an earlier
+/// candle-matmul long path and has not been re-measured since.
 const HOST_LOOP_MAX_NEW_TOKENS: usize = 32;
 
 /// Positions reserved up front per host cache; beyond this the cache grows
@@ -191,7 +193,7 @@ fn attend_one(
     if len <= HOST_LOOP_MAX_NEW_TOKENS {
         attend_host(q_rows, kc, vc, offset, len, dims, out_rows);
     } else {
-        attend_host_matmul(q_rows, kc, vc, offset, len, dims, out_rows);
+        attend_host_long(q_rows, kc, vc, offset, len, dims, out_rows);
     }
     Ok(())
 }
@@ -200,15 +202,7 @@ fn attend_one(
 /// transposed once, so a query's scores are a sum of `head_dim` scaled key
 /// columns (vector multiply-adds, no per-position reductions); the query
 /// rows are attended in parallel. Same inputs and result as [`attend_host`].
-fn attend_host_matmul(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    offset: usize,
-    len: usize,
-    dims: AttentionDims,
-    out: &mut [f32],
-) {
+fn attend_host_long(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, dims: AttentionDims, out: &mut [f32]) {
     let d = dims.head_dim;
     let (qw, kw, g) = (dims.q_width(), dims.kv_width(), dims.groups());
     let total = offset + len;
@@ -312,7 +306,7 @@ pub(crate) fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<
 mod tests {
     use super::*;
 
-    /// The direct loop, the host matmul path and the device (candle) path
+    /// The direct loop, the long-prompt path and the device (candle) path
     /// agree, for prefill and decode rows.
     #[test]
     fn host_loop_matches_matmul_attention() {
@@ -334,8 +328,8 @@ mod tests {
         let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "direct loop: max difference {diff}");
         let mut out = vec![0f32; len * 48];
-        attend_host_matmul(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
+        attend_host_long(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
         let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "host matmul: max difference {diff}");
+        assert!(diff < 1e-5, "long-prompt path: max difference {diff}");
     }
 }
