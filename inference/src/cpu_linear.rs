@@ -130,9 +130,6 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
 
 /// Computes `dot(x_i, w_j)` for `m` input rows and `rows` weight rows, in
 /// tiles of up to `TILE` input rows by `TILE` weight rows.
-///
-/// A single input row streams one weight row at a time: the product is then
-/// bound by memory, and one sequential stream per core reads fastest.
 /// `out[i]` receives row `i`'s products with these weight rows.
 fn kernel(x: &[f32], w: &[f32], rows: usize, k: usize, out: &mut [&mut [f32]]) {
     let m = out.len();

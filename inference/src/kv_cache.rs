@@ -217,10 +217,10 @@ fn attend_host_long(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, 
     out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
         let visible = offset + i + 1;
         let mut scores = vec![0f32; visible];
+        let q_row: Vec<f32> = q[i * qw..(i + 1) * qw].iter().map(|x| x * scale).collect();
         for h in 0..dims.num_heads {
             let kvh = h / g;
-            let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d].iter().map(|x| x * scale).collect();
-            simd::transposed_scores(&qh, &keys_t[kvh * d * total..], total, &mut scores);
+            simd::transposed_scores(&q_row[h * d..(h + 1) * d], &keys_t[kvh * d * total..], total, &mut scores);
             simd::softmax_in_place(&mut scores);
             simd::weighted_sum(&scores, &v[kvh * d..], kw, &mut out_row[h * d..(h + 1) * d]);
         }

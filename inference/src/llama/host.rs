@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
-use super::{Attention, BatchChunk, Llama, Mlp, RmsNorm};
+use super::{Attention, BatchChunk, Llama, Mlp, RmsNorm, advance_caches, split_logits};
 use crate::cpu_linear::{linear_rows, with_host_f32};
 use crate::error::{Error, Result};
 use crate::kv_cache::{AttentionDims, SequenceCache, attend_rows};
@@ -66,29 +66,15 @@ impl Llama {
         drop(caches);
 
         // Only the rows someone asked for go through the (large) vocabulary projection.
+        let rows = advance_caches(chunks);
         let mut picked = Vec::new();
-        let mut takes = Vec::with_capacity(chunks.len());
-        let mut offset = 0;
-        for chunk in chunks.iter_mut() {
-            let len = chunk.tokens.len();
-            chunk.cache.len += len;
-            let take = if chunk.all_logits { len } else { 1 };
-            picked.extend_from_slice(&x[(offset + len - take) * hidden..(offset + len) * hidden]);
-            takes.push(take);
-            offset += len;
+        for &(start, take) in &rows {
+            picked.extend_from_slice(&x[start * hidden..(start + take) * hidden]);
         }
-        let rows = picked.len() / hidden;
-        let normed = self.norm.host(&picked, hidden)?;
-        let logits = project(&normed, rows, &self.lm_head)?;
-        let vocab = logits.len() / rows.max(1);
-        let logits = Tensor::from_vec(logits, (rows, vocab), &Device::Cpu)?;
-        let mut out = Vec::with_capacity(takes.len());
-        let mut at = 0;
-        for take in takes {
-            out.push(logits.narrow(0, at, take)?);
-            at += take;
-        }
-        Ok(out)
+        let count = picked.len() / hidden;
+        let logits = project(&self.norm.host(&picked, hidden)?, count, &self.lm_head)?;
+        let vocab = self.lm_head.weight().dim(0)?;
+        split_logits(&Tensor::from_vec(logits, (count, vocab), &Device::Cpu)?, &rows)
     }
 }
 

@@ -170,27 +170,41 @@ impl Llama {
             x = layer.forward_batch(&x, &cos, &sin, &mut caches, i)?;
         }
         drop(caches);
-        let mut offset = 0;
-        let mut rows = Vec::with_capacity(chunks.len());
-        for chunk in chunks.iter_mut() {
-            let len = chunk.tokens.len();
-            chunk.cache.len += len;
-            let take = if chunk.all_logits { len } else { 1 };
-            rows.push((offset + len - take, take));
-            offset += len;
-        }
         // Only the rows someone asked for go through the (large) vocabulary projection.
+        let rows = advance_caches(chunks);
         let index: Vec<u32> = rows.iter().flat_map(|&(s, k)| (s..s + k).map(|r| r as u32)).collect();
-        let picked = x.index_select(&Tensor::from_vec(index.clone(), index.len(), &self.device)?, 0)?;
+        let len = index.len();
+        let picked = x.index_select(&Tensor::from_vec(index, len, &self.device)?, 0)?;
         let logits = serve(&self.lm_head, &self.norm.forward_fast(&picked)?)?.to_dtype(DType::F32)?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for (_, take) in rows {
-            out.push(logits.narrow(0, at, take)?);
-            at += take;
-        }
-        Ok(out)
+        split_logits(&logits, &rows)
     }
+}
+
+/// After a serving step's layers: counts every chunk's new tokens as cached
+/// and returns, per chunk, the batch rows `(start, count)` whose logits it
+/// asked for (its last token, or all of them with `all_logits`).
+fn advance_caches(chunks: &mut [BatchChunk<'_>]) -> Vec<(usize, usize)> {
+    let mut offset = 0;
+    let mut rows = Vec::with_capacity(chunks.len());
+    for chunk in chunks.iter_mut() {
+        let len = chunk.tokens.len();
+        chunk.cache.len += len;
+        let take = if chunk.all_logits { len } else { 1 };
+        rows.push((offset + len - take, take));
+        offset += len;
+    }
+    rows
+}
+
+/// The picked rows' logits `[Σ count, vocab]`, one tensor per chunk.
+fn split_logits(logits: &Tensor, rows: &[(usize, usize)]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    for &(_, take) in rows {
+        out.push(logits.narrow(0, at, take)?);
+        at += take;
+    }
+    Ok(out)
 }
 
 #[derive(Clone)]
