@@ -64,13 +64,18 @@ fn instructd(args: &[&str], envs: &[(&str, &str)]) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
+/// Response length everywhere in the loop test: long enough for every demonstration template to reach the word
+/// (the tiny model's tokenizer spells "blue" in four tokens, some templates say it only after twenty).
+const RESPONSE_TOKENS: &str = "32";
+
 /// The whole recipe on a tiny model, in two rounds as the paper runs it.
 /// Simulated users and labelers like answers that say "blue" (a rule the
 /// gateway and trainer never see).
 ///
 /// 1. Round one: the start-up model's samples never say "blue", so every
 ///    ranking is one big tie (no signal) but the demonstrations teach the
-///    word: an SFT refresh is announced, verified and promoted.
+///    word: an SFT refresh is announced, verified and promoted, and beats
+///    the start-up model under the hidden rule.
 /// 2. Round two: the SFT policy's samples differ in how often they say it,
 ///    so the rankings carry signal: a reward-model refresh, then PPO-ptx
 ///    from the SFT policy, judged by the evaluation gate against it.
@@ -87,6 +92,34 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
     let gateway = Gateway::start(&redis.url(), &model, &shared);
     let url = gateway.url.clone();
     let initial = admin(&url, "GET", "/admin/checkpoints", None)["serving"].as_str().unwrap().to_string();
+    // The start-up model stays served here, for ground truth against it.
+    let baseline = Gateway::start(&redis.url(), &model, &[]);
+    // The hidden rule itself, on prompts no simulated user sent: the checkpoint `url` serves against the
+    // start-up model.
+    let judge = |candidate: &str| {
+        instructd(
+            &[
+                "win-rate",
+                "--url",
+                &url,
+                "--baseline-url",
+                &baseline.url,
+                "--preference",
+                "contains:blue",
+                "--candidate",
+                candidate,
+                "--baseline",
+                &initial,
+                "--prompts",
+                "16",
+                "--samples",
+                "2",
+                "--max-tokens",
+                RESPONSE_TOKENS,
+            ],
+            &[],
+        )
+    };
 
     let corpus = repo_root().join("tests/data/corpus");
     // The trainer runs between the rounds' traffic: each start reads the whole round in one batch (one
@@ -108,11 +141,13 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
         ("INSTRUCTD__TRAINER__PPO__LEARNING_RATE", "0.002"),
         ("INSTRUCTD__TRAINER__PPO__VALUE_LEARNING_RATE", "0.003"),
         ("INSTRUCTD__TRAINER__PPO__ITERATIONS", "12"),
-        ("INSTRUCTD__TRAINER__PPO__PTX_COEF", "0.05"),
+        // The tiny model never saw pre-training text, so γ pulls it towards the corpus (a new task, not an
+        // anchor) and away from SFT: at 0.05 that drift alone erased the learned word in some runs.
+        ("INSTRUCTD__TRAINER__PPO__PTX_COEF", "0.01"),
         ("INSTRUCTD__TRAINER__PPO__KL_COEF", "0.1"),
-        ("INSTRUCTD__TRAINER__PPO__MAX_NEW_TOKENS", "16"),
+        ("INSTRUCTD__TRAINER__PPO__MAX_NEW_TOKENS", RESPONSE_TOKENS),
         ("INSTRUCTD__TRAINER__CORPUS__SEQ_LEN", "64"),
-        ("INSTRUCTD__TRAINER__EVALUATION__MAX_NEW_TOKENS", "16"),
+        ("INSTRUCTD__TRAINER__EVALUATION__MAX_NEW_TOKENS", RESPONSE_TOKENS),
         // A tiny model drifts further per nat of reward than a real one.
         ("INSTRUCTD__TRAINER__EVALUATION__MAX_KL_FROM_SFT", "60"),
     ];
@@ -150,7 +185,7 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
                 "--k",
                 k,
                 "--max-tokens",
-                "16",
+                RESPONSE_TOKENS,
                 "--demonstrations",
                 demonstrations,
                 "--seed",
@@ -187,6 +222,7 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
     assert!(sft["parent"].as_str().unwrap().starts_with("base:"), "{sft}");
     canary_then_promote(&url, &initial, &sft_id);
     drop(trainer);
+    assert_clearly_beats_start_up_model(&judge(&sft_id), "the SFT policy");
 
     // Round two, sampled from the SFT policy; no new demonstrations.
     simulate(2, "8", "0");
@@ -224,36 +260,17 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
         sft_id
     };
 
-    // Ground truth: the hidden rule itself, on prompts no simulated user sent, against the start-up model
-    // (served by a second gateway, as this one no longer holds it).
-    let baseline = Gateway::start(&redis.url(), &model, &[]);
-    let judged = instructd(
-        &[
-            "win-rate",
-            "--url",
-            &url,
-            "--baseline-url",
-            &baseline.url,
-            "--preference",
-            "contains:blue",
-            "--candidate",
-            &offered,
-            "--baseline",
-            &initial,
-            "--prompts",
-            "16",
-            "--samples",
-            "2",
-            "--max-tokens",
-            "16",
-        ],
-        &[],
-    );
+    let judged = judge(&offered);
+    assert_clearly_beats_start_up_model(&judged, &format!("the offered policy (PPO evaluation: {evaluation})"));
+}
+
+/// Under the hidden rule, on 16 prompts: a win rate of at least 0.6 and at least four wins per loss.
+fn assert_clearly_beats_start_up_model(judged: &serde_json::Value, what: &str) {
     assert_eq!(judged["prompts"], 16, "{judged}");
     let (wins, losses) = (judged["wins"].as_u64().unwrap(), judged["losses"].as_u64().unwrap());
     assert!(
         judged["win_rate"].as_f64().unwrap() >= 0.6 && wins >= 4 * losses.max(1),
-        "the offered policy should clearly beat the start-up model under the hidden rule: {judged}"
+        "{what} should clearly beat the start-up model under the hidden rule: {judged}"
     );
 }
 
