@@ -18,6 +18,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod load;
 pub mod model_files;
+pub mod safetensors_file;
 pub mod sampling;
 pub mod simd;
 pub mod stop;

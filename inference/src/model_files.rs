@@ -51,7 +51,7 @@ impl ModelFiles {
     pub fn load_tensors(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut all = HashMap::new();
         for path in &self.weight_files {
-            let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            let tensors = crate::safetensors_file::read(path)
                 .map_err(|e| Error::model_file(path, format!("cannot read safetensors: {e}")))?;
             for (name, tensor) in tensors {
                 let tensor = tensor

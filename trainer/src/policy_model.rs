@@ -106,13 +106,8 @@ impl PolicyModel {
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-            for path in &files.weight_files {
-                let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-                    .map_err(|e| inference::Error::model_file(path, format!("cannot read safetensors: {e}")))?;
-                for (name, tensor) in tensors {
-                    let tensor = tensor.to_dtype(DType::F32)?.to_device(device)?;
-                    data.insert(name, Var::from_tensor(&tensor)?);
-                }
+            for (name, tensor) in files.load_tensors(DType::F32, device)? {
+                data.insert(name, Var::from_tensor(&tensor)?);
             }
         }
         let loaded: HashSet<String> = varmap.data().lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
