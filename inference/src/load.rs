@@ -64,9 +64,16 @@ impl LoadedModel {
 struct HandedOverOnce(Mutex<HashMap<String, Tensor>>);
 
 impl HandedOverOnce {
-    fn take(&self, name: &str) -> candle_core::Result<Tensor> {
+    /// candle's own look-up (name and shape checks, dtype and device), then the tensor leaves the map.
+    fn take(
+        &self,
+        name: &str,
+        get: impl FnOnce(&HashMap<String, Tensor>) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let mut tensors = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        tensors.remove(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())
+        let tensor = get(&tensors)?;
+        tensors.remove(name);
+        Ok(tensor)
     }
 }
 
@@ -75,24 +82,15 @@ impl SimpleBackend for HandedOverOnce {
         &self,
         shape: Shape,
         name: &str,
-        _: candle_nn::Init,
+        init: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.take(name)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        tensor.to_device(dev)?.to_dtype(dtype)
+        self.take(name, |tensors| SimpleBackend::get(tensors, shape, name, init, dtype, dev))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.take(name)?.to_device(dev)?.to_dtype(dtype)
+        self.take(name, |tensors| SimpleBackend::get_unchecked(tensors, name, dtype, dev))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -47,10 +47,7 @@ pub fn read(path: &Path) -> Result<HashMap<String, Tensor>, String> {
 
     let data_start = 8 + header_len;
     let mut tensors = HashMap::with_capacity(entries.len());
-    // In file order, so the reads go forward through the file.
-    let mut ordered: Vec<_> = entries.into_iter().collect();
-    ordered.sort_by_key(|(_, (_, _, [begin, _]))| *begin);
-    for (name, (dtype, shape, [begin, end])) in ordered {
+    for (name, (dtype, shape, [begin, end])) in entries {
         let mut bytes = vec![0u8; (end - begin) as usize];
         file.seek(SeekFrom::Start(data_start + begin))
             .and_then(|_| file.read_exact(&mut bytes))
@@ -64,13 +61,13 @@ pub fn read(path: &Path) -> Result<HashMap<String, Tensor>, String> {
 
 type Checked = (DType, Vec<usize>, [u64; 2]);
 
-/// The header's tensors, each checked: a known dtype, and a byte range inside the data (`data_len` bytes) whose
-/// size matches the shape.
-fn parse_header(header: &[u8], data_len: u64) -> Result<HashMap<String, Checked>, String> {
+/// The header's tensors in file order (so reads go forward through the file), each checked: a known dtype, and a
+/// byte range inside the data (`data_len` bytes) whose size matches the shape.
+fn parse_header(header: &[u8], data_len: u64) -> Result<Vec<(String, Checked)>, String> {
     let mut raw: HashMap<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| format!("invalid header JSON: {e}"))?;
     raw.remove("__metadata__");
-    let mut checked = HashMap::with_capacity(raw.len());
+    let mut checked = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         let entry: TensorEntry = serde_json::from_value(value).map_err(|e| format!("tensor {name}: {e}"))?;
         let dtype =
@@ -90,8 +87,9 @@ fn parse_header(header: &[u8], data_len: u64) -> Result<HashMap<String, Checked>
                 end - begin
             ));
         }
-        checked.insert(name, (dtype, entry.shape, entry.data_offsets));
+        checked.push((name, (dtype, entry.shape, entry.data_offsets)));
     }
+    checked.sort_by_key(|(_, (_, _, [begin, _]))| *begin);
     Ok(checked)
 }
 
