@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu_linear;
 pub mod engine;
 pub mod error;
+pub mod gemm;
 pub mod gguf_dequantize;
 pub mod gguf_import;
 pub mod kv_cache;

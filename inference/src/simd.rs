@@ -190,7 +190,18 @@ pub fn softmax_in_place(x: &mut [f32]) {
     if x.is_empty() {
         return;
     }
+    let (_, sum) = exp_shifted_in_place(x);
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x = exp(x − max(x))` in place; returns `(max, Σ exp(x − max))`, so `max + ln(sum)` is the log-sum-exp.
+/// An empty slice gives `(−∞, 0)`.
+pub fn exp_shifted_in_place(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if x.is_empty() {
+        return (max, 0.0);
+    }
     let sum = match level() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F and VL; the pointer covers `x.len()` values.
@@ -204,8 +215,7 @@ pub fn softmax_in_place(x: &mut [f32]) {
             sum
         }
     };
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    (max, sum)
 }
 
 fn dot_tile_scalar<const R: usize, const C: usize>(

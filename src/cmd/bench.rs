@@ -219,7 +219,7 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let peak_rss_mb = peak_rss_kb().map(|kb| kb as f64 / 1024.0);
+    let peak_rss_mb = super::peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(
         "model {} ({}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
         args.model.display(),
@@ -251,10 +251,4 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
         });
         println!("{json}");
     }
-}
-
-fn peak_rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -5,6 +5,8 @@
 //! gateway hot-swaps in.
 
 pub mod backend;
+pub mod bench;
+pub mod compute_pool;
 pub mod config;
 pub mod corpus;
 pub mod episodes;
@@ -19,6 +21,7 @@ pub mod refresh;
 pub mod reward_model;
 pub mod sft;
 pub mod snapshot;
+pub mod step_timing;
 pub mod store;
 
 pub use config::TrainerConfig;

@@ -146,7 +146,13 @@ impl Gradients {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sum = 0f64;
         for grad in self.grads.values() {
-            sum += f64::from(grad.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            let grad = grad.to_dtype(DType::F32)?;
+            sum += match inference::cpu_linear::with_host_f32(&grad, |g| {
+                g.chunks(4096).map(|c| f64::from(inference::simd::dot(c, c))).sum::<f64>()
+            }) {
+                Ok(host) => host,
+                Err(_) => f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?),
+            };
         }
         Ok(sum.sqrt())
     }
@@ -174,6 +180,64 @@ enum Moments {
 struct AdamParam {
     var: Var,
     moments: Moments,
+}
+
+/// One variable's Adam update on the CPU, applied to the variable's own storage (no copy of the weights, no
+/// temporaries), in parallel over chunks of the parameter.
+struct HostUpdate<'a> {
+    grad: Tensor,
+    moments: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    beta1: f32,
+    beta2: f32,
+    correct1: f32,
+    correct2: f32,
+    lr: f32,
+    eps: f32,
+    /// `1 − lr·weight_decay`.
+    keep: f32,
+}
+
+impl candle_core::InplaceOp1 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adam-host-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("adam: the variable is not contiguous".into()))?;
+        let candle_core::CpuStorage::F32(theta) = storage else {
+            return Err(candle_core::Error::Msg("adam: host moments need an F32 variable".into()));
+        };
+        let theta = &mut theta[start..end];
+        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
+        let (candle_core::Storage::Cpu(grad), Some((gs, ge))) = (&*grad_storage, grad_layout.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg("adam: the gradient is not a contiguous CPU tensor".into()));
+        };
+        let grad = &grad.as_slice::<f32>()?[gs..ge];
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *moments;
+        if grad.len() != theta.len() || m.len() != theta.len() {
+            return Err(candle_core::Error::Msg("adam: gradient and variable sizes differ".into()));
+        }
+        const CHUNK: usize = 1 << 16;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((theta, m), v), g)| {
+                for i in 0..theta.len() {
+                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
+                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
+                    theta[i] = theta[i] * self.keep
+                        - self.lr * (m[i] * self.correct1) / ((v[i] * self.correct2).sqrt() + self.eps);
+                }
+            });
+        Ok(())
+    }
 }
 
 /// Adam over a fixed list of variables. Variables without a gradient in a step are left untouched (their moments
@@ -228,16 +292,18 @@ impl Adam {
             let Some(g) = grads.get(&p.var) else { continue };
             match &mut p.moments {
                 Moments::Host { m, v } => {
-                    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let mut theta = p.var.as_tensor().detach().flatten_all()?.to_vec1::<f32>()?;
-                    let (b1, b2, c1, c2) = (beta1 as f32, beta2 as f32, correct1 as f32, correct2 as f32);
-                    let (lr32, eps32, keep) = (lr as f32, eps as f32, (1.0 - lr * weight_decay) as f32);
-                    for (((theta, m), v), g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&g) {
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *theta = *theta * keep - lr32 * (*m * c1) / ((*v * c2).sqrt() + eps32);
-                    }
-                    p.var.set(&Tensor::from_vec(theta, p.var.shape(), p.var.device())?)?;
+                    let update = HostUpdate {
+                        grad: g.to_dtype(DType::F32)?.contiguous()?,
+                        moments: std::sync::Mutex::new((m, v)),
+                        beta1: beta1 as f32,
+                        beta2: beta2 as f32,
+                        correct1: correct1 as f32,
+                        correct2: correct2 as f32,
+                        lr: lr as f32,
+                        eps: eps as f32,
+                        keep: (1.0 - lr * weight_decay) as f32,
+                    };
+                    p.var.as_tensor().inplace_op1(&update)?;
                 }
                 Moments::Device { m, v } => {
                     let g = g.to_dtype(m.dtype())?;

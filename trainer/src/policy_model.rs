@@ -10,10 +10,11 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use inference::config::LlamaConfig;
-use inference::llama::Llama;
+use inference::llama::{Llama, WeightGrads};
 use inference::model_files::ModelFiles;
 use inference::tokenizer::{ChatMessage, Tokenizer};
 
@@ -96,6 +97,10 @@ pub struct PolicyModel {
     tokenizer: Tokenizer,
     files: ModelFiles,
     device: Device,
+    /// Names of the variables [`PolicyModel::with_frozen_layers`] froze.
+    frozen: HashSet<String>,
+    /// Weight gradients of the fused CPU ops, moved into the `GradStore` by [`PolicyModel::backward`].
+    weight_grads: WeightGrads,
 }
 
 impl PolicyModel {
@@ -134,7 +139,42 @@ impl PolicyModel {
             });
         }
         let tokenizer = Tokenizer::from_dir(&files.dir)?.with_extra_eos(&files.config.eos_token_ids());
-        Ok(Self { varmap, model, tokenizer, files, device: device.clone() })
+        let weight_grads = WeightGrads::new();
+        let model = model.with_weight_grads(weight_grads.clone());
+        Ok(Self { varmap, model, tokenizer, files, device: device.clone(), frozen: HashSet::new(), weight_grads })
+    }
+
+    /// Freezes the token embedding and the lowest `n` transformer layers ([`Llama::with_frozen_layers`]): they
+    /// leave [`PolicyModel::vars`] (no optimiser state, no update) and the training forward runs them without a
+    /// graph. With tied embeddings the output projection freezes with the embedding. Saving still writes every
+    /// weight.
+    pub fn with_frozen_layers(mut self, n: usize) -> TrainResult<Self> {
+        self.model = self.model.with_frozen_layers(n);
+        let n = self.model.frozen_layers();
+        if n > 0 {
+            let layer_prefixes: Vec<String> = (0..n).map(|i| format!("model.layers.{i}.")).collect();
+            let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            self.frozen = data
+                .keys()
+                .filter(|name| {
+                    name.starts_with("model.embed_tokens.") || layer_prefixes.iter().any(|p| name.starts_with(p))
+                })
+                .cloned()
+                .collect();
+        }
+        Ok(self)
+    }
+
+    /// Gradients of `loss` (a scalar computed through this model's forward) wrt every tensor it depends on, this
+    /// model's weights included. Use this rather than `loss.backward()`: the fused CPU ops collect weight
+    /// gradients beside candle's autograd ([`WeightGrads`]), and this is where they join the store.
+    pub fn backward(&self, loss: &Tensor) -> TrainResult<GradStore> {
+        self.weight_grads.clear();
+        let mut store = loss.backward()?;
+        let vars = self.vars();
+        let weights: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+        self.weight_grads.drain_into(&mut store, &weights)?;
+        Ok(store)
     }
 
     pub fn llama(&self) -> &Llama {
@@ -162,15 +202,16 @@ impl PolicyModel {
         &self.files.dir
     }
 
-    /// Every variable with its tensor name, sorted by name.
+    /// Every trainable variable (all but the frozen ones) with its tensor name, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut vars: Vec<(String, Var)> =
+            data.iter().filter(|(k, _)| !self.frozen.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
     }
 
-    /// Every variable, sorted by tensor name (a stable order for the optimiser).
+    /// Every trainable variable, sorted by tensor name (a stable order for the optimiser).
     pub fn vars(&self) -> Vec<Var> {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }

@@ -92,6 +92,10 @@ pub struct PpoConfig {
     pub max_grad_norm: Option<f64>,
     pub adam: AdamConfig,
     pub seed: u64,
+    /// Freeze the token embedding and this many of the lowest layers (0 = the paper's full fine-tune): they get
+    /// no gradient and no optimiser state, and the forward builds no graph through them. With tied embeddings the
+    /// output projection freezes with the embedding.
+    pub freeze_layers: usize,
 }
 
 impl Default for PpoConfig {
@@ -119,6 +123,7 @@ impl Default for PpoConfig {
             max_grad_norm: Some(1.0),
             adam: AdamConfig::default(),
             seed: 0,
+            freeze_layers: 0,
         }
     }
 }
@@ -240,10 +245,10 @@ pub fn train(
     };
     let started = Instant::now();
     let device = inference::load::default_device();
-    let policy = PolicyModel::load(inputs.policy_dir, &device)?;
+    let policy = PolicyModel::load(inputs.policy_dir, &device)?.with_frozen_layers(config.freeze_layers)?;
     let reference = LoadedModel::load(inputs.reference_dir, DType::F32, &device)?;
     let scorer = RewardModel::load_on(inputs.reward_model_dir, &device)?;
-    let critic = RewardModel::load_on(inputs.reward_model_dir, &device)?;
+    let critic = RewardModel::load_on(inputs.reward_model_dir, &device)?.with_frozen_layers(config.freeze_layers)?;
     if reference.files.config.vocab_size != policy.config().vocab_size {
         return Err(TrainError::Data("the reference policy's vocabulary differs from the policy's".into()));
     }
@@ -305,88 +310,92 @@ pub fn train(
             )));
         }
 
-        // 2. Scores, old log-probabilities, reference log-probabilities, values.
-        let scores = scorer.score(&prompt_response_pairs(&prompts, &episodes))?;
-        let refs: Vec<&Episode> = episodes.iter().collect();
-        let batch = EpisodeBatch::new(&refs, &device)?;
-        let logprobs = |model: &inference::llama::Llama| {
-            in_chunks(&batch, config.minibatch_size, |input, targets| {
-                Ok(token_logprobs(&model.forward_train(input, 0.0)?, targets)?)
-            })
-        };
-        let old_lp = logprobs(policy.llama())?;
-        let ref_lp = logprobs(&reference.model)?;
-        let old_values = in_chunks(&batch, config.minibatch_size, |input, _| critic.values(input, 0.0))?;
+        // 2-4 run on the training pool (see `compute_pool`); rollouts above ran on the engine's own.
+        let (scores, batch, kl_per_episode, sums) = crate::compute_pool::run(|| -> TrainResult<_> {
+            // 2. Scores, old log-probabilities, reference log-probabilities, values.
+            let scores = scorer.score(&prompt_response_pairs(&prompts, &episodes))?;
+            let refs: Vec<&Episode> = episodes.iter().collect();
+            let batch = EpisodeBatch::new(&refs, &device)?;
+            let logprobs = |model: &inference::llama::Llama| {
+                in_chunks(&batch, config.minibatch_size, |input, targets| {
+                    Ok(token_logprobs(&model.forward_train(input, 0.0)?, targets)?)
+                })
+            };
+            let old_lp = logprobs(policy.llama())?;
+            let ref_lp = logprobs(&reference.model)?;
+            let old_values = in_chunks(&batch, config.minibatch_size, |input, _| critic.values(input, 0.0))?;
 
-        // 3. Shaped rewards, GAE, whitening.
-        let kl = kl_penalty(&old_lp, &ref_lp)?;
-        let score_tensor = Tensor::new(scores.as_slice(), &device)?;
-        let rewards = shaped_rewards(&score_tensor, &kl, &batch.mask, config.kl_coef)?;
-        let (advantages, returns) = gae(&rewards, &old_values, &batch.mask, PAPER_GAE_GAMMA, config.gae_lambda)?;
-        let advantages = whiten(&advantages, &batch.mask)?;
-        let kl_per_episode = batch.response_sums(&kl)?;
+            // 3. Shaped rewards, GAE, whitening.
+            let kl = kl_penalty(&old_lp, &ref_lp)?;
+            let score_tensor = Tensor::new(scores.as_slice(), &device)?;
+            let rewards = shaped_rewards(&score_tensor, &kl, &batch.mask, config.kl_coef)?;
+            let (advantages, returns) = gae(&rewards, &old_values, &batch.mask, PAPER_GAE_GAMMA, config.gae_lambda)?;
+            let advantages = whiten(&advantages, &batch.mask)?;
+            let kl_per_episode = batch.response_sums(&kl)?;
 
-        // 4. Optimisation.
-        let mut sums = Sums::default();
-        let rows: Vec<usize> = (0..episodes.len()).collect();
-        for _ in 0..config.inner_epochs {
-            let mut shuffled = rows.clone();
-            shuffled.shuffle(&mut rng);
-            for minibatch in shuffled.chunks(config.minibatch_size) {
-                let idx = Tensor::new(minibatch.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
-                let pick = |t: &Tensor| -> TrainResult<Tensor> { Ok(t.index_select(&idx, 0)?) };
-                let (input, mb_targets, mask) = (pick(&batch.input)?, pick(&batch.targets)?, pick(&batch.mask)?);
+            // 4. Optimisation.
+            let mut sums = Sums::default();
+            let rows: Vec<usize> = (0..episodes.len()).collect();
+            for _ in 0..config.inner_epochs {
+                let mut shuffled = rows.clone();
+                shuffled.shuffle(&mut rng);
+                for minibatch in shuffled.chunks(config.minibatch_size) {
+                    let idx = Tensor::new(minibatch.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
+                    let pick = |t: &Tensor| -> TrainResult<Tensor> { Ok(t.index_select(&idx, 0)?) };
+                    let (input, mb_targets, mask) = (pick(&batch.input)?, pick(&batch.targets)?, pick(&batch.mask)?);
 
-                let mut grads = Gradients::new();
-                let logits = policy.llama().forward_train(&input, 0.0)?;
-                let new_lp = token_logprobs(&logits, &mb_targets)?;
-                let (policy_loss, clip_fraction, approx_kl) =
-                    ppo_policy_loss(&new_lp, &pick(&old_lp)?, &pick(&advantages)?, &mask, config.clip_ratio)?;
-                let step_entropy = masked_mean(&entropy(&logits.detach())?, &mask)?.to_scalar::<f32>()?;
-                grads.accumulate(&policy_loss.backward()?, &policy_vars, 1.0)?;
-                drop((logits, new_lp));
+                    let mut grads = Gradients::new();
+                    let logits = policy.llama().forward_train(&input, 0.0)?;
+                    let new_lp = token_logprobs(&logits, &mb_targets)?;
+                    let (policy_loss, clip_fraction, approx_kl) =
+                        ppo_policy_loss(&new_lp, &pick(&old_lp)?, &pick(&advantages)?, &mask, config.clip_ratio)?;
+                    let step_entropy = masked_mean(&entropy(&logits.detach())?, &mask)?.to_scalar::<f32>()?;
+                    grads.accumulate(&policy.backward(&policy_loss)?, &policy_vars, 1.0)?;
+                    drop((logits, new_lp));
 
-                let mut ptx_loss = None;
-                if let Some(corpus) = corpus {
-                    let windows = corpus.sample(&mut rng, config.ptx_per_episode.max(1) * minibatch.len());
-                    let mut loss_sum = 0f64;
-                    for micro in windows.chunks(config.ptx_micro_batch) {
-                        let share = micro.len() as f64 / windows.len() as f64;
-                        let nll = lm_loss(policy.llama(), micro, &device)?;
-                        loss_sum += f64::from(nll.to_scalar::<f32>()?) * share;
-                        grads.accumulate(&nll.backward()?, &policy_vars, config.ptx_coef * share)?;
+                    let mut ptx_loss = None;
+                    if let Some(corpus) = corpus {
+                        let windows = corpus.sample(&mut rng, config.ptx_per_episode.max(1) * minibatch.len());
+                        let mut loss_sum = 0f64;
+                        for micro in windows.chunks(config.ptx_micro_batch) {
+                            let share = micro.len() as f64 / windows.len() as f64;
+                            let nll = lm_loss(policy.llama(), micro, &device)?;
+                            loss_sum += f64::from(nll.to_scalar::<f32>()?) * share;
+                            grads.accumulate(&policy.backward(&nll)?, &policy_vars, config.ptx_coef * share)?;
+                        }
+                        ptx_loss = Some(loss_sum as f32);
                     }
-                    ptx_loss = Some(loss_sum as f32);
-                }
-                match config.max_grad_norm {
-                    Some(max) => grads.clip_global_norm(max)?,
-                    None => grads.global_norm()?,
-                };
-                policy_adam.step(&grads, lr)?;
-                drop(grads);
-                if let (Some(decay), Some(ema)) = (config.ema_decay, ema.as_mut()) {
-                    update_ema(ema, &policy, decay)?;
-                }
+                    match config.max_grad_norm {
+                        Some(max) => grads.clip_global_norm(max)?,
+                        None => grads.global_norm()?,
+                    };
+                    policy_adam.step(&grads, lr)?;
+                    drop(grads);
+                    if let (Some(decay), Some(ema)) = (config.ema_decay, ema.as_mut()) {
+                        update_ema(ema, &policy, decay)?;
+                    }
 
-                let values = critic.values(&input, 0.0)?;
-                let v_loss = value_loss(&values, &pick(&old_values)?, &pick(&returns)?, &mask, config.value_clip)?;
-                let mut value_grads = Gradients::new();
-                value_grads.accumulate(&v_loss.backward()?, &critic_vars, config.vf_coef)?;
-                if let Some(max) = config.max_grad_norm {
-                    value_grads.clip_global_norm(max)?;
-                }
-                critic_adam.step(&value_grads, value_lr)?;
+                    let values = critic.values(&input, 0.0)?;
+                    let v_loss = value_loss(&values, &pick(&old_values)?, &pick(&returns)?, &mask, config.value_clip)?;
+                    let mut value_grads = Gradients::new();
+                    value_grads.accumulate(&critic.trunk().backward(&v_loss)?, &critic_vars, config.vf_coef)?;
+                    if let Some(max) = config.max_grad_norm {
+                        value_grads.clip_global_norm(max)?;
+                    }
+                    critic_adam.step(&value_grads, value_lr)?;
 
-                sums.add(
-                    policy_loss.to_scalar::<f32>()?,
-                    v_loss.to_scalar::<f32>()?,
-                    ptx_loss,
-                    clip_fraction,
-                    approx_kl,
-                    step_entropy,
-                );
+                    sums.add(
+                        policy_loss.to_scalar::<f32>()?,
+                        v_loss.to_scalar::<f32>()?,
+                        ptx_loss,
+                        clip_fraction,
+                        approx_kl,
+                        step_entropy,
+                    );
+                }
             }
-        }
+            Ok((scores, batch, kl_per_episode, sums))
+        })?;
 
         let n = episodes.len() as f32;
         let reward_mean = scores.iter().sum::<f32>() / n;

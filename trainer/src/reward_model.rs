@@ -33,6 +33,7 @@ use crate::policy_model::{
     PolicyModel, TrainError, TrainResult, encode_chat, io_err, write_file_atomic, write_safetensors_atomic,
 };
 use crate::snapshot::{RankedExample, SftExample};
+use crate::step_timing::{Phase, StepTiming};
 
 /// The scalar head's weights.
 pub const HEAD_FILE: &str = "reward_head.safetensors";
@@ -71,6 +72,10 @@ pub struct RmConfig {
     pub seed: u64,
     /// Sequences per forward when scoring (validation, demonstrations).
     pub score_batch_size: usize,
+    /// Freeze the token embedding and this many of the lowest layers (0 = the paper's full fine-tune): they get
+    /// no gradient and no optimiser state, and the forward builds no graph through them. With tied embeddings the
+    /// output projection freezes with the embedding.
+    pub freeze_layers: usize,
 }
 
 impl Default for RmConfig {
@@ -88,6 +93,7 @@ impl Default for RmConfig {
             adam: AdamConfig::default(),
             seed: 0,
             score_batch_size: 16,
+            freeze_layers: 0,
         }
     }
 }
@@ -281,6 +287,12 @@ impl RewardModel {
         write_file_atomic(&out_dir.join(META_FILE), &meta)
     }
 
+    /// Freezes the trunk's embedding and lowest `n` layers ([`PolicyModel::with_frozen_layers`]).
+    pub fn with_frozen_layers(mut self, n: usize) -> TrainResult<Self> {
+        self.trunk = self.trunk.with_frozen_layers(n)?;
+        Ok(self)
+    }
+
     pub fn trunk(&self) -> &PolicyModel {
         &self.trunk
     }
@@ -389,11 +401,91 @@ impl RewardModel {
     }
 }
 
-/// One prompt's completions, tokenised.
-struct Ranking {
+/// One prompt's completions, tokenised, with the labeler's ranks (0 = best; equal ranks are ties).
+#[derive(Debug, Clone)]
+pub struct Ranking {
     sequences: Vec<Vec<u32>>,
     ranks: Vec<usize>,
     pairs: usize,
+}
+
+impl Ranking {
+    /// `None` when the counts differ or no pair is ordered (nothing to learn from).
+    pub fn new(sequences: Vec<Vec<u32>>, ranks: Vec<usize>) -> Option<Self> {
+        let pairs = ranking_pairs(&ranks).len();
+        (sequences.len() == ranks.len() && pairs > 0).then_some(Self { sequences, ranks, pairs })
+    }
+
+    /// Ordered (untied) pairs.
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    /// Tokens over all completions.
+    pub fn tokens(&self) -> usize {
+        self.sequences.iter().map(Vec::len).sum()
+    }
+}
+
+/// What one reward-model optimiser step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RmStepOutcome {
+    /// Mean per-prompt ranking loss (before the update).
+    pub loss: f64,
+    /// Ordered pairs the model already ranked right.
+    pub correct: f64,
+    pub pairs: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub timing: StepTiming,
+}
+
+/// One reward-model optimiser step over `rankings`: every prompt's K completions forwarded once in a micro-batch
+/// of `micro_batch_prompts` prompts, all its ordered pairs in the loss, gradients accumulated (prompt-weighted),
+/// clipped, and an Adam update at `lr`.
+pub fn train_step(
+    rm: &RewardModel,
+    vars: &[Var],
+    rankings: &[&Ranking],
+    config: &RmConfig,
+    adam: &mut Adam,
+    lr: f64,
+) -> TrainResult<RmStepOutcome> {
+    crate::compute_pool::run(|| step_in_pool(rm, vars, rankings, config, adam, lr))
+}
+
+fn step_in_pool(
+    rm: &RewardModel,
+    vars: &[Var],
+    rankings: &[&Ranking],
+    config: &RmConfig,
+    adam: &mut Adam,
+    lr: f64,
+) -> TrainResult<RmStepOutcome> {
+    let mut timing = StepTiming::default();
+    let mut grads = Gradients::new();
+    let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
+    for micro in rankings.chunks(config.micro_batch_prompts) {
+        let (loss, accuracy) = timing.time(Phase::Forward, || -> TrainResult<_> {
+            let sequences: Vec<&[u32]> = micro.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+            let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
+            let rewards = rm.rewards(&sequences, config.residual_dropout)?;
+            Ok(ranking_loss_batch(&rewards, &ranks)?)
+        })?;
+        let weight = micro.len() as f64 / rankings.len() as f64;
+        let store = timing.time(Phase::Backward, || rm.trunk().backward(&loss))?;
+        timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
+        let micro_pairs: usize = micro.iter().map(|r| r.pairs).sum();
+        loss_sum += f64::from(loss.to_scalar::<f32>()?) * weight;
+        correct += f64::from(accuracy) * micro_pairs as f64;
+        pairs += micro_pairs;
+    }
+    let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
+        Some(max) => grads.clip_global_norm(max),
+        None => grads.global_norm(),
+    })?;
+    timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
+    Ok(RmStepOutcome { loss: loss_sum, correct, pairs, grad_norm, timing })
 }
 
 /// Trains a reward model from the policy (SFT) in `policy_dir` on the training split of `examples`, reports
@@ -410,7 +502,8 @@ pub fn train(
     let started = Instant::now();
     let (policy_dir, out_dir) = (policy_dir.as_ref(), out_dir.as_ref());
     let device = inference::load::default_device();
-    let mut rm = RewardModel::from_policy(policy_dir, &device, config.seed, config.max_seq_len)?;
+    let mut rm = RewardModel::from_policy(policy_dir, &device, config.seed, config.max_seq_len)?
+        .with_frozen_layers(config.freeze_layers)?;
 
     let (mut skipped, mut truncated) = (0usize, 0usize);
     let mut encode_split = |split: Split| -> TrainResult<Vec<Ranking>> {
@@ -474,27 +567,10 @@ pub fn train(
                 grad_norm = tracing::field::Empty
             );
             let _step_entered = step_span.enter();
-            let mut grads = Gradients::new();
-            let (mut step_loss, mut step_correct, mut step_pairs) = (0f64, 0f64, 0usize);
-            for micro in chunk.chunks(config.micro_batch_prompts) {
-                let rankings: Vec<&Ranking> = micro.iter().map(|&i| &train_set[i]).collect();
-                let sequences: Vec<&[u32]> =
-                    rankings.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
-                let ranks: Vec<&[usize]> = rankings.iter().map(|r| r.ranks.as_slice()).collect();
-                let rewards = rm.rewards(&sequences, config.residual_dropout)?;
-                let (loss, accuracy) = ranking_loss_batch(&rewards, &ranks)?;
-                let weight = micro.len() as f64 / chunk.len() as f64;
-                grads.accumulate(&loss.backward()?, &vars, weight)?;
-                let micro_pairs: usize = rankings.iter().map(|r| r.pairs).sum();
-                step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
-                step_correct += f64::from(accuracy) * micro_pairs as f64;
-                step_pairs += micro_pairs;
-            }
-            let grad_norm = match config.max_grad_norm {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
-            };
-            adam.step(&grads, lr)?;
+            let rankings: Vec<&Ranking> = chunk.iter().map(|&i| &train_set[i]).collect();
+            let outcome = train_step(&rm, &vars, &rankings, &config, &mut adam, lr)?;
+            let (step_loss, step_correct, step_pairs, grad_norm) =
+                (outcome.loss, outcome.correct, outcome.pairs, outcome.grad_norm);
             let step_accuracy = step_correct / step_pairs.max(1) as f64;
             step_span.record("loss", step_loss);
             step_span.record("accuracy", step_accuracy);
@@ -736,7 +812,7 @@ mod tests {
         let seqs: Vec<Vec<u32>> = ex.completions.iter().map(|c| rm.encode(&ex.prompt, c).unwrap().0).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let (loss, _) = crate::losses::ranking_loss(&rm.rewards(&refs, 0.0).unwrap(), &ex.ranks).unwrap();
-        let store = loss.backward().unwrap();
+        let store = rm.trunk().backward(&loss).unwrap();
         let mut named = rm.trunk().named_vars();
         named.retain(|(n, _)| n != "lm_head.weight");
         let head = rm.vars().split_off(named.len() + 1);

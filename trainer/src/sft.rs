@@ -31,6 +31,7 @@ use crate::losses::masked_nll;
 use crate::optim::{Adam, AdamConfig, Decay, Gradients, LrSchedule, PAPER_FINAL_LR_RATIO};
 use crate::policy_model::{ChatTokens, PolicyModel, TrainError, TrainResult, encode_chat, write_file_atomic};
 use crate::snapshot::SftExample;
+use crate::step_timing::{Phase, StepTiming};
 
 /// Epochs of SFT in the paper.
 pub const PAPER_SFT_EPOCHS: usize = 16;
@@ -66,6 +67,10 @@ pub struct SftConfig {
     pub seed: u64,
     /// Also write every epoch's model to `<out_dir>/epoch-NN/`.
     pub save_every_epoch: bool,
+    /// Freeze the token embedding and this many of the lowest layers (0 = the paper's full fine-tune): they get
+    /// no gradient and no optimiser state, and the forward builds no graph through them. With tied embeddings the
+    /// output projection freezes with the embedding.
+    pub freeze_layers: usize,
 }
 
 impl Default for SftConfig {
@@ -83,6 +88,7 @@ impl Default for SftConfig {
             adam: AdamConfig::default(),
             seed: 0,
             save_every_epoch: false,
+            freeze_layers: 0,
         }
     }
 }
@@ -186,7 +192,7 @@ pub fn train_with_selector(
     let started = Instant::now();
     let (model_dir_in, out_dir) = (model_dir_in.as_ref(), out_dir.as_ref());
     let device = inference::load::default_device();
-    let model = PolicyModel::load(model_dir_in, &device)?;
+    let model = PolicyModel::load(model_dir_in, &device)?.with_frozen_layers(config.freeze_layers)?;
     let max_len = config.max_seq_len.min(model.llama().max_positions());
 
     let mut stats = EncodeStats::default();
@@ -238,21 +244,8 @@ pub fn train_with_selector(
             );
             let _step_entered = step_span.enter();
             let batch: Vec<&ChatTokens> = chunk.iter().map(|&i| &train_set[i]).collect();
-            let total_tokens: usize = batch.iter().map(|e| loss_tokens(e)).sum();
-            let mut grads = Gradients::new();
-            let mut step_loss = 0f64;
-            for micro in batch.chunks(config.micro_batch_size) {
-                let collated = Collated::new(micro, &device)?;
-                let loss = collated.loss(model.llama(), config.residual_dropout)?;
-                let weight = collated.tokens as f64 / total_tokens as f64;
-                grads.accumulate(&loss.backward()?, &vars, weight)?;
-                step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
-            }
-            let grad_norm = match config.max_grad_norm {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
-            };
-            adam.step(&grads, lr)?;
+            let outcome = train_step(&model, &vars, &batch, &config, &mut adam, lr)?;
+            let (step_loss, grad_norm, total_tokens) = (outcome.loss, outcome.grad_norm, outcome.tokens);
             step_span.record("loss", step_loss);
             step_span.record("grad_norm", grad_norm);
             tracing::debug!(step, lr, loss = step_loss, grad_norm, "SFT step");
@@ -324,6 +317,61 @@ pub fn train_with_selector(
     write_file_atomic(&out_dir.join(REPORT_FILE), &json)?;
     tracing::info!(best_epoch, wall_secs = report.wall_secs, out = %out_dir.display(), "SFT done");
     Ok(report)
+}
+
+/// What one optimiser step did, with where its time went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Token-mean NLL of the batch (before the update).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Loss-bearing tokens in the batch.
+    pub tokens: usize,
+    pub timing: StepTiming,
+}
+
+/// One SFT optimiser step on `batch`: micro-batched forward and backward passes with token-weighted gradient
+/// accumulation, clipping, and an Adam update at `lr`.
+pub fn train_step(
+    model: &PolicyModel,
+    vars: &[candle_core::Var],
+    batch: &[&ChatTokens],
+    config: &SftConfig,
+    adam: &mut Adam,
+    lr: f64,
+) -> TrainResult<StepOutcome> {
+    crate::compute_pool::run(|| step_in_pool(model, vars, batch, config, adam, lr))
+}
+
+fn step_in_pool(
+    model: &PolicyModel,
+    vars: &[candle_core::Var],
+    batch: &[&ChatTokens],
+    config: &SftConfig,
+    adam: &mut Adam,
+    lr: f64,
+) -> TrainResult<StepOutcome> {
+    let mut timing = StepTiming::default();
+    let total_tokens: usize = batch.iter().map(|e| loss_tokens(e)).sum();
+    let mut grads = Gradients::new();
+    let mut step_loss = 0f64;
+    for micro in batch.chunks(config.micro_batch_size) {
+        let (loss, weight) = timing.time(Phase::Forward, || -> TrainResult<_> {
+            let collated = Collated::new(micro, model.device())?;
+            let loss = collated.loss(model.llama(), config.residual_dropout)?;
+            Ok((loss, collated.tokens as f64 / total_tokens.max(1) as f64))
+        })?;
+        step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
+        let store = timing.time(Phase::Backward, || model.backward(&loss))?;
+        timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
+    }
+    let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
+        Some(max) => grads.clip_global_norm(max),
+        None => grads.global_norm(),
+    })?;
+    timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
+    Ok(StepOutcome { loss: step_loss, grad_norm, tokens: total_tokens, timing })
 }
 
 /// Token-mean SFT loss of `examples` (prompt, response) under `model`, without dropout: the validation measure,
@@ -497,7 +545,7 @@ mod tests {
                 data[..3].iter().map(|e| encode_example(&model, e, 512, &mut stats).unwrap().unwrap()).collect();
             let refs: Vec<&ChatTokens> = encoded.iter().collect();
             let loss = Collated::new(&refs, &Device::Cpu).unwrap().loss(model.llama(), 0.2).unwrap();
-            let store = loss.backward().unwrap();
+            let store = model.backward(&loss).unwrap();
             let named = model.named_vars();
             assert_eq!(named.len(), if tied { 20 } else { 21 });
             for (name, var) in &named {
@@ -659,7 +707,7 @@ mod tests {
                 let c = Collated::new(&refs, &Device::Cpu).unwrap();
                 let loss = c.loss(model.llama(), 0.0).unwrap();
                 let t_fwd = t.elapsed().as_secs_f64();
-                let store = loss.backward().unwrap();
+                let store = model.backward(&loss).unwrap();
                 let t_bwd = t.elapsed().as_secs_f64();
                 let mut grads = Gradients::new();
                 grads.accumulate(&store, &vars, 1.0).unwrap();

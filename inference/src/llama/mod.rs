@@ -23,6 +23,12 @@ pub use crate::kv_cache::SequenceCache;
 use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 
 mod host;
+pub mod train_ops;
+pub mod weight_grads;
+
+pub use weight_grads::WeightGrads;
+
+use train_ops::{AttentionShape, fused};
 
 /// Attention softmax runs in F32 whatever the weights' dtype.
 const ATTENTION_DTYPE: DType = DType::F32;
@@ -38,6 +44,11 @@ pub struct Llama {
     rope: RopeTables,
     device: Device,
     dtype: DType,
+    /// The embedding and the layers below this index are frozen: plain tensors (no gradient is computed for
+    /// them) and the training forward builds no graph through them.
+    frozen_layers: usize,
+    /// Where the fused training ops put weight gradients ([`WeightGrads`]); `None` hands them to candle.
+    weight_grads: Option<WeightGrads>,
 }
 
 /// The new tokens one sequence brings to a serving step, with its cache.
@@ -67,7 +78,52 @@ impl Llama {
             candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
         };
         let rope = RopeTables::new(config, dtype, &device)?;
-        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rope, device, dtype })
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device,
+            dtype,
+            frozen_layers: 0,
+            weight_grads: None,
+        })
+    }
+
+    /// Freezes the token embedding and the lowest `n` layers (clamped to the model's depth) for training: their
+    /// weights become detached views of the same storage (so a variable's in-place update is still seen) and the
+    /// training forward runs them without a graph. With tied embeddings the output projection is the embedding,
+    /// so it freezes too. `n = 0` changes nothing.
+    pub fn with_frozen_layers(mut self, n: usize) -> Self {
+        let n = n.min(self.layers.len());
+        if n == 0 {
+            return self;
+        }
+        let tied = self.lm_head.weight().id() == self.embed_tokens.embeddings().id();
+        let embeddings = self.embed_tokens.embeddings().detach();
+        self.embed_tokens = Embedding::new(embeddings.clone(), self.config.hidden_size);
+        if tied {
+            self.lm_head = Linear::new(embeddings, None);
+        }
+        for layer in &mut self.layers[..n] {
+            *layer = layer.detached();
+        }
+        self.frozen_layers = self.frozen_layers.max(n);
+        self
+    }
+
+    /// Collects the weight gradients of the fused CPU training ops in `grads` instead of candle's `GradStore`
+    /// (see [`WeightGrads`]): whoever runs `backward` must then move them over with [`WeightGrads::drain_into`].
+    pub fn with_weight_grads(mut self, grads: WeightGrads) -> Self {
+        self.weight_grads = Some(grads);
+        self
+    }
+
+    /// Layers frozen by [`Llama::with_frozen_layers`].
+    pub fn frozen_layers(&self) -> usize {
+        self.frozen_layers
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -98,7 +154,7 @@ impl Llama {
     /// token ids `[B, T]`, through differentiable ops only. `residual_dropout`
     /// is applied to each residual branch (0 disables it; SFT uses 0.2).
     pub fn hidden_states(&self, input_ids: &Tensor, residual_dropout: f32) -> Result<Tensor> {
-        let (_b, t) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2()?;
         if t > self.max_positions() {
             return Err(Error::invalid(
                 "input_ids",
@@ -107,16 +163,24 @@ impl Llama {
         }
         let mask = causal_mask(t, 0, &self.device)?;
         let (cos, sin) = (self.rope.cos.narrow(0, 0, t)?, self.rope.sin.narrow(0, 0, t)?);
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward_train(&x, &cos, &sin, &mask, residual_dropout)?;
+        let sink = self.weight_grads.as_ref();
+        let table = self.embed_tokens.embeddings();
+        let mut x = if fused(table) && input_ids.device().is_cpu() {
+            let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+            train_ops::embedding(table, &ids, sink)?.reshape((b, t, self.config.hidden_size))?
+        } else {
+            self.embed_tokens.forward(input_ids)?
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let dropout = if i < self.frozen_layers { 0.0 } else { residual_dropout };
+            x = layer.forward_train(&x, &cos, &sin, &mask, dropout, sink)?;
         }
         self.norm.forward_differentiable(&x)
     }
 
     /// Projects hidden states onto the vocabulary.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        linear_rows(&self.lm_head, hidden, self.weight_grads.as_ref())
     }
 
     /// Logits `[B, T, vocab]` at every position, differentiable.
@@ -229,10 +293,39 @@ impl DecoderLayer {
         })
     }
 
-    fn forward_train(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, dropout: f32) -> Result<Tensor> {
-        let h = self.attn.forward_train(&self.input_layernorm.forward_differentiable(x)?, cos, sin, mask)?;
+    /// The same layer on detached views of its weights (frozen: no gradient reaches them).
+    fn detached(&self) -> Self {
+        Self {
+            attn: Attention {
+                q_proj: detached(&self.attn.q_proj),
+                k_proj: detached(&self.attn.k_proj),
+                v_proj: detached(&self.attn.v_proj),
+                o_proj: detached(&self.attn.o_proj),
+                ..self.attn.clone()
+            },
+            mlp: Mlp {
+                gate_proj: detached(&self.mlp.gate_proj),
+                up_proj: detached(&self.mlp.up_proj),
+                down_proj: detached(&self.mlp.down_proj),
+                gate_up: self.mlp.gate_up.clone(),
+            },
+            input_layernorm: self.input_layernorm.detached(),
+            post_attention_layernorm: self.post_attention_layernorm.detached(),
+        }
+    }
+
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        dropout: f32,
+        sink: Option<&WeightGrads>,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward_train(&self.input_layernorm.forward_differentiable(x)?, cos, sin, mask, sink)?;
         let x = (x + residual_dropout(&h, dropout)?)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?, sink)?;
         Ok((&x + residual_dropout(&h, dropout)?)?)
     }
 
@@ -249,6 +342,10 @@ impl DecoderLayer {
         let h = self.mlp.forward_serving(&self.post_attention_layernorm.forward_fast(&x)?)?;
         Ok((x + h)?)
     }
+}
+
+fn detached(linear: &Linear) -> Linear {
+    Linear::new(linear.weight().detach(), linear.bias().map(Tensor::detach))
 }
 
 /// The serving path's projection: the CPU few-row kernel where it applies,
@@ -308,6 +405,28 @@ impl Fused {
     }
 }
 
+/// `linear` applied to `x` `[..., in]` as one `[rows, in]` matrix, differentiable: [`train_ops::linear`] for F32
+/// on the CPU. candle's `Linear` broadcasts the weight over a batch dimension instead, which makes its backward
+/// pass compute one weight gradient per batch row and sum them.
+pub fn linear_rows(linear: &Linear, x: &Tensor, sink: Option<&WeightGrads>) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims.last().copied().unwrap_or(0);
+    let rows = x.elem_count() / inner.max(1);
+    let flat = x.reshape((rows, inner))?;
+    let y = if fused(x) && fused(linear.weight()) {
+        train_ops::linear(&flat, linear.weight(), sink)?
+    } else {
+        flat.matmul(&linear.weight().t()?)?
+    };
+    let y = match linear.bias() {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    };
+    let mut out_dims = dims[..dims.len().saturating_sub(1)].to_vec();
+    out_dims.push(y.dim(1)?);
+    Ok(y.reshape(out_dims)?)
+}
+
 fn residual_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if p > 0.0 { Ok(candle_nn::ops::dropout(x, p)?) } else { Ok(x.clone()) }
 }
@@ -353,7 +472,17 @@ impl Attention {
         self.num_heads / self.num_kv_heads
     }
 
-    fn forward_train(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        sink: Option<&WeightGrads>,
+    ) -> Result<Tensor> {
+        if fused(x) {
+            return self.forward_train_fused(x, cos, sin, sink);
+        }
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
@@ -370,6 +499,26 @@ impl Attention {
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// [`Attention::forward_train`] through the fused CPU kernels: projections on `[B·T, hidden]` rows, RoPE and
+    /// attention on the projections' own `[B, T, heads, D]` layout (no transposes, no repeated K/V heads).
+    fn forward_train_fused(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        sink: Option<&WeightGrads>,
+    ) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rows = x.reshape((b * t, hidden))?;
+        let q = train_ops::rope(&linear_rows(&self.q_proj, &rows, sink)?.reshape((b, t, h, d))?, cos, sin)?;
+        let k = train_ops::rope(&linear_rows(&self.k_proj, &rows, sink)?.reshape((b, t, kv, d))?, cos, sin)?;
+        let v = linear_rows(&self.v_proj, &rows, sink)?.reshape((b, t, kv, d))?;
+        let shape = AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d };
+        let out = train_ops::causal_attention(&q, &k, &v, shape)?.reshape((b * t, h * d))?;
+        Ok(linear_rows(&self.o_proj, &out, sink)?.reshape((b, t, hidden))?)
     }
 
     /// `[B, kv, T, D]` to `[B, heads, T, D]`: head `i` reads kv head `i / groups`.
@@ -430,7 +579,12 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The training MLP (differentiable); `[B·T, hidden]` rows and the fused SwiGLU on the CPU.
+    fn forward(&self, x: &Tensor, sink: Option<&WeightGrads>) -> Result<Tensor> {
+        if fused(x) {
+            let (gate, up) = (linear_rows(&self.gate_proj, x, sink)?, linear_rows(&self.up_proj, x, sink)?);
+            return linear_rows(&self.down_proj, &train_ops::swiglu(&gate, &up)?, sink);
+        }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
     }
@@ -455,13 +609,20 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
 
+    fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), eps: self.eps }
+    }
+
     /// candle's fused kernel: fast, but it has no backward pass.
     fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
     }
 
-    /// The same function from primitive ops, which all have gradients.
+    /// Differentiable: the fused kernel with its own backward on the CPU, primitive ops elsewhere.
     fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        if fused(x) {
+            return Ok(train_ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
         Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)?)
     }
 }

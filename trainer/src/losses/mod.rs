@@ -16,6 +16,9 @@
 //! log p_k = (x_k - m) - log Σ_j exp(x_j - m),        m = max_j x_j   (treated as a constant)
 //! ```
 //!
+//! On the CPU in F32, [`token_logprobs`] runs the same formula as one fused kernel with its own backward
+//! (`inference::llama::train_ops::token_logprobs`); the composition below is the reference and the path elsewhere.
+//!
 //! `m` is detached: the expression's derivative with respect to `m` is exactly `-1 + 1 = 0`, so detaching it
 //! changes no gradient and only keeps ties in the max from splitting a (zero) gradient. Only the picked logit is
 //! gathered, so no full `[B, T, V]` log-softmax tensor is materialised besides `exp(x - m)`.
@@ -62,6 +65,10 @@ pub fn token_logprobs(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let tokens = tokens.to_dtype(DType::U32)?;
     if let Some(&bad) = tokens.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Msg(format!("token_logprobs: token id {bad} out of range for vocabulary {v}")));
+    }
+    if inference::llama::train_ops::fused(logits) {
+        let rows = inference::llama::train_ops::token_logprobs(&logits.reshape((b * t, v))?, &tokens.flatten_all()?)?;
+        return rows.reshape((b, t));
     }
     let logits = logits.to_dtype(DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
