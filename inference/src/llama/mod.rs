@@ -23,6 +23,8 @@ pub use crate::kv_cache::SequenceCache;
 use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 
 mod host;
+pub mod train_kernels;
+pub mod train_layer;
 pub mod train_ops;
 pub mod weight_grads;
 
@@ -293,6 +295,27 @@ impl DecoderLayer {
         })
     }
 
+    /// The weights for [`train_layer::decoder_layer`], when it applies: F32 on the CPU, trainable, no
+    /// projection biases.
+    fn fused_weights(&self, x: &Tensor) -> Option<train_layer::LayerWeights> {
+        let (a, m) = (&self.attn, &self.mlp);
+        let projections = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        let usable =
+            fused(x) && projections.iter().all(|l| l.bias().is_none() && l.weight().is_variable() && fused(l.weight()));
+        usable.then(|| train_layer::LayerWeights {
+            input_norm: self.input_layernorm.weight.clone(),
+            post_attention_norm: self.post_attention_layernorm.weight.clone(),
+            q: a.q_proj.weight().clone(),
+            k: a.k_proj.weight().clone(),
+            v: a.v_proj.weight().clone(),
+            o: a.o_proj.weight().clone(),
+            gate: m.gate_proj.weight().clone(),
+            up: m.up_proj.weight().clone(),
+            down: m.down_proj.weight().clone(),
+            eps: self.input_layernorm.eps as f32,
+        })
+    }
+
     /// The same layer on detached views of its weights (frozen: no gradient reaches them).
     fn detached(&self) -> Self {
         Self {
@@ -323,6 +346,14 @@ impl DecoderLayer {
         dropout: f32,
         sink: Option<&WeightGrads>,
     ) -> Result<Tensor> {
+        if let Some(grads) = sink
+            && dropout == 0.0
+            && let Some(weights) = self.fused_weights(x)
+        {
+            let a = &self.attn;
+            let shape = AttentionShape { num_heads: a.num_heads, num_kv_heads: a.num_kv_heads, head_dim: a.head_dim };
+            return Ok(train_layer::decoder_layer(x, &weights, cos, sin, shape, grads)?);
+        }
         let h = self.attn.forward_train(&self.input_layernorm.forward_differentiable(x)?, cos, sin, mask, sink)?;
         let x = (x + residual_dropout(&h, dropout)?)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?, sink)?;
@@ -723,6 +754,41 @@ mod tests {
             let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
             let norm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0, "{name} has a zero gradient");
+        }
+    }
+
+    /// With a [`WeightGrads`] the training forward runs each layer as one node ([`train_layer`]) and the weight
+    /// gradients bypass candle; logits and every gradient must equal the op-by-op path's.
+    #[test]
+    fn whole_layer_training_path_matches_op_by_op() {
+        let cfg = tiny_config();
+        let (varmap, model) = trainable(&cfg);
+        let grads = WeightGrads::new();
+        let layered = model.clone().with_weight_grads(grads.clone());
+        let ids = Tensor::new(&[[3u32, 7, 1, 9, 4, 2], [5, 5, 8, 1, 0, 6]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[7u32, 1, 9, 4, 2, 5, 8, 1, 0, 6, 3, 3], &Device::Cpu).unwrap();
+        let loss = |m: &Llama| {
+            let logits = m.forward_train(&ids, 0.0).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits.reshape((12, 50)).unwrap(), &targets).unwrap();
+            (logits, loss)
+        };
+        let (want_logits, want_loss) = loss(&model);
+        let want = want_loss.backward().unwrap();
+        let (got_logits, got_loss) = loss(&layered);
+        let mut got = got_loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let q = data["model.layers.0.self_attn.q_proj.weight"].as_tensor();
+        assert!(got.get(q).is_none(), "the layer's weight gradients bypass candle");
+        let weights: Vec<&Tensor> = data.values().map(|v| v.as_tensor()).collect();
+        grads.drain_into(&mut got, &weights).unwrap();
+        let diff = (want_logits - got_logits).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        for (name, var) in data.iter() {
+            let (a, b) = (want.get(var.as_tensor()).unwrap(), got.get(var.as_tensor()).unwrap());
+            let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            let diff =
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-3 * scale.max(1.0), "{name}: gradient differs by {diff} (scale {scale})");
         }
     }
 

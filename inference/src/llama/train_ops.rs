@@ -16,6 +16,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
+use super::train_kernels as kernels;
+pub use super::train_kernels::AttentionShape;
 use super::weight_grads::WeightGrads;
 use crate::gemm::{MatRef, sgemm};
 use crate::simd;
@@ -52,13 +54,6 @@ fn with_host<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
 
 fn tensor(data: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(data, shape.clone(), like.device())
-}
-
-/// Rows of at least this many floats are handed to the thread pool one at a time; smaller ones in groups.
-const MIN_PARALLEL_FLOATS: usize = 16 * 1024;
-
-fn rows_per_task(width: usize) -> usize {
-    (MIN_PARALLEL_FLOATS / width.max(1)).max(1)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -202,10 +197,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
-fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    1.0 / (simd::dot(row, row) / row.len() as f32 + eps).sqrt()
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "train-rms-norm"
@@ -213,60 +204,18 @@ impl CustomOp2 for RmsNorm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        let h = w.len();
-        if l1.dims().last() != Some(&h) {
-            bail!("{}: weight of {h} does not match the input's last dimension", self.name());
+        if l1.dims().last() != Some(&w.len()) {
+            bail!("{}: weight of {} does not match the input's last dimension", self.name(), w.len());
         }
-        let mut y = vec![0f32; x.len()];
-        let per = rows_per_task(h);
-        y.par_chunks_mut(h * per).zip(x.par_chunks(h * per)).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(h).zip(xs.chunks(h)) {
-                let r = inv_rms(xr, self.eps);
-                for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                    *yi = xi * r * wi;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(kernels::rms_norm(x, w, self.eps)), l1.shape().clone()))
     }
 
-    /// With `n = x·r` (r = 1/rms): `dx = r·(g − n·mean(g·n))` where `g = dy·w`, and `dw = Σ_rows dy·n`.
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let h = w.elem_count();
         let (dx, dw) = with_host(x, self.name(), |x| {
             with_host(w, self.name(), |w| {
                 with_host(dy, self.name(), |dy| {
                     let mut dx = vec![0f32; x.len()];
-                    let per = rows_per_task(h);
-                    let dw = dx
-                        .par_chunks_mut(h * per)
-                        .zip(x.par_chunks(h * per))
-                        .zip(dy.par_chunks(h * per))
-                        .map(|((dxs, xs), dys)| {
-                            let mut dw = vec![0f32; h];
-                            let mut g = vec![0f32; h];
-                            for ((dxr, xr), dyr) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(dys.chunks(h)) {
-                                let r = inv_rms(xr, self.eps);
-                                let mut gn = 0f32;
-                                for i in 0..h {
-                                    g[i] = dyr[i] * w[i];
-                                    gn += g[i] * xr[i];
-                                    dw[i] += dyr[i] * xr[i] * r;
-                                }
-                                let c = gn * r * r / h as f32;
-                                for i in 0..h {
-                                    dxr[i] = r * (g[i] - xr[i] * c);
-                                }
-                            }
-                            dw
-                        })
-                        .reduce(
-                            || vec![0f32; h],
-                            |mut a, b| {
-                                simd::axpy(&mut a, 1.0, &b);
-                                a
-                            },
-                        );
+                    let dw = kernels::rms_norm_backward(x, w, dy, self.eps, &mut dx);
                     Ok((dx, dw))
                 })
             })
@@ -303,29 +252,13 @@ impl CustomOp3 for Rope {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, cos, sin) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
-        let [b, t, heads, d] = l1.dims() else { bail!("{}: expects [B, T, heads, D]", self.name()) };
-        let (b, t, heads, d) = (*b, *t, *heads, *d);
-        let half = d / 2;
-        if d % 2 != 0 || cos.len() < t * half || sin.len() < t * half {
+        let [_, t, heads, d] = l1.dims() else { bail!("{}: expects [B, T, heads, D]", self.name()) };
+        let (t, heads, d) = (*t, *heads, *d);
+        if d % 2 != 0 || cos.len() < t * d / 2 || sin.len() < t * d / 2 {
             bail!("{}: tables of {} values do not cover {t} positions of head size {d}", self.name(), cos.len());
         }
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        let row = heads * d;
-        y.par_chunks_mut(row).zip(x.par_chunks(row)).enumerate().for_each(|(bt, (ys, xs))| {
-            let pos = bt % t;
-            let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
-            for (yh, xh) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let (x1, x2) = xh.split_at(half);
-                let (y1, y2) = yh.split_at_mut(half);
-                for i in 0..half {
-                    let si = sign * s[i];
-                    y1[i] = x1[i] * c[i] - x2[i] * si;
-                    y2[i] = x2[i] * c[i] + x1[i] * si;
-                }
-            }
-        });
-        debug_assert_eq!(y.len(), b * t * row);
+        let mut y = x.to_vec();
+        kernels::rope_in_place(&mut y, cos, sin, t, heads, d, self.inverse);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -362,34 +295,12 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             bail!("{}: gate {:?} and up {:?} differ", self.name(), l1.shape(), l2.shape());
         }
-        let mut y = g.to_vec();
-        y.par_chunks_mut(MIN_PARALLEL_FLOATS)
-            .zip(u.par_chunks(MIN_PARALLEL_FLOATS))
-            .for_each(|(ys, us)| simd::silu_mul(ys, us));
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(kernels::swiglu(g, u)), l1.shape().clone()))
     }
 
-    /// With `s = σ(g)`: `d gate = dy·u·s·(1 + g·(1 − s))`, `d up = dy·g·s`.
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_host(gate, self.name(), |g| {
-            with_host(up, self.name(), |u| {
-                with_host(dy, self.name(), |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    let n = MIN_PARALLEL_FLOATS;
-                    dg.par_chunks_mut(n)
-                        .zip(du.par_chunks_mut(n))
-                        .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(dy.par_chunks(n)))
-                        .for_each(|((dgs, dus), ((gs, us), dys))| {
-                            for i in 0..gs.len() {
-                                let s = 1.0 / (1.0 + (-gs[i]).exp());
-                                dgs[i] = dys[i] * us[i] * s * (1.0 + gs[i] * (1.0 - s));
-                                dus[i] = dys[i] * gs[i] * s;
-                            }
-                        });
-                    Ok((dg, du))
-                })
-            })
+            with_host(up, self.name(), |u| with_host(dy, self.name(), |dy| Ok(kernels::swiglu_backward(g, u, dy))))
         })?;
         Ok((Some(tensor(dg, gate.shape(), gate)?), Some(tensor(du, up.shape(), up)?)))
     }
@@ -461,14 +372,6 @@ impl CustomOp2 for TokenLogprobs {
 // ---------------------------------------------------------------------------------------------------------------
 // Causal self-attention with grouped K/V heads.
 
-/// Head counts and the score scale of [`causal_attention`].
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
-
 struct CausalAttention {
     shape: AttentionShape,
 }
@@ -480,41 +383,18 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShap
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention { shape })
 }
 
-/// One query of a `[B, T, H, D]` batch: its row, head and position, and `T`.
-#[derive(Clone, Copy)]
-struct QueryAt {
-    seq_len: usize,
-    batch: usize,
-    head: usize,
-    pos: usize,
-}
-
 impl CausalAttention {
-    fn dims(&self, q: &[usize], kv: &[usize]) -> Result<(usize, usize)> {
+    /// `T`, after checking `q` and `k`/`v` against the shape.
+    fn seq_len(&self, q: &[usize], kv: &[usize]) -> Result<usize> {
         let AttentionShape { num_heads: h, num_kv_heads: g_kv, head_dim: d } = self.shape;
         match (q, kv) {
             ([b, t, qh, qd], [kb, kt, kh, kd])
                 if (*qh, *qd, *kh, *kd) == (h, d, g_kv, d) && (kb, kt) == (b, t) && g_kv > 0 && h % g_kv == 0 =>
             {
-                Ok((*b, *t))
+                Ok(*t)
             }
             _ => bail!("train-attention: q {q:?} / kv {kv:?} do not match {:?}", self.shape),
         }
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.shape.head_dim as f32).sqrt()
-    }
-
-    /// Softmax probabilities of query `at` over keys `0..=at.pos` of its batch row, into `p[..=at.pos]`.
-    fn probs(&self, q: &[f32], k: &[f32], at: QueryAt, p: &mut [f32]) {
-        let AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d } = self.shape;
-        let QueryAt { seq_len: t, batch: b, head, pos: i } = at;
-        let kvh = head / (h / kv);
-        let q_row = &q[((b * t + i) * h + head) * d..][..d];
-        let keys = &k[(b * t * kv + kvh) * d..];
-        simd::scaled_dots(q_row, keys, kv * d, self.scale(), &mut p[..=i]);
-        simd::softmax_in_place(&mut p[..=i]);
     }
 }
 
@@ -533,30 +413,13 @@ impl CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
-        let (_, t) = self.dims(l1.dims(), l2.dims())?;
+        let t = self.seq_len(l1.dims(), l2.dims())?;
         if l2.shape() != l3.shape() {
             bail!("{}: k {:?} and v {:?} differ", self.name(), l2.shape(), l3.shape());
         }
-        let AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d } = self.shape;
-        let mut out = vec![0f32; q.len()];
-        // One task per (batch row, position): its H heads' rows are adjacent in the output.
-        out.par_chunks_mut(h * d).enumerate().for_each_init(
-            || vec![0f32; t],
-            |p, (bi, out_row)| {
-                let (b, i) = (bi / t, bi % t);
-                for head in 0..h {
-                    self.probs(q, k, QueryAt { seq_len: t, batch: b, head, pos: i }, p);
-                    let values = &v[(b * t * kv + head / (h / kv)) * d..];
-                    simd::weighted_sum(&p[..=i], values, kv * d, &mut out_row[head * d..(head + 1) * d]);
-                }
-            },
-        );
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(kernels::attention(q, k, v, t, self.shape)), l1.shape().clone()))
     }
 
-    /// Per query row `i`: `dP = dO·vᵀ`, `dS = P ⊙ (dP − P·dP)`, `dq = scale·dS·k`, `dk += scale·dSᵀ·q`,
-    /// `dv += Pᵀ·dO`. Work is split by (batch row, K/V head), so the heads sharing a K/V head add into it
-    /// without contention.
     fn bwd(
         &self,
         q: &Tensor,
@@ -565,60 +428,11 @@ impl CustomOp3 for CausalAttention {
         _out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t) = self.dims(q.dims(), k.dims())?;
-        let AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d } = self.shape;
-        let groups = h / kv;
-        let scale = self.scale();
+        let t = self.seq_len(q.dims(), k.dims())?;
         let (dq, dk, dv) = with_host(q, self.name(), |qs| {
             with_host(k, self.name(), |ks| {
                 with_host(v, self.name(), |vs| {
-                    with_host(d_out, self.name(), |dos| {
-                        // Per (b, kv head): dq for its query heads ([T, groups, D]), dk and dv ([T, D]).
-                        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * kv)
-                            .into_par_iter()
-                            .map(|task| {
-                                let (bi, kvh) = (task / kv, task % kv);
-                                let mut dq = vec![0f32; t * groups * d];
-                                let mut dk = vec![0f32; t * d];
-                                let mut dv = vec![0f32; t * d];
-                                let (mut p, mut dp) = (vec![0f32; t], vec![0f32; t]);
-                                let keys = &ks[(bi * t * kv + kvh) * d..];
-                                let values = &vs[(bi * t * kv + kvh) * d..];
-                                for gi in 0..groups {
-                                    let head = kvh * groups + gi;
-                                    for i in 0..t {
-                                        self.probs(qs, ks, QueryAt { seq_len: t, batch: bi, head, pos: i }, &mut p);
-                                        let row = ((bi * t + i) * h + head) * d;
-                                        let (q_row, do_row) = (&qs[row..row + d], &dos[row..row + d]);
-                                        simd::scaled_dots(do_row, values, kv * d, 1.0, &mut dp[..=i]);
-                                        let pdp = simd::dot(&p[..=i], &dp[..=i]);
-                                        let dq_row = &mut dq[(i * groups + gi) * d..][..d];
-                                        for j in 0..=i {
-                                            let ds = p[j] * (dp[j] - pdp) * scale;
-                                            simd::axpy(dq_row, ds, &keys[j * kv * d..j * kv * d + d]);
-                                            simd::axpy(&mut dk[j * d..(j + 1) * d], ds, q_row);
-                                            simd::axpy(&mut dv[j * d..(j + 1) * d], p[j], do_row);
-                                        }
-                                    }
-                                }
-                                (dq, dk, dv)
-                            })
-                            .collect();
-                        let mut dq = vec![0f32; qs.len()];
-                        let mut dk = vec![0f32; ks.len()];
-                        let mut dv = vec![0f32; vs.len()];
-                        for (task, (pq, pk, pv)) in parts.into_iter().enumerate() {
-                            let (bi, kvh) = (task / kv, task % kv);
-                            for i in 0..t {
-                                let kv_at = ((bi * t + i) * kv + kvh) * d;
-                                dk[kv_at..kv_at + d].copy_from_slice(&pk[i * d..(i + 1) * d]);
-                                dv[kv_at..kv_at + d].copy_from_slice(&pv[i * d..(i + 1) * d]);
-                                let q_at = ((bi * t + i) * h + kvh * groups) * d;
-                                dq[q_at..q_at + groups * d].copy_from_slice(&pq[i * groups * d..(i + 1) * groups * d]);
-                            }
-                        }
-                        Ok((dq, dk, dv))
-                    })
+                    with_host(d_out, self.name(), |dos| Ok(kernels::attention_backward(qs, ks, vs, dos, t, self.shape)))
                 })
             })
         })?;

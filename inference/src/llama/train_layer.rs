@@ -1,0 +1,236 @@
+//! A whole decoder layer of the training forward as one autograd node, with its backward pass written out.
+//!
+//! Built from the per-op kernels ([`super::train_kernels`] and the matmul), one layer is about seventeen candle
+//! nodes, and candle's backward pass adds each node's incoming gradient to a freshly zeroed tensor before
+//! passing it on: for SmolLM2 that zeroes and re-adds some 140 M floats of activation gradients per step on one
+//! core. As a single node the layer keeps its activations in plain vectors between the passes, runs its
+//! backward in one go, and adds its nine weight gradients into the model's [`WeightGrads`] (so it is used only
+//! when the model has one, F32 on the CPU, without residual dropout or projection biases; otherwise the layer
+//! runs op by op). A test checks it against the op-by-op layer, value and gradient.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, bail};
+
+use super::train_kernels::{self as kernels, AttentionShape};
+use super::weight_grads::WeightGrads;
+use crate::gemm::{MatRef, sgemm};
+use crate::simd;
+
+/// A layer's weights (`[out, in]` projections, norm vectors) and its norms' epsilon.
+#[derive(Clone)]
+pub struct LayerWeights {
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+    pub eps: f32,
+}
+
+/// `x` `[B, T, hidden]` through one pre-norm decoder layer (attention then SwiGLU MLP, each added to the
+/// residual stream), differentiable wrt `x`; the weights' gradients go to `grads`. `cos`/`sin` are the RoPE
+/// tables of positions `0..T`.
+pub fn decoder_layer(
+    x: &Tensor,
+    weights: &LayerWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    shape: AttentionShape,
+    grads: &WeightGrads,
+) -> Result<Tensor> {
+    let op = DecoderLayer {
+        weights: weights.clone(),
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        shape,
+        grads: grads.clone(),
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+struct DecoderLayer {
+    weights: LayerWeights,
+    cos: Tensor,
+    sin: Tensor,
+    shape: AttentionShape,
+    grads: WeightGrads,
+    /// The forward's activations, for the backward (taken by it).
+    saved: Mutex<Option<Activations>>,
+}
+
+/// What the backward pass needs from the forward, `n = B·T` rows each.
+struct Activations {
+    t: usize,
+    normed_input: Vec<f32>,
+    /// After RoPE.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attention: Vec<f32>,
+    /// The residual stream after attention.
+    mid: Vec<f32>,
+    normed_mid: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    activation: Vec<f32>,
+}
+
+/// Runs `f` on the F32 values of a contiguous CPU tensor.
+fn host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        bail!("train-decoder-layer: expects contiguous CPU tensors");
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// `x·Wᵀ` for `x` `[n, in]`, `w` `[out, in]`.
+fn project(x: &[f32], w: &Tensor) -> Result<Vec<f32>> {
+    let (out, inner) = w.dims2()?;
+    let n = x.len() / inner.max(1);
+    host(w, |w| {
+        let mut y = vec![0f32; n * out];
+        sgemm(MatRef::row_major(x, n, inner), MatRef::row_major(w, out, inner).t(), &mut y, false);
+        Ok(y)
+    })
+}
+
+/// `dx (+)= dy·W` for `dy` `[n, out]`, `w` `[out, in]`.
+fn project_back(dy: &[f32], w: &Tensor, dx: &mut [f32], accumulate: bool) -> Result<()> {
+    let (out, inner) = w.dims2()?;
+    let n = dy.len() / out.max(1);
+    host(w, |w| {
+        sgemm(MatRef::row_major(dy, n, out), MatRef::row_major(w, out, inner), dx, accumulate);
+        Ok(())
+    })
+}
+
+impl DecoderLayer {
+    /// Adds `dyᵀ·x` (`[out, in]`) to `w`'s gradient.
+    fn weight_grad(&self, w: &Tensor, dy: &[f32], x: &[f32]) -> Result<()> {
+        let (out, inner) = w.dims2()?;
+        let n = x.len() / inner.max(1);
+        self.grads.contribute(w, out * inner, |buf, fresh| {
+            sgemm(MatRef::row_major(dy, n, out).t(), MatRef::row_major(x, n, inner), buf, !fresh)
+        });
+        Ok(())
+    }
+
+    fn norm_grad(&self, w: &Tensor, dw: &[f32]) {
+        self.grads.contribute(w, dw.len(), |buf, fresh| {
+            if fresh {
+                buf.copy_from_slice(dw);
+            } else {
+                simd::axpy(buf, 1.0, dw);
+            }
+        });
+    }
+
+    fn forward(&self, x: &[f32], dims: &[usize]) -> Result<(Vec<f32>, Activations)> {
+        let [b, t, hidden] = dims else { bail!("train-decoder-layer: expects [B, T, hidden], got {dims:?}") };
+        let (b, t, hidden) = (*b, *t, *hidden);
+        let w = &self.weights;
+        let AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d } = self.shape;
+        if w.q.dims2()? != (h * d, hidden) || w.k.dims2()? != (kv * d, hidden) {
+            bail!("train-decoder-layer: projections do not match {:?} and hidden {hidden}", self.shape);
+        }
+        let normed_input = host(&w.input_norm, |wn| Ok(kernels::rms_norm(x, wn, w.eps)))?;
+        let (mut q, mut k, v) =
+            (project(&normed_input, &w.q)?, project(&normed_input, &w.k)?, project(&normed_input, &w.v)?);
+        host(&self.cos, |cos| {
+            host(&self.sin, |sin| {
+                kernels::rope_in_place(&mut q, cos, sin, t, h, d, false);
+                kernels::rope_in_place(&mut k, cos, sin, t, kv, d, false);
+                Ok(())
+            })
+        })?;
+        let attention = kernels::attention(&q, &k, &v, t, self.shape);
+        let mut mid = project(&attention, &w.o)?;
+        simd::axpy(&mut mid, 1.0, x);
+        let normed_mid = host(&w.post_attention_norm, |wn| Ok(kernels::rms_norm(&mid, wn, w.eps)))?;
+        let (gate, up) = (project(&normed_mid, &w.gate)?, project(&normed_mid, &w.up)?);
+        let activation = kernels::swiglu(&gate, &up);
+        let mut y = project(&activation, &w.down)?;
+        simd::axpy(&mut y, 1.0, &mid);
+        debug_assert_eq!(y.len(), b * t * hidden);
+        let saved = Activations { t, normed_input, q, k, v, attention, mid, normed_mid, gate, up, activation };
+        Ok((y, saved))
+    }
+
+    fn backward(&self, x: &[f32], a: &Activations, dy: &[f32]) -> Result<Vec<f32>> {
+        let w = &self.weights;
+        let AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d } = self.shape;
+        let (n, inter) = (x.len() / w.input_norm.elem_count().max(1), w.gate.dim(0)?);
+        // MLP: y = mid + down(swiglu(gate(norm(mid)), up(norm(mid)))).
+        let mut d_activation = vec![0f32; n * inter];
+        project_back(dy, &w.down, &mut d_activation, false)?;
+        self.weight_grad(&w.down, dy, &a.activation)?;
+        let (d_gate, d_up) = kernels::swiglu_backward(&a.gate, &a.up, &d_activation);
+        drop(d_activation);
+        let mut d_normed_mid = vec![0f32; x.len()];
+        project_back(&d_gate, &w.gate, &mut d_normed_mid, false)?;
+        project_back(&d_up, &w.up, &mut d_normed_mid, true)?;
+        self.weight_grad(&w.gate, &d_gate, &a.normed_mid)?;
+        self.weight_grad(&w.up, &d_up, &a.normed_mid)?;
+        let mut d_mid = dy.to_vec();
+        let dw = host(&w.post_attention_norm, |wn| {
+            Ok(kernels::rms_norm_backward(&a.mid, wn, &d_normed_mid, w.eps, &mut d_mid))
+        })?;
+        self.norm_grad(&w.post_attention_norm, &dw);
+        // Attention: mid = x + o(attention(rope(q(norm(x))), rope(k(norm(x))), v(norm(x)))).
+        let mut d_attention = vec![0f32; n * h * d];
+        project_back(&d_mid, &w.o, &mut d_attention, false)?;
+        self.weight_grad(&w.o, &d_mid, &a.attention)?;
+        let (mut dq, mut dk, dv) = kernels::attention_backward(&a.q, &a.k, &a.v, &d_attention, a.t, self.shape);
+        drop(d_attention);
+        host(&self.cos, |cos| {
+            host(&self.sin, |sin| {
+                kernels::rope_in_place(&mut dq, cos, sin, a.t, h, d, true);
+                kernels::rope_in_place(&mut dk, cos, sin, a.t, kv, d, true);
+                Ok(())
+            })
+        })?;
+        let mut d_normed_input = vec![0f32; x.len()];
+        project_back(&dq, &w.q, &mut d_normed_input, false)?;
+        project_back(&dk, &w.k, &mut d_normed_input, true)?;
+        project_back(&dv, &w.v, &mut d_normed_input, true)?;
+        self.weight_grad(&w.q, &dq, &a.normed_input)?;
+        self.weight_grad(&w.k, &dk, &a.normed_input)?;
+        self.weight_grad(&w.v, &dv, &a.normed_input)?;
+        let mut dx = d_mid;
+        let dw = host(&w.input_norm, |wn| Ok(kernels::rms_norm_backward(x, wn, &d_normed_input, w.eps, &mut dx)))?;
+        self.norm_grad(&w.input_norm, &dw);
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for DecoderLayer {
+    fn name(&self) -> &'static str {
+        "train-decoder-layer"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("{}: expects a contiguous input", self.name())
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let (y, saved) = self.forward(x, layout.dims())?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            bail!("{}: backward ran twice, or without a forward", self.name());
+        };
+        let dy = dy.contiguous()?;
+        let dx = host(x, |xs| host(&dy, |dys| self.backward(xs, &saved, dys)))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
