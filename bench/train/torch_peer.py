@@ -233,18 +233,12 @@ def main():
     n, t = (int(x) for x in shape.split("x"))
     frozen = int(frozen)
     tok = AutoTokenizer.from_pretrained(args.model)
-    rounds = []
     if stage == "sft":
         model = load(args.model)
         freeze(model, frozen)
         opt = adam(model.parameters())
         batch = sequences(tok, t + 1, n)
-        prompt_len = max(t // 4, 1)
-        for r in range(args.warmup + args.rounds):
-            cpu = cpu_secs()
-            phases = sft_step(model, opt, batch, prompt_len)
-            if r >= args.warmup:
-                rounds.append((phases, cpu_secs() - cpu))
+        step = lambda: sft_step(model, opt, batch, max(t // 4, 1))
         tokens = n * t
     elif stage == "rm":
         model = load(args.model)
@@ -253,24 +247,25 @@ def main():
         head = torch.nn.Linear(model.config.hidden_size, 1)
         opt = adam(list(trunk.parameters()) + list(head.parameters()))
         batch = sequences(tok, t, n)
-        for r in range(args.warmup + args.rounds):
-            cpu = cpu_secs()
-            phases = rm_step(trunk, head, opt, batch)
-            if r >= args.warmup:
-                rounds.append((phases, cpu_secs() - cpu))
+        step = lambda: rm_step(trunk, head, opt, batch)
         tokens = n * t
     elif stage == "ppo":
         ppo = Ppo(args.model, tok, n, args.ppo_minibatch, t, frozen)
-        for r in range(args.warmup + args.rounds):
-            cpu = cpu_secs()
+
+        def step():
             rollout, total = ppo.iteration()
-            phases = {"forward": 0.0, "backward": 0.0, "gradients": 0.0, "optimizer": 0.0, "rollout": rollout}
-            phases["total"] = total
-            if r >= args.warmup:
-                rounds.append((phases, cpu_secs() - cpu))
+            zero = {"forward": 0.0, "backward": 0.0, "gradients": 0.0, "optimizer": 0.0}
+            return {**zero, "rollout": rollout, "total": total}
+
         tokens = n * (t + 30)
     else:
         raise SystemExit(f"unknown stage {stage}")
+    rounds = []
+    for r in range(args.warmup + args.rounds):
+        cpu = cpu_secs()
+        phases = step()
+        if r >= args.warmup:
+            rounds.append((phases, cpu_secs() - cpu))
 
     def secs(p):
         return p.get("total") or (p["forward"] + p["backward"] + p["gradients"] + p["optimizer"])

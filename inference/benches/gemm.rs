@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use inference::gemm::{MatRef, sgemm};
+use inference::gemm::{MatRef, portable, sgemm};
 
 fn main() {
     println!("| product | m x n x k | ms | GFLOP/s | gemm crate GFLOP/s |");
@@ -31,7 +31,7 @@ fn main() {
             });
             let theirs = best_of(|| {
                 let t = Instant::now();
-                gemm_crate(a, b, &mut c);
+                portable(a, b, &mut c, false);
                 t.elapsed().as_secs_f64()
             });
             println!(
@@ -52,32 +52,4 @@ fn best_of(mut f: impl FnMut() -> f64) -> f64 {
     let mut times: Vec<f64> = (0..7).map(|_| f()).collect();
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
-}
-
-fn gemm_crate(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) {
-    let threads = rayon::current_num_threads();
-    // SAFETY: the shapes and strides describe the slices (built above).
-    unsafe {
-        gemm::gemm(
-            a.rows,
-            b.cols,
-            a.cols,
-            c.as_mut_ptr(),
-            1,
-            b.cols as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(threads),
-        );
-    }
 }

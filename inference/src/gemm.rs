@@ -60,10 +60,12 @@ pub fn sgemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
         packed::sgemm(a, b, &mut c[..m * n], accumulate);
         return;
     }
-    fallback(a, b, &mut c[..m * n], accumulate);
+    portable(a, b, &mut c[..m * n], accumulate);
 }
 
-fn fallback(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+/// `c (+)= a·b` through the `gemm` crate (candle's matmul): the path on CPUs without AVX-512, and the
+/// benchmark's reference.
+pub fn portable(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the strides and lengths were checked by `sgemm`; `c` is `m × n` row-major.

@@ -210,14 +210,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = super::cpu_name();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let peak_rss_mb = super::peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(

@@ -119,14 +119,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
 }
 
 fn print_header(args: &BenchTrainArgs) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = super::cpu_name();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "model {}, F32, {cpu}, {cores} cores, median of {} steps after {} warm-up",

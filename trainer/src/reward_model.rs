@@ -451,41 +451,33 @@ pub fn train_step(
     adam: &mut Adam,
     lr: f64,
 ) -> TrainResult<RmStepOutcome> {
-    crate::compute_pool::run(|| step_in_pool(rm, vars, rankings, config, adam, lr))
-}
-
-fn step_in_pool(
-    rm: &RewardModel,
-    vars: &[Var],
-    rankings: &[&Ranking],
-    config: &RmConfig,
-    adam: &mut Adam,
-    lr: f64,
-) -> TrainResult<RmStepOutcome> {
-    let mut timing = StepTiming::default();
-    let mut grads = Gradients::new();
-    let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
-    for micro in rankings.chunks(config.micro_batch_prompts) {
-        let (loss, accuracy) = timing.time(Phase::Forward, || -> TrainResult<_> {
-            let sequences: Vec<&[u32]> = micro.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
-            let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
-            let rewards = rm.rewards(&sequences, config.residual_dropout)?;
-            Ok(ranking_loss_batch(&rewards, &ranks)?)
+    // On the training pool: the fused ops' parallel regions then cost no hand-over (see `compute_pool`).
+    crate::compute_pool::run(|| {
+        let mut timing = StepTiming::default();
+        let mut grads = Gradients::new();
+        let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
+        for micro in rankings.chunks(config.micro_batch_prompts) {
+            let (loss, accuracy) = timing.time(Phase::Forward, || -> TrainResult<_> {
+                let sequences: Vec<&[u32]> = micro.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+                let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
+                let rewards = rm.rewards(&sequences, config.residual_dropout)?;
+                Ok(ranking_loss_batch(&rewards, &ranks)?)
+            })?;
+            let weight = micro.len() as f64 / rankings.len() as f64;
+            let store = timing.time(Phase::Backward, || rm.trunk().backward(&loss))?;
+            timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
+            let micro_pairs: usize = micro.iter().map(|r| r.pairs).sum();
+            loss_sum += f64::from(loss.to_scalar::<f32>()?) * weight;
+            correct += f64::from(accuracy) * micro_pairs as f64;
+            pairs += micro_pairs;
+        }
+        let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
+            Some(max) => grads.clip_global_norm(max),
+            None => grads.global_norm(),
         })?;
-        let weight = micro.len() as f64 / rankings.len() as f64;
-        let store = timing.time(Phase::Backward, || rm.trunk().backward(&loss))?;
-        timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
-        let micro_pairs: usize = micro.iter().map(|r| r.pairs).sum();
-        loss_sum += f64::from(loss.to_scalar::<f32>()?) * weight;
-        correct += f64::from(accuracy) * micro_pairs as f64;
-        pairs += micro_pairs;
-    }
-    let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
-        Some(max) => grads.clip_global_norm(max),
-        None => grads.global_norm(),
-    })?;
-    timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
-    Ok(RmStepOutcome { loss: loss_sum, correct, pairs, grad_norm, timing })
+        timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
+        Ok(RmStepOutcome { loss: loss_sum, correct, pairs, grad_norm, timing })
+    })
 }
 
 /// Trains a reward model from the policy (SFT) in `policy_dir` on the training split of `examples`, reports

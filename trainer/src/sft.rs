@@ -341,37 +341,29 @@ pub fn train_step(
     adam: &mut Adam,
     lr: f64,
 ) -> TrainResult<StepOutcome> {
-    crate::compute_pool::run(|| step_in_pool(model, vars, batch, config, adam, lr))
-}
-
-fn step_in_pool(
-    model: &PolicyModel,
-    vars: &[candle_core::Var],
-    batch: &[&ChatTokens],
-    config: &SftConfig,
-    adam: &mut Adam,
-    lr: f64,
-) -> TrainResult<StepOutcome> {
-    let mut timing = StepTiming::default();
-    let total_tokens: usize = batch.iter().map(|e| loss_tokens(e)).sum();
-    let mut grads = Gradients::new();
-    let mut step_loss = 0f64;
-    for micro in batch.chunks(config.micro_batch_size) {
-        let (loss, weight) = timing.time(Phase::Forward, || -> TrainResult<_> {
-            let collated = Collated::new(micro, model.device())?;
-            let loss = collated.loss(model.llama(), config.residual_dropout)?;
-            Ok((loss, collated.tokens as f64 / total_tokens.max(1) as f64))
+    // On the training pool: the fused ops' parallel regions then cost no hand-over (see `compute_pool`).
+    crate::compute_pool::run(|| {
+        let mut timing = StepTiming::default();
+        let total_tokens: usize = batch.iter().map(|e| loss_tokens(e)).sum();
+        let mut grads = Gradients::new();
+        let mut step_loss = 0f64;
+        for micro in batch.chunks(config.micro_batch_size) {
+            let (loss, weight) = timing.time(Phase::Forward, || -> TrainResult<_> {
+                let collated = Collated::new(micro, model.device())?;
+                let loss = collated.loss(model.llama(), config.residual_dropout)?;
+                Ok((loss, collated.tokens as f64 / total_tokens.max(1) as f64))
+            })?;
+            step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
+            let store = timing.time(Phase::Backward, || model.backward(&loss))?;
+            timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
+        }
+        let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
+            Some(max) => grads.clip_global_norm(max),
+            None => grads.global_norm(),
         })?;
-        step_loss += f64::from(loss.to_scalar::<f32>()?) * weight;
-        let store = timing.time(Phase::Backward, || model.backward(&loss))?;
-        timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
-    }
-    let grad_norm = timing.time(Phase::Gradients, || match config.max_grad_norm {
-        Some(max) => grads.clip_global_norm(max),
-        None => grads.global_norm(),
-    })?;
-    timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
-    Ok(StepOutcome { loss: step_loss, grad_norm, tokens: total_tokens, timing })
+        timing.time(Phase::Optimizer, || adam.step(&grads, lr))?;
+        Ok(StepOutcome { loss: step_loss, grad_norm, tokens: total_tokens, timing })
+    })
 }
 
 /// Token-mean SFT loss of `examples` (prompt, response) under `model`, without dropout: the validation measure,

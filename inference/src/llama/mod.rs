@@ -792,6 +792,32 @@ mod tests {
         }
     }
 
+    /// Above frozen layers (whose output is not tracked) the whole-layer nodes must still be recorded and
+    /// every trainable weight must get a gradient.
+    #[test]
+    fn layers_above_frozen_ones_get_gradients() {
+        let mut cfg = tiny_config();
+        cfg.num_hidden_layers = 3;
+        let (varmap, model) = trainable(&cfg);
+        let grads = WeightGrads::new();
+        let model = model.with_frozen_layers(1).with_weight_grads(grads.clone());
+        let ids = Tensor::new(&[[3u32, 7, 1, 9]], &Device::Cpu).unwrap();
+        let mut store = model.hidden_states(&ids, 0.0).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let weights: Vec<&Tensor> = data.values().map(|v| v.as_tensor()).collect();
+        grads.drain_into(&mut store, &weights).unwrap();
+        for (name, var) in data.iter() {
+            let frozen = name.starts_with("model.layers.0.") || name.starts_with("model.embed_tokens");
+            let grad = store.get(var.as_tensor());
+            if frozen || name.starts_with("lm_head") {
+                assert!(grad.is_none(), "{name} is frozen or unused but got a gradient");
+            } else {
+                let norm = grad.unwrap_or_else(|| panic!("{name} has no gradient")).sqr().unwrap().sum_all().unwrap();
+                assert!(norm.to_scalar::<f32>().unwrap() > 0.0, "{name} has a zero gradient");
+            }
+        }
+    }
+
     #[test]
     fn cached_batched_forward_matches_training_forward() {
         let cfg = tiny_config();

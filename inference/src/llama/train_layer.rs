@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
 
 use super::train_kernels::{self as kernels, AttentionShape};
 use super::weight_grads::WeightGrads;
@@ -51,7 +51,10 @@ pub fn decoder_layer(
         grads: grads.clone(),
         saved: Mutex::new(None),
     };
-    x.contiguous()?.apply_op1(op)
+    // The input norm's weight rides along as the op's second argument: candle records an op only when an
+    // argument is tracked, and below a frozen layer the input `x` is not (its gradient goes to the sink).
+    let anchor = weights.input_norm.clone();
+    x.contiguous()?.apply_op2(&anchor, op)
 }
 
 struct DecoderLayer {
@@ -210,12 +213,18 @@ impl DecoderLayer {
     }
 }
 
-impl CustomOp1 for DecoderLayer {
+impl CustomOp2 for DecoderLayer {
     fn name(&self) -> &'static str {
         "train-decoder-layer"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("{}: expects a contiguous input", self.name())
         };
@@ -225,12 +234,15 @@ impl CustomOp1 for DecoderLayer {
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    /// The weights' gradients go to the sink; `x`'s is returned (computed even when `x` is not tracked, which
+    /// costs one RMS-norm backward).
+    fn bwd(&self, x: &Tensor, _anchor: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             bail!("{}: backward ran twice, or without a forward", self.name());
         };
         let dy = dy.contiguous()?;
         let dx = host(x, |xs| host(&dy, |dys| self.backward(xs, &saved, dys)))?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let dx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), x.device())?) } else { None };
+        Ok((dx, None))
     }
 }
