@@ -96,13 +96,17 @@ pub fn run(args: WinRateArgs) -> anyhow::Result<()> {
         eprintln!("prompt {:>3}: candidate {c:+.2}  baseline {b:+.2}", i + 1);
     }
     let n = (wins + ties + losses).max(1) as f64;
+    let interval = trainer::win_rate::WinRate::new(wins as f64 + 0.5 * ties as f64, wins + ties + losses, 0.95);
     let summary = json!({
         "preference": args.preference.to_string(),
         "candidate": args.candidate,
         "baseline": args.baseline,
         "prompts": wins + ties + losses,
         "samples_per_prompt": args.samples,
-        "win_rate": (wins as f64 + 0.5 * ties as f64) / n,
+        "win_rate": interval.rate,
+        "win_rate_lower": interval.lower,
+        "win_rate_upper": interval.upper,
+        "confidence": interval.confidence,
         "wins": wins, "ties": ties, "losses": losses,
         "candidate_score_mean": candidate_sum / n,
         "baseline_score_mean": baseline_sum / n,

@@ -16,7 +16,9 @@
 //! Responses are sampled through the serving engine at the configured
 //! temperature with fixed seeds, so two runs over the same checkpoints agree.
 //! Thresholds in `[trainer.evaluation]` turn the numbers into a verdict; each
-//! failed threshold is named in `reasons`.
+//! failed threshold is named in `reasons`. The win rate is judged by the lower
+//! end of its confidence interval ([`WinRate`]), not the bare share, and never
+//! on fewer than `min_prompts` prompts: noise does not pass.
 
 use std::path::Path;
 
@@ -28,6 +30,7 @@ use crate::corpus::{PretrainCorpus, held_out_loss};
 use crate::episodes::{SampleSettings, engine_for, response_logprobs, sample};
 use crate::policy_model::TrainResult;
 use crate::reward_model::RewardModel;
+use crate::win_rate::WinRate;
 
 /// `[trainer.evaluation]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,8 +43,13 @@ pub struct GateConfig {
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub seed: u64,
-    /// The candidate must win at least this share against the serving policy.
+    /// The lower end of the win rate's confidence interval must exceed this (0.5: better than the serving
+    /// policy with that confidence).
     pub min_win_rate: f64,
+    /// Two-sided confidence level of the win-rate interval (Wilson score interval).
+    pub confidence: f64,
+    /// Fewer held-out prompts than this: the candidate is held back (too few to judge).
+    pub min_prompts: usize,
     /// At most this KL from the SFT policy (nats per response); `None`: no limit.
     pub max_kl_from_sft: Option<f64>,
     /// At most this increase of held-out pre-training NLL (nats per token); `None`: no limit.
@@ -59,6 +67,8 @@ impl Default for GateConfig {
             temperature: 1.0,
             seed: 1234,
             min_win_rate: 0.5,
+            confidence: 0.95,
+            min_prompts: 16,
             max_kl_from_sft: Some(25.0),
             max_alignment_tax: Some(0.5),
             ptx_windows: 16,
@@ -69,6 +79,10 @@ impl Default for GateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub win_rate: f64,
+    /// The win rate's confidence interval (`confidence` two-sided).
+    pub win_rate_lower: f64,
+    pub win_rate_upper: f64,
+    pub confidence: f64,
     pub candidate_reward: f64,
     pub serving_reward: f64,
     pub kl_from_sft: f64,
@@ -132,20 +146,10 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
     }
     let cand_scores = inputs.reward_model.score(&cand_pairs)?;
     let serv_scores = inputs.reward_model.score(&serv_pairs)?;
-    let n = cand_scores.len().max(1) as f64;
-    let wins: f64 = cand_scores
-        .iter()
-        .zip(&serv_scores)
-        .map(|(c, s)| {
-            if c > s {
-                1.0
-            } else if c == s {
-                0.5
-            } else {
-                0.0
-            }
-        })
-        .sum();
+    let win_rate = WinRate::from_outcomes(
+        cand_scores.iter().zip(&serv_scores).map(|(c, s)| c.partial_cmp(s).unwrap_or(std::cmp::Ordering::Equal)),
+        config.confidence,
+    );
     let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64;
 
     let cand_lp = response_logprobs(&candidate_model.model, &candidate, 8)?;
@@ -170,13 +174,23 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
     };
     let alignment_tax = ptx_loss_candidate.zip(ptx_loss_serving).map(|(c, s)| c - s);
 
-    let win_rate = wins / n;
     let mut reasons = Vec::new();
-    if cand_scores.is_empty() {
-        reasons.push("no held-out prompt could be answered by both policies".to_string());
-    }
-    if win_rate < config.min_win_rate {
-        reasons.push(format!("win rate {win_rate:.3} is below {:.3}", config.min_win_rate));
+    if cand_scores.len() < config.min_prompts.max(1) {
+        reasons.push(format!(
+            "only {} held-out prompts answered by both policies; at least {} are needed to judge",
+            cand_scores.len(),
+            config.min_prompts.max(1)
+        ));
+    } else if win_rate.lower <= config.min_win_rate {
+        reasons.push(format!(
+            "win rate {:.3} on {} prompts: the {:.0}% interval [{:.3}, {:.3}] does not lie above {:.3}",
+            win_rate.rate,
+            win_rate.n,
+            win_rate.confidence * 100.0,
+            win_rate.lower,
+            win_rate.upper,
+            config.min_win_rate
+        ));
     }
     if let Some(max) = config.max_kl_from_sft.filter(|&max| kl_from_sft > max) {
         reasons.push(format!("KL from SFT {kl_from_sft:.2} nats exceeds {max:.2}"));
@@ -189,7 +203,10 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
         _ => {}
     }
     let evaluation = Evaluation {
-        win_rate,
+        win_rate: win_rate.rate,
+        win_rate_lower: win_rate.lower,
+        win_rate_upper: win_rate.upper,
+        confidence: win_rate.confidence,
         candidate_reward: mean(&cand_scores),
         serving_reward: mean(&serv_scores),
         kl_from_sft,
@@ -204,6 +221,8 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
     };
     tracing::info!(
         win_rate = evaluation.win_rate,
+        win_rate_lower = evaluation.win_rate_lower,
+        prompts = evaluation.prompts,
         candidate_reward = evaluation.candidate_reward,
         serving_reward = evaluation.serving_reward,
         kl_from_sft = evaluation.kl_from_sft,

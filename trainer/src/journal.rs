@@ -104,6 +104,9 @@ impl Journal {
 
     pub fn evaluation(&self, checkpoint: &str, evaluation: &Evaluation) {
         gauge!("instructd_trainer_eval_win_rate").set(evaluation.win_rate);
+        gauge!("instructd_trainer_eval_win_rate_lower").set(evaluation.win_rate_lower);
+        gauge!("instructd_trainer_eval_win_rate_upper").set(evaluation.win_rate_upper);
+        gauge!("instructd_trainer_eval_prompts").set(evaluation.prompts as f64);
         gauge!("instructd_trainer_eval_candidate_reward").set(evaluation.candidate_reward);
         gauge!("instructd_trainer_eval_kl_from_sft").set(evaluation.kl_from_sft);
         if let Some(tax) = evaluation.alignment_tax {

@@ -13,6 +13,7 @@ pub mod episodes;
 pub mod evaluation;
 pub mod ingest;
 pub mod journal;
+pub mod kl_controller;
 pub mod losses;
 pub mod optim;
 pub mod policy_model;
@@ -23,5 +24,6 @@ pub mod sft;
 pub mod snapshot;
 pub mod step_timing;
 pub mod store;
+pub mod win_rate;
 
 pub use config::TrainerConfig;

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus::{PretrainCorpus, lm_loss};
 use crate::episodes::{Episode, EpisodeBatch, SampleSettings, engine_sharing, prompt_response_pairs, sample};
+use crate::kl_controller::{KlController, RunningMoments};
 use crate::losses::{
     PAPER_CLIP_RATIO, PAPER_GAE_GAMMA, PAPER_KL_BETA, PAPER_PTX_GAMMA, entropy, gae, kl_penalty, masked_mean,
     ppo_policy_loss, shaped_rewards, token_logprobs, value_loss, whiten,
@@ -71,8 +72,17 @@ pub struct PpoConfig {
     pub value_learning_rate: f64,
     /// Iterations of linear warm-up from 1/10 of the peak (paper: 10).
     pub warmup_iterations: usize,
-    /// β, the per-token KL penalty against the SFT policy (paper: 0.02).
+    /// β, the per-token KL penalty against the SFT policy (paper: 0.02); the starting β when `kl_target` is set.
     pub kl_coef: f64,
+    /// Adapt β towards this KL from SFT (nats per response; Ziegler et al. 2019 used 6), see
+    /// [`KlController`]. `None`: β stays fixed (the paper).
+    pub kl_target: Option<f64>,
+    /// Episodes over which a clipped proportional error moves β by its size (Ziegler et al.: 10,000).
+    pub kl_horizon: usize,
+    /// Normalise the RM's scores by their running mean and standard deviation over the run before shaping (the
+    /// paper only shifts the RM so demonstrations score 0; normalising makes β and the clip range mean the same
+    /// whatever spread the reward model has).
+    pub normalize_rewards: bool,
     /// ε of the clipped policy loss (paper: 0.2).
     pub clip_ratio: f64,
     /// Band of the clipped value loss.
@@ -112,6 +122,9 @@ impl Default for PpoConfig {
             value_learning_rate: 1e-5,
             warmup_iterations: 2,
             kl_coef: PAPER_KL_BETA,
+            kl_target: None,
+            kl_horizon: 10_000,
+            normalize_rewards: false,
             clip_ratio: PAPER_CLIP_RATIO,
             value_clip: PAPER_CLIP_RATIO,
             gae_lambda: 0.95,
@@ -183,6 +196,8 @@ pub struct PpoIteration {
     /// Mean RM score of the iteration's rollouts.
     pub reward_mean: f32,
     pub reward_std: f32,
+    /// β used for this iteration's penalty.
+    pub kl_coef: f64,
     /// Mean over episodes of `Σ_t log π(y_t) - log π_SFT(y_t)` (nats per response).
     pub kl: f32,
     /// Mean per-token entropy of the policy on its responses.
@@ -267,6 +282,8 @@ pub fn train(
     let mut order: Vec<usize> = (0..inputs.prompts.len()).collect();
     order.shuffle(&mut rng);
     let mut cursor = 0usize;
+    let mut kl_controller = KlController::new(config.kl_coef, config.kl_target, config.kl_horizon);
+    let mut reward_moments = RunningMoments::default();
     tracing::info!(
         policy = %inputs.policy_dir.display(),
         reference = %inputs.reference_dir.display(),
@@ -314,6 +331,12 @@ pub fn train(
         let (scores, batch, kl_per_episode, sums) = crate::compute_pool::run(|| -> TrainResult<_> {
             // 2. Scores, old log-probabilities, reference log-probabilities, values.
             let scores = scorer.score(&prompt_response_pairs(&prompts, &episodes))?;
+            let shaped_scores = if config.normalize_rewards {
+                reward_moments.update(&scores);
+                reward_moments.normalise(&scores)
+            } else {
+                scores.clone()
+            };
             let refs: Vec<&Episode> = episodes.iter().collect();
             let batch = EpisodeBatch::new(&refs, &device)?;
             let logprobs = |model: &inference::llama::Llama| {
@@ -327,8 +350,8 @@ pub fn train(
 
             // 3. Shaped rewards, GAE, whitening.
             let kl = kl_penalty(&old_lp, &ref_lp)?;
-            let score_tensor = Tensor::new(scores.as_slice(), &device)?;
-            let rewards = shaped_rewards(&score_tensor, &kl, &batch.mask, config.kl_coef)?;
+            let score_tensor = Tensor::new(shaped_scores.as_slice(), &device)?;
+            let rewards = shaped_rewards(&score_tensor, &kl, &batch.mask, kl_controller.beta())?;
             let (advantages, returns) = gae(&rewards, &old_values, &batch.mask, PAPER_GAE_GAMMA, config.gae_lambda)?;
             let advantages = whiten(&advantages, &batch.mask)?;
             let kl_per_episode = batch.response_sums(&kl)?;
@@ -405,6 +428,7 @@ pub fn train(
             episodes: episodes.len(),
             reward_mean,
             reward_std,
+            kl_coef: kl_controller.beta(),
             kl: kl_per_episode.iter().sum::<f32>() / n,
             entropy: sums.mean(sums.entropy),
             clip_fraction: sums.mean(sums.clip_fraction),
@@ -430,6 +454,7 @@ pub fn train(
             wall_secs = record.wall_secs,
             "PPO iteration done"
         );
+        kl_controller.update(f64::from(record.kl), record.episodes);
         progress(&record);
         iterations.push(record);
     }

@@ -76,6 +76,15 @@ pub struct RmConfig {
     /// no gradient and no optimiser state, and the forward builds no graph through them. With tied embeddings the
     /// output projection freezes with the embedding.
     pub freeze_layers: usize,
+    /// With frozen layers, run them once per completion before the first epoch and keep their output (the
+    /// residual stream, F32 `[tokens, hidden]` per completion; with every layer frozen only the last position)
+    /// for all epochs: each step then runs only the trainable layers.
+    pub cache_frozen_activations: bool,
+    /// Keep the weights of the epoch with the lowest validation loss rather than the last epoch's (needs
+    /// validation rankings; the paper trains one epoch and keeps it).
+    pub keep_best_epoch: bool,
+    /// Stop after this many epochs without a lower validation loss (`None`: run every epoch).
+    pub early_stop_patience: Option<usize>,
 }
 
 impl Default for RmConfig {
@@ -94,6 +103,9 @@ impl Default for RmConfig {
             seed: 0,
             score_batch_size: 16,
             freeze_layers: 0,
+            cache_frozen_activations: true,
+            keep_best_epoch: true,
+            early_stop_patience: None,
         }
     }
 }
@@ -161,6 +173,12 @@ pub struct RmEpoch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RmReport {
     pub epochs: Vec<RmEpoch>,
+    /// The epoch whose weights were saved (1-based; see [`RmConfig::keep_best_epoch`]).
+    pub kept_epoch: usize,
+    /// The validation split on the saved weights.
+    pub val: Option<RankEval>,
+    /// The frozen layers' cached output, when cached.
+    pub activation_cache: Option<ActivationCache>,
     /// The validation split before training (the untrained head: about chance).
     pub val_before: Option<RankEval>,
     /// Mean demonstration reward before the bias shift (what was subtracted); `None` without demonstrations.
@@ -179,6 +197,38 @@ pub struct RmReport {
     pub source_dir: PathBuf,
     pub out_dir: PathBuf,
     pub config: RmConfig,
+}
+
+/// The frozen layers' output kept across epochs ([`RmConfig::cache_frozen_activations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActivationCache {
+    pub bytes: usize,
+    /// Time to compute it (the frozen layers' one forward over every completion).
+    pub wall_secs: f64,
+}
+
+/// The epoch with the lowest validation loss so far and, while later epochs may still replace the weights, a
+/// copy of its trainable weights.
+#[derive(Default)]
+struct BestEpoch {
+    epoch: usize,
+    loss: Option<f32>,
+    weights: Option<Vec<Tensor>>,
+}
+
+/// Computes and attaches the frozen layers' output to every ranking of `set`; returns the floats kept (0 when
+/// no layer is frozen).
+fn cache_activations(rm: &RewardModel, set: &mut [Ranking], batch: usize) -> TrainResult<usize> {
+    let sequences: Vec<&[u32]> = set.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+    let Some(activations) = rm.frozen_activations(&sequences, batch)? else {
+        return Ok(0);
+    };
+    let floats = activations.iter().map(Vec::len).sum();
+    let mut activations = activations.into_iter();
+    for ranking in set.iter_mut() {
+        ranking.activations = Some(activations.by_ref().take(ranking.sequences.len()).collect());
+    }
+    Ok(floats)
 }
 
 /// A transformer trunk and a scalar head.
@@ -345,6 +395,68 @@ impl RewardModel {
         Ok(self.head.forward(&at_last)?.squeeze(1)?)
     }
 
+    /// The output of the frozen layers for each sequence (see [`RmConfig::cache_frozen_activations`]): the rows
+    /// `[len, hidden]` of every position, flattened, or only the last position's row when every layer is frozen
+    /// (the head reads nothing else then). `None` when no layer is frozen. Runs `batch` sequences per forward,
+    /// shortest first so little is padded.
+    pub fn frozen_activations(&self, sequences: &[&[u32]], batch: usize) -> TrainResult<Option<Vec<Vec<f32>>>> {
+        let llama = self.trunk.llama();
+        if llama.frozen_layers() == 0 {
+            return Ok(None);
+        }
+        let last_only = llama.frozen_layers() >= self.trunk.config().num_hidden_layers;
+        let hidden = self.meta.hidden_size;
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| sequences[i].len());
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); sequences.len()];
+        for chunk in order.chunks(batch.max(1)) {
+            let t = chunk.iter().map(|&i| sequences[i].len()).max().unwrap_or(0);
+            if t == 0 || chunk.iter().any(|&i| sequences[i].is_empty()) {
+                return Err(TrainError::Data("cannot score an empty sequence".into()));
+            }
+            let mut ids = Vec::with_capacity(chunk.len() * t);
+            for &i in chunk {
+                ids.extend_from_slice(sequences[i]);
+                ids.extend(std::iter::repeat_n(0u32, t - sequences[i].len()));
+            }
+            let input = Tensor::from_vec(ids, (chunk.len(), t), self.trunk.device())?;
+            let prefix = crate::compute_pool::run(|| llama.frozen_prefix(&input))?
+                .ok_or_else(|| TrainError::Data("no frozen layer".into()))?;
+            let flat = prefix.flatten_all()?.to_vec1::<f32>()?;
+            for (b, &i) in chunk.iter().enumerate() {
+                let len = sequences[i].len();
+                let rows = if last_only { len - 1..len } else { 0..len };
+                out[i] = flat[(b * t + rows.start) * hidden..(b * t + rows.end) * hidden].to_vec();
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Rewards `[B]` from frozen-layer outputs as [`RewardModel::frozen_activations`] returns them,
+    /// differentiable wrt the trainable layers and the head: the same values as [`RewardModel::rewards`] on the
+    /// sequences they came from.
+    pub fn rewards_from_activations(&self, activations: &[&[f32]], residual_dropout: f32) -> TrainResult<Tensor> {
+        let hidden = self.meta.hidden_size;
+        let lens: Vec<usize> = activations.iter().map(|a| a.len() / hidden).collect();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        if t == 0 || lens.contains(&0) || activations.iter().any(|a| a.len() % hidden != 0) {
+            return Err(TrainError::Data("cannot score an empty sequence".into()));
+        }
+        let mut rows = vec![0f32; activations.len() * t * hidden];
+        let mut last = Vec::with_capacity(activations.len());
+        for (b, a) in activations.iter().enumerate() {
+            rows[b * t * hidden..b * t * hidden + a.len()].copy_from_slice(a);
+            last.push((b * t + lens[b] - 1) as u32);
+        }
+        let device = self.trunk.device();
+        let prefix = Tensor::from_vec(rows, (activations.len(), t, hidden), device)?;
+        let states = self.trunk.llama().hidden_states_above_frozen(&prefix, residual_dropout)?;
+        let at_last = states
+            .reshape((activations.len() * t, hidden))?
+            .index_select(&Tensor::from_vec(last, activations.len(), device)?, 0)?;
+        Ok(self.head.forward(&at_last)?.squeeze(1)?)
+    }
+
     /// Per-position values `[B, T]` of a right-padded batch of token ids `[B, T]`: the head applied to every
     /// position's hidden state, differentiable. PPO's value function is a reward model read this way (the paper
     /// initialises it from the RM).
@@ -401,19 +513,35 @@ impl RewardModel {
     }
 }
 
-/// One prompt's completions, tokenised, with the labeler's ranks (0 = best; equal ranks are ties).
+/// One prompt's completions, tokenised, with the labeler's ranks (0 = best; equal ranks are ties), and once
+/// cached, the frozen layers' output for each completion.
 #[derive(Debug, Clone)]
 pub struct Ranking {
     sequences: Vec<Vec<u32>>,
     ranks: Vec<usize>,
     pairs: usize,
+    activations: Option<Vec<Vec<f32>>>,
 }
 
 impl Ranking {
     /// `None` when the counts differ or no pair is ordered (nothing to learn from).
     pub fn new(sequences: Vec<Vec<u32>>, ranks: Vec<usize>) -> Option<Self> {
         let pairs = ranking_pairs(&ranks).len();
-        (sequences.len() == ranks.len() && pairs > 0).then_some(Self { sequences, ranks, pairs })
+        (sequences.len() == ranks.len() && pairs > 0).then_some(Self { sequences, ranks, pairs, activations: None })
+    }
+
+    /// Rewards of this ranking's completions for a batch: from cached activations when present.
+    fn rewards_of(rm: &RewardModel, micro: &[&Ranking], residual_dropout: f32) -> TrainResult<Tensor> {
+        match micro.iter().map(|r| r.activations.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(cached) => {
+                let rows: Vec<&[f32]> = cached.iter().flat_map(|c| c.iter().map(Vec::as_slice)).collect();
+                rm.rewards_from_activations(&rows, residual_dropout)
+            }
+            None => {
+                let sequences: Vec<&[u32]> = micro.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+                rm.rewards(&sequences, residual_dropout)
+            }
+        }
     }
 
     /// Ordered (untied) pairs.
@@ -458,9 +586,8 @@ pub fn train_step(
         let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
         for micro in rankings.chunks(config.micro_batch_prompts) {
             let (loss, accuracy) = timing.time(Phase::Forward, || -> TrainResult<_> {
-                let sequences: Vec<&[u32]> = micro.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
                 let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
-                let rewards = rm.rewards(&sequences, config.residual_dropout)?;
+                let rewards = Ranking::rewards_of(rm, micro, config.residual_dropout)?;
                 Ok(ranking_loss_batch(&rewards, &ranks)?)
             })?;
             let weight = micro.len() as f64 / rankings.len() as f64;
@@ -512,14 +639,28 @@ pub fn train(
                 truncated += usize::from(cut);
                 sequences.push(ids);
             }
-            out.push(Ranking { sequences, ranks: ex.ranks.clone(), pairs });
+            out.push(Ranking { sequences, ranks: ex.ranks.clone(), pairs, activations: None });
         }
         Ok(out)
     };
-    let train_set = encode_split(Split::Train)?;
-    let val_set = encode_split(Split::Validation)?;
+    let mut train_set = encode_split(Split::Train)?;
+    let mut val_set = encode_split(Split::Validation)?;
     if train_set.is_empty() {
         return Err(TrainError::Data("no training-split rankings with an ordered pair".into()));
+    }
+    let cache_started = Instant::now();
+    let cached_floats = if config.cache_frozen_activations {
+        cache_activations(&rm, &mut train_set, config.score_batch_size)?
+            + cache_activations(&rm, &mut val_set, config.score_batch_size)?
+    } else {
+        0
+    };
+    let activation_cache = (cached_floats > 0).then(|| ActivationCache {
+        bytes: cached_floats * std::mem::size_of::<f32>(),
+        wall_secs: cache_started.elapsed().as_secs_f64(),
+    });
+    if let Some(cache) = &activation_cache {
+        tracing::info!(bytes = cache.bytes, wall_secs = cache.wall_secs, "frozen layers' activations cached");
     }
     let val_before = if val_set.is_empty() { None } else { Some(evaluate(&rm, &val_set, &config)?) };
     tracing::info!(
@@ -542,6 +683,7 @@ pub fn train(
     let mut order: Vec<usize> = (0..train_set.len()).collect();
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut step = 0usize;
+    let mut best = BestEpoch::default();
     for epoch in 1..=config.epochs {
         let span = tracing::info_span!("rm_epoch", epoch, train_loss = tracing::field::Empty);
         let _entered = span.enter();
@@ -595,6 +737,27 @@ pub fn train(
             "RM epoch done"
         );
         epochs.push(record);
+        if let Some(val) = val {
+            if best.loss.is_none_or(|b| val.loss < b) {
+                best = BestEpoch { epoch, loss: Some(val.loss), weights: None };
+                if config.keep_best_epoch && epoch < config.epochs {
+                    best.weights = Some(vars.iter().map(|v| v.as_tensor().detach().copy()).collect::<Result<_, _>>()?);
+                }
+            } else if config.early_stop_patience.is_some_and(|p| epoch - best.epoch >= p) {
+                tracing::info!(epoch, best_epoch = best.epoch, "RM: validation loss stopped falling; stopping");
+                break;
+            }
+        }
+    }
+    let last_epoch = epochs.len();
+    let kept_epoch = if config.keep_best_epoch && best.epoch > 0 { best.epoch } else { last_epoch };
+    if kept_epoch != last_epoch {
+        if let Some(weights) = &best.weights {
+            for (var, w) in vars.iter().zip(weights) {
+                var.set(w)?;
+            }
+            tracing::info!(kept_epoch, last_epoch, "RM: keeping the epoch with the lowest validation loss");
+        }
     }
 
     let demos: Vec<SftExample> = demonstrations.iter().filter(|d| d.split == Split::Train).cloned().collect();
@@ -611,8 +774,12 @@ pub fn train(
         }
     };
     rm.save(out_dir)?;
+    let val_kept = epochs.get(kept_epoch.saturating_sub(1)).and_then(|e| e.val);
     let report = RmReport {
         epochs,
+        kept_epoch,
+        val: val_kept,
+        activation_cache,
         val_before,
         bias_offset,
         demo_mean_after,
@@ -637,9 +804,9 @@ pub fn train(
 fn evaluate(rm: &RewardModel, set: &[Ranking], config: &RmConfig) -> TrainResult<RankEval> {
     let (mut loss_sum, mut correct, mut pairs) = (0f64, 0f64, 0usize);
     for chunk in set.chunks(config.micro_batch_prompts) {
-        let sequences: Vec<&[u32]> = chunk.iter().flat_map(|r| r.sequences.iter().map(Vec::as_slice)).collect();
+        let chunk: Vec<&Ranking> = chunk.iter().collect();
         let ranks: Vec<&[usize]> = chunk.iter().map(|r| r.ranks.as_slice()).collect();
-        let rewards = rm.rewards(&sequences, 0.0)?.detach();
+        let rewards = crate::compute_pool::run(|| Ranking::rewards_of(rm, &chunk, 0.0))?.detach();
         let (loss, accuracy) = ranking_loss_batch(&rewards, &ranks)?;
         let chunk_pairs: usize = chunk.iter().map(|r| r.pairs).sum();
         loss_sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
@@ -821,5 +988,68 @@ mod tests {
         // The ranking loss sees only reward differences: the bias cancels (hence the paper's bias shift after
         // training).
         assert_eq!(grad_norm(&head[1], HEAD_BIAS), 0.0);
+    }
+
+    /// Cached frozen-layer outputs give the rewards (and gradients) of a full forward, with some layers frozen and
+    /// with all of them (then only the last position is kept).
+    #[test]
+    fn cached_activations_score_like_the_full_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), 7, true);
+        let layers = 2; // the tiny model's depth
+        let pairs = [("Hi", "Hello"), ("Write a long answer please", "Here is a rather longer answer than the other")];
+        for frozen in [1, layers] {
+            let rm =
+                RewardModel::from_policy(tmp.path(), &Device::Cpu, 1, 512).unwrap().with_frozen_layers(frozen).unwrap();
+            let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| rm.encode(p, r).unwrap().0).collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let direct = rm.rewards(&refs, 0.0).unwrap().to_vec1::<f32>().unwrap();
+            let cached = rm.frozen_activations(&refs, 1).unwrap().unwrap();
+            let hidden = rm.meta().hidden_size;
+            let rows: Vec<usize> = cached.iter().map(|c| c.len() / hidden).collect();
+            let expect: Vec<usize> = if frozen == layers { vec![1, 1] } else { seqs.iter().map(Vec::len).collect() };
+            assert_eq!(rows, expect, "{frozen} frozen");
+            let rows: Vec<&[f32]> = cached.iter().map(Vec::as_slice).collect();
+            let from_cache = rm.rewards_from_activations(&rows, 0.0).unwrap();
+            for (a, b) in direct.iter().zip(from_cache.to_vec1::<f32>().unwrap()) {
+                assert!((a - b).abs() < 1e-4, "{frozen} frozen: {a} vs {b}");
+            }
+            let store = rm.trunk().backward(&from_cache.sum_all().unwrap()).unwrap();
+            assert!(rm.vars().iter().take(rm.vars().len() - 1).all(|v| store.get(v.as_tensor()).is_some()));
+        }
+    }
+
+    /// Several epochs on the activation cache learn the marker, report validation per epoch, and keep the epoch
+    /// with the lowest validation loss.
+    #[test]
+    fn frozen_trunk_trains_from_the_cache_and_keeps_the_best_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (policy, out) = (tmp.path().join("policy"), tmp.path().join("rm"));
+        tiny_model(&policy, 11, true);
+        let mut data = marker_rankings(16, Split::Train, 1);
+        data.extend(marker_rankings(8, Split::Validation, 2));
+        let config = RmConfig {
+            learning_rate: 5e-3,
+            batch_prompts: 4,
+            micro_batch_prompts: 4,
+            epochs: 6,
+            freeze_layers: 1,
+            ..RmConfig::default()
+        };
+        let report = train(&policy, &data, &demos(), config, &out).unwrap();
+        let cache = report.activation_cache.expect("activations cached");
+        assert!(cache.bytes > 0);
+        assert_eq!(report.epochs.len(), 6);
+        let best = report.epochs.iter().min_by(|a, b| a.val.unwrap().loss.total_cmp(&b.val.unwrap().loss)).unwrap();
+        assert_eq!(report.kept_epoch, best.epoch);
+        assert_eq!(report.val, best.val);
+        let before = report.val_before.unwrap();
+        assert!(report.val.unwrap().accuracy >= 0.9, "{:?} (before {before:?})", report.epochs);
+        // The saved weights are the kept epoch's: scoring the validation split again gives its figures.
+        let rm = RewardModel::load(&out).unwrap();
+        let s = rm
+            .score(&[("Should I take the bus?", "yes, I think so"), ("Should I take the bus?", "maybe later")])
+            .unwrap();
+        assert!(s[0] > s[1], "{s:?}");
     }
 }

@@ -156,15 +156,40 @@ impl Llama {
     /// token ids `[B, T]`, through differentiable ops only. `residual_dropout`
     /// is applied to each residual branch (0 disables it; SFT uses 0.2).
     pub fn hidden_states(&self, input_ids: &Tensor, residual_dropout: f32) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        if t > self.max_positions() {
-            return Err(Error::invalid(
-                "input_ids",
-                format!("sequence of {t} tokens exceeds the model's {} positions", self.max_positions()),
-            ));
+        let x = self.embed_and_run(input_ids, self.frozen_layers)?;
+        self.hidden_states_above_frozen(&x, residual_dropout)
+    }
+
+    /// The residual stream `[B, T, hidden]` after the embedding and the frozen layers (no graph: nothing below
+    /// it trains). It depends only on the weights those layers froze, so a trainer may compute it once per
+    /// sequence and feed it to [`Llama::hidden_states_above_frozen`] on every epoch. Right padding does not
+    /// change a sequence's rows (attention is causal). `None` when no layer is frozen.
+    pub fn frozen_prefix(&self, input_ids: &Tensor) -> Result<Option<Tensor>> {
+        if self.frozen_layers == 0 {
+            return Ok(None);
         }
-        let mask = causal_mask(t, 0, &self.device)?;
-        let (cos, sin) = (self.rope.cos.narrow(0, 0, t)?, self.rope.sin.narrow(0, 0, t)?);
+        Ok(Some(self.embed_and_run(input_ids, self.frozen_layers)?.detach()))
+    }
+
+    /// Final-norm hidden states from the residual stream after the frozen layers (`[B, T, hidden]`, as
+    /// [`Llama::frozen_prefix`] returns it; with no frozen layer, the embedding's output), through the trainable
+    /// layers.
+    pub fn hidden_states_above_frozen(&self, prefix: &Tensor, residual_dropout: f32) -> Result<Tensor> {
+        let (_, t, _) = prefix.dims3()?;
+        let (mask, cos, sin) = self.positions(t)?;
+        let sink = self.weight_grads.as_ref();
+        let mut x = prefix.clone();
+        for layer in &self.layers[self.frozen_layers..] {
+            x = layer.forward_train(&x, &cos, &sin, &mask, residual_dropout, sink)?;
+        }
+        self.norm.forward_differentiable(&x)
+    }
+
+    /// The embedding of `input_ids` run through the lowest `layers` layers (without dropout: only frozen layers
+    /// come here, or none).
+    fn embed_and_run(&self, input_ids: &Tensor, layers: usize) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let (mask, cos, sin) = self.positions(t)?;
         let sink = self.weight_grads.as_ref();
         let table = self.embed_tokens.embeddings();
         let mut x = if fused(table) && input_ids.device().is_cpu() {
@@ -173,11 +198,22 @@ impl Llama {
         } else {
             self.embed_tokens.forward(input_ids)?
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let dropout = if i < self.frozen_layers { 0.0 } else { residual_dropout };
-            x = layer.forward_train(&x, &cos, &sin, &mask, dropout, sink)?;
+        for layer in &self.layers[..layers] {
+            x = layer.forward_train(&x, &cos, &sin, &mask, 0.0, sink)?;
         }
-        self.norm.forward_differentiable(&x)
+        Ok(x)
+    }
+
+    /// The causal mask and RoPE tables of a `t`-position training forward.
+    fn positions(&self, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        if t > self.max_positions() {
+            return Err(Error::invalid(
+                "input_ids",
+                format!("sequence of {t} tokens exceeds the model's {} positions", self.max_positions()),
+            ));
+        }
+        let mask = causal_mask(t, 0, &self.device)?;
+        Ok((mask, self.rope.cos.narrow(0, 0, t)?, self.rope.sin.narrow(0, 0, t)?))
     }
 
     /// Projects hidden states onto the vocabulary.
