@@ -13,29 +13,39 @@
 # `instructd serve` for the loop and a second one serving the starting model
 # (the win-rate baseline), and runs `instructd train` between the rounds.
 #
-#   bash bench/loop/run.sh [--preference contains:blue] [--prompts 32]
+#   bash bench/loop/run.sh [--preference contains:your] [--prompts 48]
+#                          [--rankings 400] [--k 6] [--eval-prompts 96]
 #                          [--no-build] [--keep DIR]
 #
-# --preference  the hidden rule (see `instructd simulate-labelers --help`)
-# --prompts     playground prompts per round (default 32)
-# --keep DIR    copy checkpoints, snapshots and the trainer's journal to DIR
-# --no-build    use target/release/instructd as it is
+# --preference    the hidden rule (see `instructd simulate-labelers --help`)
+# --prompts       round one's playground prompts (each with a demonstration)
+# --rankings      round two's playground prompts, each ranked (K samples)
+# --k             samples per prompt ranked in round two (4..9; C(K,2) pairs)
+# --eval-prompts  held-out prompts of each win rate (configs/evaluation_prompts.txt)
+# --keep DIR      copy checkpoints, snapshots and the trainer's journal to DIR
+# --no-build      use target/release/instructd as it is
 # Trainer settings are the defaults of configs/default.toml unless overridden
 # with INSTRUCTD__TRAINER__... variables in the environment.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-PREFERENCE="contains:blue"
-PROMPTS=32
+PREFERENCE="contains:your"
+PROMPTS=48
+RANKINGS=400
+K=6
+EVAL_PROMPTS=96
 BUILD=1
 KEEP=""
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --preference) PREFERENCE="$2"; shift 2 ;;
         --prompts) PROMPTS="$2"; shift 2 ;;
+        --rankings) RANKINGS="$2"; shift 2 ;;
+        --k) K="$2"; shift 2 ;;
+        --eval-prompts) EVAL_PROMPTS="$2"; shift 2 ;;
         --keep) KEEP="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         -h|--help) usage 0 ;;
@@ -70,10 +80,10 @@ for i in range(n):
 EOF
 }
 
-simulate() { # ROUND K DEMONSTRATIONS
-    round_prompts "$1" "$PROMPTS" >"$WORK/prompts-$1.txt"
+simulate() { # ROUND PROMPTS K DEMONSTRATIONS
+    round_prompts "$1" "$2" >"$WORK/prompts-$1.txt"
     INSTRUCTD_ADMIN_KEY="$ADMIN" "$BIN" simulate-labelers --url "$URL" --preference "$PREFERENCE" \
-        --users 12 --labelers 2 --prompts "$PROMPTS" --k "$2" --max-tokens 32 --demonstrations "$3" \
+        --users 16 --labelers 2 --prompts "$2" --k "$3" --max-tokens 32 --demonstrations "$4" \
         --seed "$1" --prompts-file "$WORK/prompts-$1.txt" 2>"$WORK/simulate-$1.err" | tail -n1
 }
 
@@ -110,13 +120,16 @@ print(hit or '')")"
 
 START=$(date +%s)
 echo "round 1: people on the starting model" >&2
-R1="$(simulate 1 4 1)"
+R1="$(simulate 1 "$PROMPTS" 4 1)"
+ROUND1_SECS=$(( $(date +%s) - START ))
 start_trainer
 SFT="$(wait_for "next((r['id'] for r in rows if r['stage'] == 'sft' and r['role'] == 'ready'), None)")"
 admin POST "/admin/checkpoints/$SFT/promote" >/dev/null
 kill "$TRAINER_PID"; wait "$TRAINER_PID" 2>/dev/null || true; TRAINER_PID=""
 echo "round 2: people on $SFT" >&2
-R2="$(simulate 2 4 0)"
+R2_START=$(date +%s)
+R2="$(simulate 2 "$RANKINGS" "$K" 0)"
+ROUND2_SECS=$(( $(date +%s) - R2_START ))
 start_trainer
 PPO="$(wait_for "next((r['id'] for r in rows if r['stage'] == 'ppo_ptx'), None)")"
 # A PPO policy the gate held back is not loaded; the table still reports it.
@@ -133,45 +146,28 @@ env INSTRUCTD_ADDR="127.0.0.1:$BASE_PORT" INSTRUCTD_REDIS_URL="redis://127.0.0.1
 EXTRA_PIDS+=($!)
 for _ in $(seq 1800); do grep -q "listening on" "$WORK/base.out" 2>/dev/null && break; sleep 0.1; done
 
-win_rate() { # CHECKPOINT
-    INSTRUCTD_ADMIN_KEY="$ADMIN" "$BIN" win-rate --url "$URL" --baseline-url "http://127.0.0.1:$BASE_PORT" \
-        --preference "$PREFERENCE" --candidate "$1" --baseline "$INITIAL" --prompts 32 --samples 2 \
+win_rate() { # CANDIDATE BASELINE BASELINE_URL
+    INSTRUCTD_ADMIN_KEY="$ADMIN" "$BIN" win-rate --url "$URL" --baseline-url "$3" \
+        --preference "$PREFERENCE" --candidate "$1" --baseline "$2" --prompts "$EVAL_PROMPTS" --samples 4 \
         --max-tokens 32 2>/dev/null | tail -n1
 }
-SFT_WIN="$(win_rate "$SFT")"
+SFT_WIN="$(win_rate "$SFT" "$INITIAL" "http://127.0.0.1:$BASE_PORT")"
 PPO_ROLE="$(admin GET /admin/checkpoints | python3 -c "import json,sys; print(next(r['role'] for r in json.load(sys.stdin)['data'] if r['id'] == '$PPO'))")"
 PPO_WIN='{}'
-[[ "$PPO_ROLE" == ready ]] && PPO_WIN="$(win_rate "$PPO")"
+PPO_VS_SFT='{}'
+# A policy the gate held back is not loaded; measure it anyway (the bench wants its figures): load it by hand.
+[[ "$PPO_ROLE" == ready ]] || admin POST "/admin/checkpoints/$PPO/load" >/dev/null 2>&1 || true
+for _ in $(seq 600); do
+    ROLE="$(admin GET /admin/checkpoints | python3 -c "import json,sys; print(next(r['role'] for r in json.load(sys.stdin)['data'] if r['id'] == '$PPO'))")"
+    [[ "$ROLE" == ready || "$ROLE" == canary || "$ROLE" == serving ]] && break
+    sleep 1
+done
+PPO_WIN="$(win_rate "$PPO" "$INITIAL" "http://127.0.0.1:$BASE_PORT" || echo '{}')"
+PPO_VS_SFT="$(win_rate "$PPO" "$SFT" "$URL" || echo '{}')"
 
 admin GET /admin/checkpoints >"$WORK/checkpoints.json"
-python3 - "$WORK/checkpoints.json" "$SFT_WIN" "$PPO_WIN" "$SFT" "$PPO" "$R1" "$R2" "$LOOP_SECS" "$PREFERENCE" <<'EOF'
-import json, sys
-rows = {r["id"]: r for r in json.load(open(sys.argv[1]))["data"]}
-wins = {sys.argv[4]: json.loads(sys.argv[2]), sys.argv[5]: json.loads(sys.argv[3])}
-r1, r2 = json.loads(sys.argv[6]), json.loads(sys.argv[7])
-print(f"hidden preference: {sys.argv[9]}; loop wall time {int(sys.argv[8])} s "
-      f"(round 1: {r1.get('logged')} prompts, round 2: {r2.get('logged')} prompts)\n")
-print("| refresh | stage wall time | win rate vs start (hidden rule) | RM win rate vs serving | KL from SFT (nats) | alignment tax (nats/token) | gate |")
-print("|---|---:|---:|---:|---:|---:|---|")
-def f(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
-for r in sorted(rows.values(), key=lambda r: r["created_at_ms"]):
-    m, ev = r["metrics"], r["metrics"].get("evaluation") or {}
-    w = wins.get(r["id"], {})
-    extra = ""
-    if r["stage"] == "reward_model":
-        extra = f" (val. pair accuracy {f(m.get('val_accuracy_before'), '{:.2f}')} -> {f(m.get('val_accuracy'), '{:.2f}')})"
-    gate = "-" if not ev else ("passed" if ev.get("passed") else "held back: " + "; ".join(ev.get("reasons", [])))
-    print(f"| {r['stage']}{extra} | {f(m.get('wall_secs'), '{:.0f} s')} | {f(w.get('win_rate'), '{:.2f}')} | "
-          f"{f(ev.get('win_rate'), '{:.2f}')} | {f(ev.get('kl_from_sft'), '{:.2f}')} | {f(ev.get('alignment_tax'), '{:+.3f}')} | {gate} |")
-ppo = rows.get(sys.argv[5])
-if ppo:
-    print("\nPPO iterations:\n\n| iteration | reward | KL | entropy | clip fraction | value loss | ptx loss | s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for it in ppo["metrics"].get("iterations", []):
-        print(f"| {it['iteration']} | {it['reward_mean']:+.3f} | {it['kl']:.3f} | {it['entropy']:.3f} | "
-              f"{it['clip_fraction']:.3f} | {it['value_loss']:.4f} | {f(it.get('ptx_loss'))} | {it['wall_secs']:.0f} |")
-EOF
+python3 bench/loop/table.py "$WORK/checkpoints.json" "$SFT_WIN" "$PPO_WIN" "$PPO_VS_SFT" "$SFT" "$PPO" "$R1" "$R2" \
+    "$LOOP_SECS" "$PREFERENCE" "$ROUND1_SECS" "$ROUND2_SECS"
 if [[ -n "$KEEP" ]]; then
     mkdir -p "$KEEP"
     cp -r "$WORK/checkpoints.json" "$WORK/data/training.jsonl" "$WORK/trainer.out" "$KEEP/" 2>/dev/null || true

@@ -55,6 +55,9 @@ pub struct WinRateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Prompts in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    concurrency: u32,
     /// The model name (default: the first of GET /v1/models).
     #[arg(long)]
     model: Option<String>,
@@ -74,15 +77,41 @@ pub fn run(args: WinRateArgs) -> anyhow::Result<()> {
         Some(m) => m.clone(),
         None => first_model(&api, &key.secret)?,
     };
+    // Prompts are independent: `--concurrency` of them in flight lets the gateway batch them.
+    let prompts: Vec<&String> = pool.iter().take(args.prompts.max(1)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let scored: Vec<anyhow::Result<(usize, Vec<String>, Vec<String>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..args.concurrency)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(prompt) = prompts.get(i) else { break out };
+                        let seed = args.seed.wrapping_add(i as u64);
+                        let pinned = |checkpoint: &str| format!("{model}@{checkpoint}");
+                        out.push(answers(&api, &key.secret, &pinned(&args.candidate), prompt, seed, &args).and_then(
+                            |c| {
+                                let b =
+                                    answers(&baseline_api, &key.secret, &pinned(&args.baseline), prompt, seed, &args)?;
+                                Ok((i, c, b))
+                            },
+                        ));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    let mut scored = scored.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    scored.sort_by_key(|(i, _, _)| *i);
     let (mut wins, mut ties, mut losses) = (0usize, 0usize, 0usize);
     let (mut candidate_sum, mut baseline_sum) = (0f64, 0f64);
     let mut examples = Vec::new();
-    for (i, prompt) in pool.iter().take(args.prompts.max(1)).enumerate() {
-        let seed = args.seed.wrapping_add(i as u64);
-        let candidate = answers(&api, &key.secret, &format!("{model}@{}", args.candidate), prompt, seed, &args)?;
-        let baseline = answers(&baseline_api, &key.secret, &format!("{model}@{}", args.baseline), prompt, seed, &args)?;
+    for (i, candidate, baseline) in &scored {
+        let prompt = prompts[*i];
         let mean = |texts: &[String]| texts.iter().map(|t| args.preference.score(t)).sum::<f64>() / texts.len() as f64;
-        let (c, b) = (mean(&candidate), mean(&baseline));
+        let (c, b) = (mean(candidate), mean(baseline));
         candidate_sum += c;
         baseline_sum += b;
         match c.partial_cmp(&b) {

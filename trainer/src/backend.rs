@@ -136,9 +136,16 @@ impl TrainingBackend for InProcess {
                 let report = reward_model::train(job.policy_dir, &job.data.rm, &job.data.sft, config, job.out_dir)?;
                 Ok(json!({
                     "val_accuracy_before": report.val_before.as_ref().map(|v| v.accuracy),
-                    "val_accuracy": report.epochs.last().and_then(|e| e.val.as_ref()).map(|v| v.accuracy),
+                    "val_accuracy": report.val.as_ref().map(|v| v.accuracy),
+                    "val_pairs": report.val.as_ref().map(|v| v.pairs),
+                    "val_accuracy_per_epoch":
+                        report.epochs.iter().map(|e| e.val.as_ref().map(|v| v.accuracy)).collect::<Vec<_>>(),
+                    "train_accuracy_per_epoch": report.epochs.iter().map(|e| e.train_accuracy).collect::<Vec<_>>(),
+                    "kept_epoch": report.kept_epoch,
+                    "activation_cache_secs": report.activation_cache.map(|c| c.wall_secs),
                     "demonstration_bias": report.bias_offset,
                     "train_prompts": report.train_prompts,
+                    "val_prompts": report.val_prompts,
                     "wall_secs": report.wall_secs,
                 }))
             }
