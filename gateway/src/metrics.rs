@@ -1,12 +1,16 @@
 //! Metric names and the Prometheus recorder. Every metric the gateway emits
 //! is named here, so `/metrics` has one place to read from.
 //!
+//! Every label value comes from a closed set (known methods, route templates,
+//! fixed reasons, "other"), so no request can add series to `/metrics`.
+//!
 //! Gauges that mirror engine state (queue depth, running sequences, batch
 //! size) are sampled when `/metrics` is scraped rather than pushed per step.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::http::Method;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -38,8 +42,26 @@ fn endpoint(format: Format) -> &'static str {
     }
 }
 
-pub fn record_request(route: &str, method: &str, status: u16, elapsed: Duration) {
-    let labels = [("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+/// The `method` label: a standard HTTP method, else "other".
+pub fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [&str; 9] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+    KNOWN.into_iter().find(|m| *m == method.as_str()).unwrap_or("other")
+}
+
+/// The `route` label: a route template of the router, else "other".
+pub fn route_label(matched: Option<&str>) -> &'static str {
+    static ROUTES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(|| crate::server::route_list().into_iter().map(|(_, path)| path).collect());
+    matched.and_then(|m| routes.iter().find(|r| **r == m).copied()).unwrap_or("other")
+}
+
+/// The `status` label: a valid status code (100..=599), else "other".
+fn status_label(status: u16) -> String {
+    if (100..=599).contains(&status) { status.to_string() } else { "other".into() }
+}
+
+pub fn record_request(route: &'static str, method: &'static str, status: u16, elapsed: Duration) {
+    let labels = [("route", route.to_string()), ("method", method.to_string()), ("status", status_label(status))];
     counter!("instructd_http_requests_total", &labels).increment(1);
     histogram!("instructd_http_request_duration_seconds", &labels[..2]).record(elapsed.as_secs_f64());
 }
@@ -65,6 +87,19 @@ pub fn record_rejection(reason: &'static str) {
     counter!("instructd_rejections_total", "reason" => reason).increment(1);
 }
 
+/// A connection closed by a deadline: `reason` is header_timeout, idle_timeout or write_stall.
+pub fn record_connection_closed(reason: &'static str) {
+    counter!("instructd_connections_closed_total", "reason" => reason).increment(1);
+}
+
+pub fn connection_opened() {
+    gauge!("instructd_connections_open").increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!("instructd_connections_open").decrement(1.0);
+}
+
 pub fn set_engine_state(queue_depth: usize, running: usize, batch_size: usize) {
     gauge!("instructd_engine_queue_depth").set(queue_depth as f64);
     gauge!("instructd_engine_running_sequences").set(running as f64);
@@ -77,4 +112,23 @@ pub fn set_serving_checkpoint(checkpoint: &str) {
 
 pub fn set_redis_reachable(reachable: bool) {
     gauge!("instructd_redis_reachable").set(if reachable { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_a_closed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        for invented in ["M1", "M300", "get", "PROPFIND"] {
+            let method = Method::from_bytes(invented.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{invented}");
+        }
+        assert_eq!(route_label(Some("/v1/models/{id}")), "/v1/models/{id}");
+        assert_eq!(route_label(Some("/v1/models/gpt-4")), "other");
+        assert_eq!(route_label(None), "other");
+        assert_eq!(status_label(404), "404");
+        assert_eq!(status_label(999), "other");
+    }
 }
