@@ -36,7 +36,7 @@ use tower::ServiceExt;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const ADMIN_KEY: &str = "sk-bench-admin-0123456789abcdef";
+const ADMIN_KEY: &str = "sk-bench-admin-0123456789abcdef0123456789";
 const MODEL_NAME: &str = "tiny";
 const PROMPT: &str = "Say hi";
 const WARMUP: usize = 30;

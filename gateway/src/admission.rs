@@ -50,21 +50,26 @@ pub async fn admit(
             return Err(ApiError::forbidden(refusal.code(), refusal.message()));
         }
     };
-    let admission =
-        state.limiter.admit(&key.id, &key.limits, prepared.charged_tokens()).await.map_err(|rejection| {
-            record_rejection(match rejection.reason.as_str() {
-                "requests" => "rate_limit_requests",
-                "tokens" => "rate_limit_tokens",
-                "concurrency" => "rate_limit_concurrency",
-                _ => "rate_limit_too_large",
-            });
-            let mut error = ApiError::rate_limited(rejection.message.clone(), rejection.retry_after);
-            for (name, value) in header_pairs(&rejection.headers) {
-                error = error.with_header(name, value);
-            }
-            error
-        })?;
+    let admission = rate_limit(state, caller, prepared.charged_tokens()).await?;
     Ok(Ticket { classification, admission })
+}
+
+/// Charges one request (and `tokens` up front) against the key's rate limits.
+pub async fn rate_limit(state: &AppState, caller: &Caller, tokens: u64) -> Result<Admission, ApiError> {
+    let key = caller.key();
+    state.limiter.admit(&key.id, &key.limits, tokens).await.map_err(|rejection| {
+        record_rejection(match rejection.reason.as_str() {
+            "requests" => "rate_limit_requests",
+            "tokens" => "rate_limit_tokens",
+            "concurrency" => "rate_limit_concurrency",
+            _ => "rate_limit_too_large",
+        });
+        let mut error = ApiError::rate_limited(rejection.message.clone(), rejection.retry_after);
+        for (name, value) in header_pairs(&rejection.headers) {
+            error = error.with_header(name, value);
+        }
+        error
+    })
 }
 
 fn declared_use_case(headers: &HeaderMap) -> Result<Option<UseCase>, ApiError> {

@@ -28,7 +28,21 @@ pub struct GatewayConfig {
     pub refusal_window_secs: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
+    /// Most connections open at once; above it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive within this time of their
+    /// first byte (and a new connection's first request within this time of
+    /// its opening). 0 = no limit.
+    pub header_read_timeout_secs: u64,
+    /// A request body must arrive within this time once the handler reads it (408 after). 0 = no limit.
+    pub body_timeout_secs: u64,
+    /// A keep-alive connection with no new request for this long is closed. 0 = no limit.
+    pub idle_timeout_secs: u64,
+    /// A client that reads nothing of its response (stream included) for this
+    /// long is disconnected and its generation cancelled. 0 = no limit.
+    pub write_stall_timeout_secs: u64,
     pub playground: PlaygroundConfig,
+    pub feedback: FeedbackConfig,
     pub rollout: crate::rollout::RolloutConfig,
 }
 
@@ -60,6 +74,72 @@ pub struct PlaygroundConfig {
     /// Consumer groups that must have acknowledged an entry before it is trimmed.
     pub consumer_groups: Vec<String>,
     pub split: feedback::split::SplitConfig,
+}
+
+/// `[gateway.feedback]`: size caps of `POST /v1/feedback` (its rate limit is the key's own).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// Largest feedback body, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Longest rating comment, in bytes (400 above).
+    pub max_comment_bytes: usize,
+    /// Longest demonstration response or labeler-written prompt, in bytes (400 above).
+    pub max_text_bytes: usize,
+    /// Longest prompt or generation id, in bytes (400 above).
+    pub max_id_bytes: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 128 << 10, max_comment_bytes: 4 << 10, max_text_bytes: 32 << 10, max_id_bytes: 128 }
+    }
+}
+
+/// A setting the gateway refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "the admin key (INSTRUCTD_ADMIN_KEY / [gateway] admin_key) has {0} characters; at least {MIN_ADMIN_KEY_CHARS} \
+         are required"
+    )]
+    AdminKeyTooShort(usize),
+    #[error("[gateway] max_connections must be at least 1")]
+    NoConnections,
+}
+
+/// Shortest bootstrap admin secret accepted.
+pub const MIN_ADMIN_KEY_CHARS: usize = 32;
+
+impl GatewayConfig {
+    /// Checks what serde cannot; `instructd serve` calls it before loading the model.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(secret) = self.admin_key.as_deref().filter(|s| !s.is_empty()) {
+            let chars = secret.chars().count();
+            if chars < MIN_ADMIN_KEY_CHARS {
+                return Err(ConfigError::AdminKeyTooShort(chars));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+        Ok(())
+    }
+
+    /// The connection limits of [`crate::connections`].
+    pub fn connection_limits(&self) -> crate::connections::Limits {
+        let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        crate::connections::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: secs(self.header_read_timeout_secs),
+            idle_timeout: secs(self.idle_timeout_secs),
+            write_stall_timeout: secs(self.write_stall_timeout_secs),
+        }
+    }
+
+    pub fn body_timeout(&self) -> Option<std::time::Duration> {
+        (self.body_timeout_secs > 0).then(|| std::time::Duration::from_secs(self.body_timeout_secs))
+    }
 }
 
 impl Default for PlaygroundConfig {
@@ -95,8 +175,29 @@ impl Default for GatewayConfig {
             max_refusals: 10,
             refusal_window_secs: 600,
             shutdown_grace_secs: 30,
+            max_connections: 1024,
+            header_read_timeout_secs: 10,
+            body_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            write_stall_timeout_secs: 30,
             playground: PlaygroundConfig::default(),
+            feedback: FeedbackConfig::default(),
             rollout: crate::rollout::RolloutConfig::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_admin_keys_are_refused() {
+        let with = |key: &str| GatewayConfig { admin_key: Some(key.into()), ..GatewayConfig::default() };
+        assert!(matches!(with("sk-short").validate(), Err(ConfigError::AdminKeyTooShort(8))));
+        assert!(with(&"k".repeat(MIN_ADMIN_KEY_CHARS)).validate().is_ok());
+        // Unset (or empty): no bootstrap key at all.
+        assert!(with("").validate().is_ok());
+        assert!(GatewayConfig::default().validate().is_ok());
     }
 }

@@ -101,6 +101,15 @@ impl ApiError {
         )
     }
 
+    pub fn request_timeout(limit: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_timeout"),
+            format!("The request body did not arrive within {} s.", limit.as_secs_f64()),
+        )
+    }
+
     pub fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Self {
         // Whole seconds, rounded up: "retry after 0" invites a busy loop.
         let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

@@ -1,6 +1,7 @@
 //! `ApiJson<T>`: the one JSON body extractor. It turns every way a body can be
 //! wrong (too large, not UTF-8, not JSON, wrong field types, unknown fields)
-//! into an OpenAI-style 4xx naming the offending `param`, before a handler runs.
+//! into an OpenAI-style 4xx naming the offending `param`, before a handler runs;
+//! a body that does not arrive within the body deadline is a 408.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -37,7 +38,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalApiJson<T> 
 
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
     let limit = request.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(0);
-    Bytes::from_request(request, state).await.map_err(|rejection| {
+    let timeout = request.extensions().get::<BodyTimeout>().and_then(|t| t.0);
+    let read = Bytes::from_request(request, state);
+    let result = match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, read).await.map_err(|_| ApiError::request_timeout(timeout))?,
+        None => read.await,
+    };
+    result.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(limit)
         } else {
@@ -49,6 +56,10 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes,
 /// The configured body limit, put in request extensions so the 413 message can state it.
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// How long a whole request body may take to arrive (`None`: no limit).
+#[derive(Clone, Copy)]
+pub struct BodyTimeout(pub Option<std::time::Duration>);
 
 /// Parses a JSON body into `T`, naming the field at fault.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

@@ -1,7 +1,8 @@
-//! Feedback submissions checked against the logged prompts before they are
-//! written: ids exist and belong together, a ranking covers exactly the
-//! prompt's samples, scores are in range, and a playground user judges only
-//! their own prompts. The result is the event the trainer reads.
+//! Feedback submissions checked before they are written: text and ids within
+//! the configured sizes, then against the logged prompts: ids exist and belong
+//! together, a ranking covers exactly the prompt's samples, scores are in
+//! range, and a playground user judges only their own prompts. The result is
+//! the event the trainer reads.
 
 use std::collections::HashSet;
 
@@ -10,6 +11,7 @@ use feedback::events::{FeedbackEvent, FeedbackPayload, SCHEMA_VERSION, new_id, n
 use feedback::logged_prompts::PromptRecord;
 use sha2::{Digest, Sha256};
 
+use crate::config::FeedbackConfig;
 use crate::error::ApiError;
 use crate::keys::{ApiKey, Scope};
 use crate::state::AppState;
@@ -17,8 +19,6 @@ use crate::state::AppState;
 /// Rankings cover K = 4..9 samples, as in the paper.
 pub const MIN_RANKED: usize = 4;
 pub const MAX_RANKED: usize = 9;
-/// Longest demonstration or labeler-written prompt accepted, in bytes.
-pub const MAX_TEXT: usize = 32 * 1024;
 
 /// The event id: derived from the idempotency key when one is given, so a
 /// retried submission is recognised as the same event.
@@ -97,15 +97,12 @@ pub async fn check(
             Some(record.prompt_id)
         }
         FeedbackPayload::Demonstration { prompt_id, prompt, response } => {
-            if response.trim().is_empty() || response.len() > MAX_TEXT {
-                return Err(ApiError::invalid_request(
-                    Some("response"),
-                    format!("A demonstration needs a non-empty response of at most {MAX_TEXT} bytes."),
-                ));
+            if response.trim().is_empty() {
+                return Err(ApiError::invalid_request(Some("response"), "A demonstration needs a non-empty response."));
             }
             match (prompt_id, prompt) {
                 (Some(prompt_id), None) => Some(load(state, key, prompt_id).await?.prompt_id),
-                (None, Some(prompt)) if !prompt.trim().is_empty() && prompt.len() <= MAX_TEXT => {
+                (None, Some(prompt)) if !prompt.trim().is_empty() => {
                     if !key.has_scope(Scope::Labeler) {
                         return Err(ApiError::forbidden(
                             "insufficient_scope",
@@ -135,6 +132,59 @@ pub async fn check(
         payload,
         created_at_ms: now_ms(),
     })
+}
+
+/// Refuses (400, naming the field) text or ids over the configured sizes,
+/// before anything is looked up.
+pub fn check_sizes(payload: &FeedbackPayload, caps: &FeedbackConfig) -> Result<(), ApiError> {
+    let cap = |param: &str, value: &str, max: usize, what: &str| {
+        if value.len() > max {
+            Err(ApiError::invalid_request(
+                Some(param),
+                format!("'{param}' is {} bytes; {what} may have at most {max} bytes.", value.len()),
+            )
+            .with_code("string_above_max_length"))
+        } else {
+            Ok(())
+        }
+    };
+    let id = |param: &str, value: &str| cap(param, value, caps.max_id_bytes, "an id");
+    match payload {
+        FeedbackPayload::Rating { generation_id, comment, .. } => {
+            id("generation_id", generation_id)?;
+            if let Some(comment) = comment {
+                cap("comment", comment, caps.max_comment_bytes, "a rating comment")?;
+            }
+        }
+        FeedbackPayload::Ranking { prompt_id, ranking } => {
+            id("prompt_id", prompt_id)?;
+            let named: usize = ranking.iter().map(Vec::len).sum();
+            if ranking.len() > MAX_RANKED || named > MAX_RANKED {
+                return Err(ApiError::invalid_request(
+                    Some("ranking"),
+                    format!("Rankings cover {MIN_RANKED} to {MAX_RANKED} samples; this one names {named}."),
+                ));
+            }
+            for generation_id in ranking.iter().flatten() {
+                id("ranking", generation_id)?;
+            }
+        }
+        FeedbackPayload::Comparison { prompt_id, better, worse } => {
+            id("prompt_id", prompt_id)?;
+            id("better", better)?;
+            id("worse", worse)?;
+        }
+        FeedbackPayload::Demonstration { prompt_id, prompt, response } => {
+            if let Some(prompt_id) = prompt_id {
+                id("prompt_id", prompt_id)?;
+            }
+            if let Some(prompt) = prompt {
+                cap("prompt", prompt, caps.max_text_bytes, "a prompt")?;
+            }
+            cap("response", response, caps.max_text_bytes, "a demonstration")?;
+        }
+    }
+    Ok(())
 }
 
 async fn load(state: &AppState, key: &ApiKey, prompt_id: &str) -> Result<PromptRecord, ApiError> {
@@ -172,4 +222,45 @@ fn unavailable(e: LinkError) -> ApiError {
     ApiError::unavailable(format!(
         "Feedback cannot be checked right now (the prompt log is unreachable: {e}). Retry shortly."
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps() -> FeedbackConfig {
+        FeedbackConfig { max_body_bytes: 1 << 20, max_comment_bytes: 10, max_text_bytes: 20, max_id_bytes: 8 }
+    }
+
+    fn param(payload: FeedbackPayload) -> Option<String> {
+        check_sizes(&payload, &caps()).err().and_then(|e| {
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            e.param
+        })
+    }
+
+    #[test]
+    fn oversized_fields_are_named() {
+        let rating = |comment: &str| FeedbackPayload::Rating {
+            generation_id: "g-1".into(),
+            score: 5,
+            flags: Default::default(),
+            comment: Some(comment.into()),
+        };
+        assert_eq!(param(rating("fine")), None);
+        assert_eq!(param(rating(&"x".repeat(11))).as_deref(), Some("comment"));
+        let demo = |prompt: Option<&str>, response: &str| FeedbackPayload::Demonstration {
+            prompt_id: None,
+            prompt: prompt.map(str::to_string),
+            response: response.into(),
+        };
+        assert_eq!(param(demo(Some("p"), "r")), None);
+        assert_eq!(param(demo(None, &"r".repeat(21))).as_deref(), Some("response"));
+        assert_eq!(param(demo(Some(&"p".repeat(21)), "r")).as_deref(), Some("prompt"));
+        let comparison =
+            FeedbackPayload::Comparison { prompt_id: "p".into(), better: "a".repeat(9), worse: "b".into() };
+        assert_eq!(param(comparison).as_deref(), Some("better"));
+        let ranking = FeedbackPayload::Ranking { prompt_id: "p".into(), ranking: vec![vec!["g".into()]; 10] };
+        assert_eq!(param(ranking).as_deref(), Some("ranking"));
+    }
 }

@@ -1,16 +1,26 @@
 //! API keys: records in Redis, looked up by the SHA-256 of the secret.
 //!
 //! The secret itself is never stored; it is shown once, when the key is
-//! created. Lookups are cached for [`CACHE_TTL`] so a suspension reaches every
-//! replica within a second without a Redis round trip per request. When Redis
-//! is unreachable, keys seen before keep working from the cache (stale) and
-//! the bootstrap admin key works from memory; unknown keys get a 503, since
-//! we cannot tell whether they are valid.
+//! created. Lookups are cached for [`CACHE_TTL`]; every status change is also
+//! announced on a Redis channel that each replica follows, so a suspension or
+//! revocation leaves every replica's cache at once (the TTL only bounds the
+//! staleness while that channel is down). A revocation is final: a revoked
+//! key stays refused from the cache, even while Redis is away. When Redis is
+//! unreachable, keys seen before keep working from the cache (stale) and the
+//! bootstrap admin key works from memory; unknown keys get a 503, since we
+//! cannot tell whether they are valid.
+//!
+//! The bootstrap admin key (`INSTRUCTD_ADMIN_KEY`) is one record,
+//! [`BOOTSTRAP_KEY_ID`], bound to one secret at a time: binding a new secret
+//! unbinds the old one and never changes the record's status, so a revoked
+//! bootstrap key stays revoked whatever secret a restart brings.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -119,12 +129,80 @@ impl From<LinkError> for KeyError {
     }
 }
 
+/// Binds the bootstrap admin secret to its record, atomically. KEYS: the
+/// record, the index, the presented secret's hash key, the pointer to the
+/// bootstrap's bound hash key. ARGV: a fresh record (stored only when none
+/// exists: an existing record keeps its status), its id. Returns the record.
+const BIND_BOOTSTRAP: &str = r"
+local previous = redis.call('GET', KEYS[4])
+if previous and previous ~= KEYS[3] then redis.call('DEL', previous) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], KEYS[3])
+return redis.call('GET', KEYS[1])
+";
+
+type Entries = HashMap<String, (Arc<ApiKey>, Instant)>;
+
+/// Looked-up keys by secret hash. Revoked entries never expire.
+#[derive(Default)]
+struct Cache {
+    entries: Mutex<Entries>,
+    /// Bumped by every invalidation: a lookup that began before one does not fill the cache.
+    epoch: AtomicU64,
+}
+
+impl Cache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, hash: &str) -> Option<(Arc<ApiKey>, Instant)> {
+        self.lock().get(hash).cloned()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Caches a lookup unless an invalidation came in since it began at `epoch`.
+    fn fill(&self, epoch: u64, hash: String, key: Arc<ApiKey>) {
+        let mut entries = self.lock();
+        if self.epoch() == epoch {
+            entries.insert(hash, (key, Instant::now()));
+        }
+    }
+
+    /// A key changed status: a revoked one is kept as revoked, any other is dropped.
+    fn invalidate(&self, id: &str, status: Option<KeyStatus>) {
+        let mut entries = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if status == Some(KeyStatus::Revoked) {
+            for (key, _) in entries.values_mut().filter(|(key, _)| key.id == id) {
+                let mut revoked = (**key).clone();
+                revoked.status = KeyStatus::Revoked;
+                *key = Arc::new(revoked);
+            }
+        } else {
+            entries.retain(|_, (key, _)| key.id != id);
+        }
+    }
+
+    /// Forgets everything but revocations (changes may have been missed).
+    fn clear(&self) {
+        let mut entries = self.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        entries.retain(|_, (key, _)| key.status == KeyStatus::Revoked);
+    }
+}
+
 pub struct KeyStore {
     link: Arc<RedisLink>,
     prefix: String,
     default_limits: KeyLimits,
     bootstrap: Option<(String, ApiKey)>,
-    cache: Mutex<HashMap<String, (Arc<ApiKey>, Instant)>>,
+    cache: Arc<Cache>,
 }
 
 impl KeyStore {
@@ -148,25 +226,26 @@ impl KeyStore {
             };
             (hash_secret(secret), key)
         });
-        Self { link, prefix: prefix.to_string(), default_limits, bootstrap, cache: Mutex::new(HashMap::new()) }
+        Self { link, prefix: prefix.to_string(), default_limits, bootstrap, cache: Arc::new(Cache::default()) }
     }
 
     /// Finds the key for a presented secret. `NotFound` covers unknown secrets.
     pub async fn authenticate(&self, secret: &str) -> Result<Arc<ApiKey>, KeyError> {
         let hash = hash_secret(secret);
-        if let Some((key, at)) = self.cache_get(&hash)
-            && at.elapsed() < CACHE_TTL
+        if let Some((key, at)) = self.cache.get(&hash)
+            && (key.status == KeyStatus::Revoked || at.elapsed() < CACHE_TTL)
         {
             return Ok(key);
         }
+        let epoch = self.cache.epoch();
         match self.lookup(&hash).await {
             Ok(key) => {
                 let key = Arc::new(key);
-                self.cache_lock().insert(hash, (key.clone(), Instant::now()));
+                self.cache.fill(epoch, hash, key.clone());
                 Ok(key)
             }
             Err(KeyError::Unavailable(reason)) => {
-                if let Some((key, _)) = self.cache_get(&hash) {
+                if let Some((key, _)) = self.cache.get(&hash) {
                     return Ok(key);
                 }
                 match &self.bootstrap {
@@ -180,18 +259,80 @@ impl KeyStore {
 
     async fn lookup(&self, hash: &str) -> Result<ApiKey, KeyError> {
         let hash_key = self.hash_key(hash);
-        let id: Option<String> = self.link.run(|mut c| async move { c.get(hash_key).await }).await?;
-        match id {
-            Some(id) => self.get(&id).await,
-            None => match &self.bootstrap {
-                // First use of the bootstrap secret: store it so it can be listed and managed.
-                Some((bootstrap_hash, key)) if bootstrap_hash == hash => {
-                    self.store(key, Some(hash)).await?;
-                    Ok(key.clone())
-                }
-                _ => Err(KeyError::NotFound),
-            },
+        let keys = [hash_key.clone(), self.bootstrap_pointer()];
+        let (id, bound): (Option<String>, Option<String>) =
+            self.link.run(|mut c| async move { redis::cmd("MGET").arg(&keys[..]).query_async(&mut c).await }).await?;
+        // The bootstrap record answers only to the secret bound last.
+        let id = id.filter(|id| id != BOOTSTRAP_KEY_ID || bound.as_deref() == Some(hash_key.as_str()));
+        match (id, &self.bootstrap) {
+            (Some(id), _) => self.get(&id).await,
+            // This replica's bootstrap secret, not bound yet: bind it (first use, or a rotated secret).
+            (None, Some((bootstrap_hash, key))) if bootstrap_hash == hash => self.bind_bootstrap(key, hash).await,
+            (None, _) => Err(KeyError::NotFound),
         }
+    }
+
+    /// Binds `hash` to the bootstrap record (created if missing, its status
+    /// untouched if not) and unbinds the secret bound before.
+    async fn bind_bootstrap(&self, key: &ApiKey, hash: &str) -> Result<ApiKey, KeyError> {
+        let json =
+            serde_json::to_string(key).map_err(|e| KeyError::Corrupt { id: key.id.clone(), message: e.to_string() })?;
+        let keys = [self.record_key(&key.id), self.index_key(), self.hash_key(hash), self.bootstrap_pointer()];
+        let id = key.id.clone();
+        let stored: Option<String> = self
+            .link
+            .run(|mut c| async move {
+                let script = redis::Script::new(BIND_BOOTSTRAP);
+                let mut invocation = script.prepare_invoke();
+                for k in &keys {
+                    invocation.key(k);
+                }
+                invocation.arg(json).arg(&id).invoke_async(&mut c).await
+            })
+            .await?;
+        self.announce(&key.id, None).await;
+        let stored = stored.ok_or(KeyError::NotFound)?;
+        let record: ApiKey = serde_json::from_str(&stored)
+            .map_err(|e| KeyError::Corrupt { id: key.id.clone(), message: e.to_string() })?;
+        if record.status != KeyStatus::Active {
+            tracing::warn!(
+                status = ?record.status,
+                "INSTRUCTD_ADMIN_KEY is bound to the bootstrap admin key, which is not active; it grants nothing"
+            );
+        }
+        Ok(record)
+    }
+
+    /// Tells every replica (this one at once) that key `id` changed.
+    async fn announce(&self, id: &str, status: Option<KeyStatus>) {
+        self.cache.invalidate(id, status);
+        let channel = self.channel();
+        let message = format!("{id} {}", status.map_or("changed", status_name));
+        let published = self
+            .link
+            .run(
+                |mut c| async move { redis::cmd("PUBLISH").arg(channel).arg(message).query_async::<i64>(&mut c).await },
+            )
+            .await;
+        if let Err(e) = published {
+            tracing::warn!(key = %id, error = %e, "key change not announced; other replicas see it within the cache TTL");
+        }
+    }
+
+    /// Follows the changes every replica announces and applies them to this
+    /// replica's cache; reconnects while Redis is away. Spawned once per process.
+    pub fn spawn_invalidations(&self) -> tokio::task::JoinHandle<()> {
+        let cache = self.cache.clone();
+        let url = self.link.url().to_string();
+        let channel = self.channel();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = follow_changes(&url, &channel, &cache).await {
+                    tracing::debug!(error = %e, "key change channel lost; reconnecting");
+                }
+                tokio::time::sleep(feedback::redis_link::RETRY_INTERVAL).await;
+            }
+        })
     }
 
     pub async fn create(&self, new: NewKey) -> Result<(ApiKey, String), KeyError> {
@@ -259,6 +400,7 @@ impl KeyStore {
         key.status = status;
         key.status_reason = reason;
         self.store(&key, None).await?;
+        self.announce(id, Some(status)).await;
         Ok(key)
     }
 
@@ -294,13 +436,42 @@ impl KeyStore {
         format!("{}:keys", self.prefix)
     }
 
-    fn cache_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<ApiKey>, Instant)>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    /// Holds the hash key of the secret the bootstrap record is bound to.
+    fn bootstrap_pointer(&self) -> String {
+        format!("{}:bootstrap_keyhash", self.prefix)
     }
 
-    fn cache_get(&self, hash: &str) -> Option<(Arc<ApiKey>, Instant)> {
-        self.cache_lock().get(hash).cloned()
+    fn channel(&self) -> String {
+        format!("{}:keys:changed", self.prefix)
     }
+}
+
+fn status_name(status: KeyStatus) -> &'static str {
+    match status {
+        KeyStatus::Active => "active",
+        KeyStatus::Suspended => "suspended",
+        KeyStatus::Revoked => "revoked",
+    }
+}
+
+/// Subscribes to the change channel and applies each `"<id> <status>"` message.
+async fn follow_changes(url: &str, channel: &str, cache: &Cache) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut pubsub = tokio::time::timeout(feedback::redis_link::TIMEOUT * 2, client.get_async_pubsub())
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;
+    // Changes announced while nobody listened are unknown: look everything up afresh.
+    cache.clear();
+    let mut messages = std::pin::pin!(pubsub.on_message());
+    while let Some(message) = messages.next().await {
+        let Ok(payload) = message.get_payload::<String>() else { continue };
+        if let Some((id, status)) = payload.split_once(' ') {
+            cache.invalidate(id, (status == "revoked").then_some(KeyStatus::Revoked));
+        }
+    }
+    Err("subscription ended".into())
 }
 
 pub fn hash_secret(secret: &str) -> String {
@@ -377,5 +548,52 @@ mod tests {
         let cold = KeyStore::new(Arc::new(RedisLink::new(&server.url()).unwrap()), "t", limits(), Some("sk-admin"));
         assert_eq!(cold.authenticate("sk-admin").await.unwrap().id, BOOTSTRAP_KEY_ID);
         assert!(matches!(cold.authenticate("sk-other").await, Err(KeyError::Unavailable(_))));
+    }
+
+    const ADMIN_A: &str = "sk-admin-a-0123456789abcdef0123456789";
+    const ADMIN_B: &str = "sk-admin-b-0123456789abcdef0123456789";
+
+    #[tokio::test]
+    async fn a_rebound_bootstrap_secret_keeps_the_record_status() {
+        let server = RedisServer::start().unwrap();
+        let link = || Arc::new(RedisLink::new(&server.url()).unwrap());
+        let first = KeyStore::new(link(), "t", limits(), Some(ADMIN_A));
+        assert_eq!(first.authenticate(ADMIN_A).await.unwrap().status, KeyStatus::Active);
+        first.set_status(BOOTSTRAP_KEY_ID, KeyStatus::Revoked, None).await.unwrap();
+        assert_eq!(first.authenticate(ADMIN_A).await.unwrap().status, KeyStatus::Revoked);
+
+        let rotated = KeyStore::new(link(), "t", limits(), Some(ADMIN_B));
+        assert_eq!(rotated.authenticate(ADMIN_B).await.unwrap().status, KeyStatus::Revoked);
+        assert!(matches!(rotated.authenticate(ADMIN_A).await, Err(KeyError::NotFound)));
+        let keys = rotated.list().await.unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].status, KeyStatus::Revoked);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_reaches_another_replica_before_the_cache_ttl() {
+        let server = RedisServer::start().unwrap();
+        let link = || Arc::new(RedisLink::new(&server.url()).unwrap());
+        let store = KeyStore::new(link(), "t", limits(), None);
+        let other = KeyStore::new(link(), "t", limits(), None);
+        let listener = other.spawn_invalidations();
+        let (key, secret) = store.create(new_key(vec![Scope::Completions])).await.unwrap();
+        assert_eq!(other.authenticate(&secret).await.unwrap().status, KeyStatus::Active);
+        // Let the subscription start (it clears the cache when it does).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(other.authenticate(&secret).await.unwrap().status, KeyStatus::Active);
+        let revoked_at = Instant::now();
+        store.set_status(&key.id, KeyStatus::Revoked, None).await.unwrap();
+        loop {
+            if other.authenticate(&secret).await.unwrap().status == KeyStatus::Revoked {
+                break;
+            }
+            assert!(revoked_at.elapsed() < CACHE_TTL / 5, "the revocation waited for the cache TTL");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Final, even with Redis gone.
+        drop(server);
+        assert_eq!(other.authenticate(&secret).await.unwrap().status, KeyStatus::Revoked);
+        listener.abort();
     }
 }

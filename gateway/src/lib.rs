@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod generation;
 pub mod json;

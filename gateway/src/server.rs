@@ -1,7 +1,9 @@
-//! The router (every route, in one table) and the server loop with graceful
-//! shutdown: on the signal, the listener closes and in-flight requests,
-//! streams included, run to their end.
+//! The router (every route, in one table) and the server: the accept loop of
+//! `connections.rs` with its connection limits and graceful shutdown (on the
+//! signal, the listener closes and in-flight requests, streams included, run
+//! to their end).
 
+use std::convert::Infallible;
 use std::future::Future;
 
 use axum::Router;
@@ -10,7 +12,7 @@ use axum::routing::{MethodRouter, delete, get, post};
 use tokio::net::TcpListener;
 
 use crate::error::ApiError;
-use crate::json::BodyLimit;
+use crate::json::{BodyLimit, BodyTimeout};
 use crate::observe::observe;
 use crate::routes::{
     admin_checkpoints, admin_keys, admin_training, chat, completions, feedback, health, labeling, models, playground,
@@ -59,8 +61,15 @@ pub fn route_list() -> Vec<(&'static str, &'static str)> {
 
 pub fn router(state: SharedState) -> Router {
     let limit = state.config.max_body_bytes;
+    let feedback_limit = state.config.feedback.max_body_bytes;
     let mut router = Router::new();
-    for (_, path, handler) in table() {
+    for (_, path, mut handler) in table() {
+        if path == "/v1/feedback" {
+            // Judgments are small: a tighter cap than the completion routes'.
+            handler = handler
+                .layer::<_, Infallible>(axum::Extension(BodyLimit(feedback_limit)))
+                .layer::<_, Infallible>(DefaultBodyLimit::max(feedback_limit));
+        }
         // Routes on one path with different methods merge.
         router = router.route(path, handler);
     }
@@ -69,6 +78,7 @@ pub fn router(state: SharedState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(observe))
         .layer(axum::Extension(BodyLimit(limit)))
+        .layer(axum::Extension(BodyTimeout(state.config.body_timeout())))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -90,5 +100,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     crate::metrics::set_serving_checkpoint(&state.engine.current().info().checkpoint);
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let limits = state.config.connection_limits();
+    crate::connections::serve(listener, router(state), limits, shutdown).await
 }

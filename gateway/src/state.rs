@@ -57,12 +57,15 @@ pub enum StartError {
     Notice { path: std::path::PathBuf, source: std::io::Error },
     #[error("[gateway.playground.split]: {0}")]
     Split(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl AppState {
     /// Builds the gateway's state the same way for `instructd serve`, tests and benchmarks.
     pub fn assemble(parts: Parts) -> Result<Self, StartError> {
         let Parts { config, redis: link, engine, rollout, spill } = parts;
+        config.validate()?;
         let rules = &config.use_case_rules;
         let classifier = crate::policy::RuleClassifier::from_file(rules)
             .map_err(|source| StartError::Rules { path: rules.clone(), source })?;

@@ -28,6 +28,8 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
+    // Refuse a bad gateway setting (a short admin key...) before the model loads.
+    config.gateway.validate()?;
     let engine = super::start_engine_as(
         &config.model.dir,
         &config.model.dtype,
@@ -80,6 +82,8 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
         spill,
     })?);
     let replayer = state.events.spawn_replayer(Duration::from_secs(1));
+    // Key changes announced by any replica (revocations) leave this one's cache at once.
+    let invalidations = state.keys.spawn_invalidations();
     // Tests and scripts read this line to find the port when addr ends in :0.
     println!("instructd gateway listening on http://{address}");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -100,6 +104,7 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
         watcher.abort();
     }
     replayer.abort();
+    invalidations.abort();
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use feedback::redis_server::RedisServer;
 
-pub const ADMIN_KEY: &str = "sk-test-admin-0123456789abcdef";
+pub const ADMIN_KEY: &str = "sk-test-admin-0123456789abcdef0123456789";
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

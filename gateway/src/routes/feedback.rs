@@ -1,19 +1,23 @@
 //! `POST /v1/feedback`: ratings, rankings, comparisons and demonstrations,
-//! checked, then written exactly once to `instructd:feedback` (spilled to
-//! disk while Redis is away; 503 only when the spill is full).
+//! within the size caps of `[gateway.feedback]` and the key's rate limits
+//! (as completions, one request each), checked, then written exactly once to
+//! `instructd:feedback` (spilled to disk while Redis is away; 503 only when
+//! the spill is full).
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use feedback::event_log::{AppendError, Appended, Entry};
 use feedback::events::FeedbackPayload;
 use feedback::streams;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::admission::{insert_headers, rate_limit};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::ApiJson;
-use crate::judgments::{check, event_id};
+use crate::judgments::{check, check_sizes, event_id};
 use crate::keys::Scope;
 use crate::state::SharedState;
 
@@ -24,11 +28,14 @@ pub async fn submit(
     caller: Caller,
     headers: HeaderMap,
     ApiJson(payload): ApiJson<FeedbackPayload>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let key = caller.key();
     if !key.has_scope(Scope::Labeler) && !key.has_scope(Scope::Playground) {
         caller.require(Scope::Labeler)?;
     }
+    check_sizes(&payload, &state.config.feedback)?;
+    // Held to the end of the request (its concurrency slot); no tokens are charged.
+    let admission = rate_limit(&state, &caller, 0).await?;
     let idempotency = match headers.get(IDEMPOTENCY_HEADER) {
         None => None,
         Some(v) => Some(v.to_str().ok().filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| {
@@ -67,11 +74,15 @@ pub async fn submit(
         tracing::warn!(error = %e, prompt = %prompt_id, "labeling queue not updated");
     }
     let code = if status == "recorded" { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((
+    let mut response = (
         code,
         Json(json!({
             "id": event.event_id, "object": "feedback", "type": kind, "status": status,
             "prompt_id": event.prompt_id, "stream_id": stream_id,
         })),
-    ))
+    )
+        .into_response();
+    insert_headers(response.headers_mut(), admission.headers());
+    tokio::spawn(admission.finish(0));
+    Ok(response)
 }
