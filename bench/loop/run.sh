@@ -68,15 +68,22 @@ echo "gateway $URL serving $INITIAL" >&2
 
 admin() { curl -sf "$URL$2" -X "$1" -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' ${3:+-d "$3"}; }
 
-# Each round asks its own prompts (snapshots drop prompts sharing a long prefix with earlier ones).
+# Each round asks its own prompts, all distinct (snapshots drop prompts sharing a long prefix with earlier
+# ones): round one the pool itself, round two each pool prompt under a framing, then again with a take number.
 round_prompts() {
     python3 - "$1" "$2" <<'EOF'
 import sys
 round_, n = int(sys.argv[1]), int(sys.argv[2])
 pool = [l.strip() for l in open("configs/simulation_prompts.txt") if l.strip() and not l.startswith("#")]
+framings = ["Please answer briefly: ", "In your own words: ", "For a beginner: ", "Quick question. ",
+            "As simply as you can: ", "I'd like some help. "]
 for i in range(n):
     p = pool[(i + round_ * 17) % len(pool)]
-    print(p if round_ == 1 else f"{p} (Answer in your own words, take {round_}.)")
+    cycle = i // len(pool)
+    if round_ == 1:
+        print(p if cycle == 0 else f"{framings[(cycle - 1) % len(framings)]}{p}")
+    else:
+        print(f"{framings[cycle % len(framings)]}{p} (Round {round_}, take {cycle // len(framings) + 1}.)")
 EOF
 }
 
@@ -87,12 +94,12 @@ simulate() { # ROUND PROMPTS K DEMONSTRATIONS
         --seed "$1" --prompts-file "$WORK/prompts-$1.txt" 2>"$WORK/simulate-$1.err" | tail -n1
 }
 
-start_trainer() {
+start_trainer() { # MIN_NEW_RANKINGS (round one: SFT only)
     env INSTRUCTD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" INSTRUCTD_MODEL="$MODEL" \
         INSTRUCTD_CONFIG=configs/default.toml INSTRUCTD_LOG="${INSTRUCTD_LOG:-info}" \
         INSTRUCTD__TRAINER__DATA_DIR="$WORK/data" INSTRUCTD__TRAINER__METRICS_ADDR=127.0.0.1:0 \
         INSTRUCTD__TRAINER__BATCH=100000 INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS=1 \
-        INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS=4 \
+        INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS="$1" \
         INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR="$WORK/checkpoints" \
         "$BIN" train >>"$WORK/trainer.out" 2>>"$WORK/trainer.err" &
     TRAINER_PID=$!
@@ -122,7 +129,7 @@ START=$(date +%s)
 echo "round 1: people on the starting model" >&2
 R1="$(simulate 1 "$PROMPTS" 4 1)"
 ROUND1_SECS=$(( $(date +%s) - START ))
-start_trainer
+start_trainer 1000000000
 SFT="$(wait_for "next((r['id'] for r in rows if r['stage'] == 'sft' and r['role'] == 'ready'), None)")"
 admin POST "/admin/checkpoints/$SFT/promote" >/dev/null
 kill "$TRAINER_PID"; wait "$TRAINER_PID" 2>/dev/null || true; TRAINER_PID=""
@@ -130,7 +137,7 @@ echo "round 2: people on $SFT" >&2
 R2_START=$(date +%s)
 R2="$(simulate 2 "$RANKINGS" "$K" 0)"
 ROUND2_SECS=$(( $(date +%s) - R2_START ))
-start_trainer
+start_trainer 4
 PPO="$(wait_for "next((r['id'] for r in rows if r['stage'] == 'ppo_ptx'), None)")"
 # A PPO policy the gate held back is not loaded; the table still reports it.
 sleep 5

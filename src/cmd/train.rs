@@ -131,6 +131,7 @@ async fn train(config: Config) -> anyhow::Result<()> {
         max_prompts_per_user: trainer.max_prompts_per_user,
         dedupe_prefix_chars: trainer.dedupe_prefix_chars,
         split: config.gateway.playground.split,
+        labeler_qc: trainer.labeler_qc.clone(),
     };
     println!(
         "instructd trainer consuming as {}/{} into {}",
@@ -186,17 +187,13 @@ async fn train(config: Config) -> anyhow::Result<()> {
             last_snapshot = Instant::now();
             drop(_guard);
             // Training runs on a blocking thread so this runtime keeps serving /metrics meanwhile;
-            // ingestion waits (entries stay in Redis).
-            let (back, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = refresher.after_snapshot(&manifest, &data);
-                (refresher, outcome)
-            })
-            .await
-            .context("the refresh thread panicked")?;
-            refresher = back;
-            match outcome {
-                Ok(published) => {
-                    for p in published.into_iter().filter(|p| p.servable) {
+            // ingestion waits (entries stay in Redis). Each servable checkpoint is announced as soon as its
+            // stage ends, not after the stages that follow it.
+            let (announce_tx, mut announce_rx) = tokio::sync::mpsc::unbounded_channel::<trainer::refresh::Published>();
+            let announcer = {
+                let link = link.clone();
+                tokio::spawn(async move {
+                    while let Some(p) = announce_rx.recv().await {
                         match trainer::refresh::announce(&link, &p.manifest).await {
                             Ok(_) => println!("announced {}", p.manifest.id),
                             Err(e) => tracing::error!(
@@ -205,9 +202,24 @@ async fn train(config: Config) -> anyhow::Result<()> {
                             ),
                         }
                     }
-                }
-                // A failed refresh leaves the serving model as it is; the next snapshot retries.
-                Err(e) => tracing::error!(error = %e, "refresh failed"),
+                })
+            };
+            let (back, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = refresher.after_snapshot_announcing(&manifest, &data, &mut |p| {
+                    if p.servable {
+                        // The receiver lives until this thread is done.
+                        let _ = announce_tx.send(p.clone());
+                    }
+                });
+                (refresher, outcome)
+            })
+            .await
+            .context("the refresh thread panicked")?;
+            refresher = back;
+            announcer.await.context("the announcing task panicked")?;
+            // A failed refresh leaves the serving model as it is; the next snapshot retries.
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "refresh failed");
             }
         }
     }

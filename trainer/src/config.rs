@@ -30,6 +30,8 @@ pub struct TrainerConfig {
     pub max_prompts_per_user: usize,
     /// Characters of the normalised prompt that make the dedupe key.
     pub dedupe_prefix_chars: usize,
+    /// Labeler quality control applied to every snapshot.
+    pub labeler_qc: crate::labeler_quality::LabelerQcConfig,
     pub refresh: crate::refresh::RefreshConfig,
     pub sft: crate::sft::SftConfig,
     pub reward_model: crate::reward_model::RmConfig,
@@ -55,6 +57,7 @@ impl Default for TrainerConfig {
             snapshot_period_secs: 600,
             max_prompts_per_user: 200,
             dedupe_prefix_chars: feedback::split::DEDUPE_PREFIX_CHARS,
+            labeler_qc: Default::default(),
             refresh: Default::default(),
             sft: Default::default(),
             reward_model: Default::default(),

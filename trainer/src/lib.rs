@@ -14,6 +14,7 @@ pub mod evaluation;
 pub mod ingest;
 pub mod journal;
 pub mod kl_controller;
+pub mod labeler_quality;
 pub mod losses;
 pub mod optim;
 pub mod policy_model;

@@ -209,7 +209,22 @@ impl Refresher {
         snapshot: &SnapshotManifest,
         data: &Dataset,
     ) -> Result<Vec<Published>, RefreshError> {
+        self.after_snapshot_announcing(snapshot, data, &mut |_| {})
+    }
+
+    /// [`Refresher::after_snapshot`], handing each checkpoint to `on_published` as soon as its stage ends: an SFT
+    /// policy can then be announced (and served) while the reward model and PPO after it still train.
+    pub fn after_snapshot_announcing(
+        &mut self,
+        snapshot: &SnapshotManifest,
+        data: &Dataset,
+        on_published: &mut dyn FnMut(&Published),
+    ) -> Result<Vec<Published>, RefreshError> {
         let mut published = Vec::new();
+        let mut publish = |p: Published, published: &mut Vec<Published>| {
+            on_published(&p);
+            published.push(p);
+        };
         self.journal.snapshot(&snapshot.id, &snapshot.counts);
         if !self.config.refresh.enabled {
             return Ok(published);
@@ -242,7 +257,7 @@ impl Refresher {
                 offered_sft = true;
             }
             self.save()?;
-            published.push(published_sft);
+            publish(published_sft, &mut published);
         }
         let rankings = data.rm.iter().filter(|e| e.split == Split::Train).count();
         if rankings >= self.state.rm_examples + self.config.refresh.min_new_rankings {
@@ -263,7 +278,7 @@ impl Refresher {
             self.state.reward_model = Some(rm.manifest.id.clone());
             self.state.rm_examples = rankings;
             self.save()?;
-            published.push(rm);
+            publish(rm, &mut published);
         }
         let new_reward_model =
             self.state.reward_model.is_some() && self.state.ppo_reward_model != self.state.reward_model;
@@ -271,7 +286,8 @@ impl Refresher {
             if backend::train_prompts(data).is_empty() {
                 tracing::warn!("a reward model exists but no training prompts yet: PPO waits");
             } else {
-                published.push(self.ppo_refresh(snapshot, data, &held_out)?);
+                let ppo = self.ppo_refresh(snapshot, data, &held_out)?;
+                publish(ppo, &mut published);
             }
         }
         Ok(published)

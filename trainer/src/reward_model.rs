@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::losses::{ranking_loss_batch, ranking_pairs};
+use crate::losses::{ranking_loss_batch, ranking_loss_weighted, ranking_pairs};
 use crate::optim::{Adam, AdamConfig, Decay, Gradients, LrSchedule, PAPER_FINAL_LR_RATIO};
 use crate::policy_model::{
     PolicyModel, TrainError, TrainResult, encode_chat, io_err, write_file_atomic, write_safetensors_atomic,
@@ -520,6 +520,8 @@ pub struct Ranking {
     sequences: Vec<Vec<u32>>,
     ranks: Vec<usize>,
     pairs: usize,
+    /// Weight in the loss (labeler quality control; 1 normally).
+    weight: f32,
     activations: Option<Vec<Vec<f32>>>,
 }
 
@@ -527,7 +529,13 @@ impl Ranking {
     /// `None` when the counts differ or no pair is ordered (nothing to learn from).
     pub fn new(sequences: Vec<Vec<u32>>, ranks: Vec<usize>) -> Option<Self> {
         let pairs = ranking_pairs(&ranks).len();
-        (sequences.len() == ranks.len() && pairs > 0).then_some(Self { sequences, ranks, pairs, activations: None })
+        (sequences.len() == ranks.len() && pairs > 0).then_some(Self {
+            sequences,
+            ranks,
+            pairs,
+            weight: 1.0,
+            activations: None,
+        })
     }
 
     /// Rewards of this ranking's completions for a batch: from cached activations when present.
@@ -587,10 +595,13 @@ pub fn train_step(
         for micro in rankings.chunks(config.micro_batch_prompts) {
             let (loss, accuracy) = timing.time(Phase::Forward, || -> TrainResult<_> {
                 let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
+                let weights: Vec<f32> = micro.iter().map(|r| r.weight).collect();
                 let rewards = Ranking::rewards_of(rm, micro, config.residual_dropout)?;
-                Ok(ranking_loss_batch(&rewards, &ranks)?)
+                Ok(ranking_loss_weighted(&rewards, &ranks, Some(&weights))?)
             })?;
-            let weight = micro.len() as f64 / rankings.len() as f64;
+            // Each micro-batch's loss is a weighted mean over its prompts: scale it by its share of the step's weight.
+            let total: f64 = rankings.iter().map(|r| f64::from(r.weight)).sum();
+            let weight = micro.iter().map(|r| f64::from(r.weight)).sum::<f64>() / total.max(f64::MIN_POSITIVE);
             let store = timing.time(Phase::Backward, || rm.trunk().backward(&loss))?;
             timing.time(Phase::Gradients, || grads.accumulate(&store, vars, weight))?;
             let micro_pairs: usize = micro.iter().map(|r| r.pairs).sum();
@@ -639,7 +650,7 @@ pub fn train(
                 truncated += usize::from(cut);
                 sequences.push(ids);
             }
-            out.push(Ranking { sequences, ranks: ex.ranks.clone(), pairs, activations: None });
+            out.push(Ranking { sequences, ranks: ex.ranks.clone(), pairs, weight: ex.weight, activations: None });
         }
         Ok(out)
     };
@@ -856,6 +867,8 @@ mod tests {
                     ranks: items.iter().map(|(_, r)| *r).collect(),
                     labeler_group: LabelerGroup::Training,
                     split,
+                    labeler_id: format!("labeler-{}", i % 3),
+                    weight: 1.0,
                 }
             })
             .collect()

@@ -7,7 +7,15 @@
 //! A snapshot is a directory `<data_dir>/snapshots/<id>/` with `sft.jsonl`
 //! (demonstrations), `rm.jsonl` (rankings and comparisons as rank groups; tied
 //! pairs are dropped by the loss), `prompts.jsonl` (for PPO), `ratings.jsonl`
-//! and `manifest.json` (source positions, counts, exclusions, file hashes).
+//! and `manifest.json` (source positions, counts, exclusions, file hashes,
+//! labeler quality).
+//!
+//! One judgment counts per (labeler, prompt, kind): a labeler who ranks or
+//! demonstrates the same prompt again replaces their earlier judgment (the
+//! latest wins), so one key cannot multiply its weight by resubmitting. Then
+//! labeler quality control ([`crate::labeler_quality`]) measures agreement on
+//! prompts several labelers ranked and drops or down-weights those below the
+//! bar.
 //! Its id is a hash of the stream positions it covers and the filters, so
 //! building again from the same data gives the same snapshot. It is written
 //! to a temporary directory, fsynced and renamed.
@@ -23,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::labeler_quality::{LabelerQcConfig, QcReport};
 use crate::store::{DatasetStore, StoreError, StreamId};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +61,16 @@ pub struct RankedExample {
     pub ranks: Vec<usize>,
     pub labeler_group: feedback::events::LabelerGroup,
     pub split: Split,
+    /// Who ranked it (their labeler id: a user id for playground users).
+    #[serde(default)]
+    pub labeler_id: String,
+    /// The ranking's weight in the reward model's loss (1; less for a down-weighted labeler).
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
+}
+
+fn unit_weight() -> f32 {
+    1.0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +89,12 @@ pub struct Exclusions {
     pub withdrawn: usize,
     pub unparseable: usize,
     pub feedback_without_prompt: usize,
+    /// Judgments replaced by the same labeler's later one on the same prompt.
+    #[serde(default)]
+    pub superseded: usize,
+    /// Rankings of labelers quality control excluded.
+    #[serde(default)]
+    pub low_agreement_labeler: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +106,8 @@ pub struct SnapshotManifest {
     pub counts: BTreeMap<String, usize>,
     pub excluded: Exclusions,
     pub files: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labeler_quality: QcReport,
 }
 
 /// The snapshot's content, before it is written.
@@ -91,6 +118,7 @@ pub struct Dataset {
     pub prompts: Vec<PromptExample>,
     pub ratings: Vec<serde_json::Value>,
     pub excluded: Exclusions,
+    pub labeler_quality: QcReport,
 }
 
 /// Filters applied when building.
@@ -100,6 +128,7 @@ pub struct Filters {
     /// Normalised characters two prompts must share to count as duplicates.
     pub dedupe_prefix_chars: usize,
     pub split: SplitConfig,
+    pub labeler_qc: LabelerQcConfig,
 }
 
 /// Builds the dataset from everything in the store.
@@ -155,11 +184,17 @@ pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, Snapsho
         });
         kept.insert(prompt.prompt_id.clone(), prompt);
     }
+    let mut events = Vec::new();
     for entry in store.read(streams::FEEDBACK)? {
-        let Some(event) = entry.fields.get("event").and_then(|e| serde_json::from_str::<FeedbackEvent>(e).ok()) else {
-            data.excluded.unparseable += 1;
-            continue;
-        };
+        match entry.fields.get("event").and_then(|e| serde_json::from_str::<FeedbackEvent>(e).ok()) {
+            Some(event) => events.push(event),
+            None => data.excluded.unparseable += 1,
+        }
+    }
+    let before = events.len();
+    let events = latest_judgments(events);
+    data.excluded.superseded = before - events.len();
+    for event in events {
         let prompt = event.prompt_id.as_ref().and_then(|id| kept.get(id));
         if event.prompt_id.is_some() && prompt.is_none() {
             data.excluded.feedback_without_prompt += 1;
@@ -199,6 +234,9 @@ pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, Snapsho
             _ => data.excluded.feedback_without_prompt += 1,
         }
     }
+    data.labeler_quality = crate::labeler_quality::assess(&data.rm, &filters.labeler_qc);
+    data.excluded.low_agreement_labeler =
+        crate::labeler_quality::apply(&mut data.rm, &data.labeler_quality, filters.labeler_qc.action);
     Ok(data)
 }
 
@@ -228,7 +266,41 @@ fn ranked(
         ranks,
         labeler_group: event.labeler_group,
         split: split_for(&p.user, split),
+        labeler_id: event.labeler_id.clone(),
+        weight: 1.0,
     })
+}
+
+/// What makes two judgments "the same" for [`latest_judgments`]: labeler, prompt and kind (a rating also by the
+/// sample it rates, a comparison by its pair). Labeler-written prompts have no prompt id and are all kept.
+fn judgment_key(event: &FeedbackEvent) -> Option<(String, String, String)> {
+    let prompt = event.prompt_id.clone()?;
+    let kind = match &event.payload {
+        FeedbackPayload::Ranking { .. } => "ranking".to_string(),
+        FeedbackPayload::Comparison { better, worse, .. } => {
+            let (a, b) = if better < worse { (better, worse) } else { (worse, better) };
+            format!("comparison:{a}:{b}")
+        }
+        FeedbackPayload::Demonstration { .. } => "demonstration".to_string(),
+        FeedbackPayload::Rating { generation_id, .. } => format!("rating:{generation_id}"),
+    };
+    Some((event.labeler_id.clone(), prompt, kind))
+}
+
+/// `events` (in stream order) with each (labeler, prompt, kind) judgment kept only in its latest version.
+fn latest_judgments(events: Vec<FeedbackEvent>) -> Vec<FeedbackEvent> {
+    let mut last: HashMap<(String, String, String), usize> = HashMap::new();
+    for (i, event) in events.iter().enumerate() {
+        if let Some(key) = judgment_key(event) {
+            last.insert(key, i);
+        }
+    }
+    events
+        .into_iter()
+        .enumerate()
+        .filter(|(i, e)| judgment_key(e).is_none_or(|k| last.get(&k) == Some(i)))
+        .map(|(_, e)| e)
+        .collect()
 }
 
 /// Writes `data` as a snapshot (or finds the identical one) and returns its manifest.
@@ -244,7 +316,7 @@ pub fn write(
     }
     let identity = json!({"source": source, "max_prompts_per_user": filters.max_prompts_per_user,
         "dedupe_prefix_chars": filters.dedupe_prefix_chars,
-        "validation": filters.split.validation, "test": filters.split.test});
+        "validation": filters.split.validation, "test": filters.split.test, "labeler_qc": filters.labeler_qc});
     let id = format!("snap-{}", &hex::encode(Sha256::digest(identity.to_string().as_bytes()))[..16]);
     let root = data_dir.join("snapshots");
     let dir = root.join(&id);
@@ -274,6 +346,7 @@ pub fn write(
         counts,
         excluded: data.excluded.clone(),
         files,
+        labeler_quality: data.labeler_quality.clone(),
     };
     let path = tmp.join("manifest.json");
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&path)(std::io::Error::other(e)))?;

@@ -50,6 +50,19 @@ pub fn ranking_loss(rewards: &Tensor, ranks: &[usize]) -> Result<(Tensor, f32)> 
 /// it errors only if no prompt has a pair. The accuracy is pooled over all pairs of the batch (correct pairs /
 /// total pairs), as the paper reports comparison accuracy.
 pub fn ranking_loss_batch<R: AsRef<[usize]>>(rewards: &Tensor, ranks: &[R]) -> Result<(Tensor, f32)> {
+    ranking_loss_weighted(rewards, ranks, None)
+}
+
+/// [`ranking_loss_batch`] with a weight per prompt (labeler quality control down-weights some labelers): the
+/// weighted mean over prompts of the per-prompt losses. `None` weighs every prompt 1.
+pub fn ranking_loss_weighted<R: AsRef<[usize]>>(
+    rewards: &Tensor,
+    ranks: &[R],
+    prompt_weights: Option<&[f32]>,
+) -> Result<(Tensor, f32)> {
+    if prompt_weights.is_some_and(|w| w.len() != ranks.len()) {
+        return Err(Error::Msg("ranking_loss: one weight per ranked prompt".into()));
+    }
     let total: usize = ranks.iter().map(|r| r.as_ref().len()).sum();
     let flat = match rewards.dims() {
         [n] | [n, 1] if *n == total => rewards.flatten_all()?.to_dtype(DType::F32)?,
@@ -64,13 +77,16 @@ pub fn ranking_loss_batch<R: AsRef<[usize]>>(rewards: &Tensor, ranks: &[R]) -> R
     let mut losers = Vec::new();
     let mut weights = Vec::new();
     let mut prompts_with_pairs = 0usize;
+    let mut weight_sum = 0f64;
     let mut offset = 0usize;
-    for ranking in ranks {
+    for (i, ranking) in ranks.iter().enumerate() {
         let ranking = ranking.as_ref();
         let pairs = ranking_pairs(ranking);
         if !pairs.is_empty() {
             prompts_with_pairs += 1;
-            let weight = 1.0 / pairs.len() as f32;
+            let prompt_weight = prompt_weights.map_or(1.0, |w| w[i].max(0.0));
+            weight_sum += f64::from(prompt_weight);
+            let weight = prompt_weight / pairs.len() as f32;
             for (w, l) in pairs {
                 winners.push((offset + w) as u32);
                 losers.push((offset + l) as u32);
@@ -89,7 +105,8 @@ pub fn ranking_loss_batch<R: AsRef<[usize]>>(rewards: &Tensor, ranks: &[R]) -> R
     let n_pairs = winners.len();
     let winners = Tensor::from_vec(winners, n_pairs, device)?;
     let losers = Tensor::from_vec(losers, n_pairs, device)?;
-    let weights = (Tensor::from_vec(weights, n_pairs, device)? / prompts_with_pairs as f64)?;
+    // All weights 0 (every prompt's labeler down-weighted to nothing): a zero loss, not a division by zero.
+    let weights = (Tensor::from_vec(weights, n_pairs, device)? / weight_sum.max(f64::MIN_POSITIVE))?;
 
     let diff = (flat.index_select(&winners, 0)? - flat.index_select(&losers, 0)?)?;
     let loss = (log_sigmoid(&diff)? * weights)?.sum_all()?.neg()?;

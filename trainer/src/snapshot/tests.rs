@@ -129,8 +129,12 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
         .collect();
     store.append(streams::FEEDBACK, &entries).unwrap();
 
-    let filters =
-        Filters { max_prompts_per_user: 2, dedupe_prefix_chars: DEDUPE_PREFIX_CHARS, split: SplitConfig::default() };
+    let filters = Filters {
+        max_prompts_per_user: 2,
+        dedupe_prefix_chars: DEDUPE_PREFIX_CHARS,
+        split: SplitConfig::default(),
+        labeler_qc: Default::default(),
+    };
     let data = build(&store, &filters).unwrap();
     let kept: Vec<&str> = data.prompts.iter().map(|p| p.prompt_id.as_str()).collect();
     assert_eq!(kept, ["p1", "p4", "p7"]);
@@ -142,7 +146,9 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
             over_user_cap: 1,
             withdrawn: 1,
             unparseable: 0,
-            feedback_without_prompt: 1
+            feedback_without_prompt: 1,
+            superseded: 0,
+            low_agreement_labeler: 0,
         }
     );
     assert_eq!(data.rm.len(), 2);
@@ -166,4 +172,93 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
             .to_string_lossy()
             .starts_with(".tmp"))
     );
+}
+
+/// `n` prompts by one user, appended to the store's prompt stream.
+fn store_with_prompts(dir: &Path, n: usize) -> DatasetStore {
+    let mut store = DatasetStore::open(dir).unwrap();
+    let entries: Vec<StoredEntry> = (0..n)
+        .map(|i| {
+            let p = prompt(&format!("p{i}"), &format!("user{}", i % 5), &format!("Question number {i}?"), false);
+            entry(streams::PROMPTS, i + 1, "prompt", serde_json::to_string(&p).unwrap())
+        })
+        .collect();
+    store.append(streams::PROMPTS, &entries).unwrap();
+    store
+}
+
+fn by(labeler: &str, prompt: &str, order: [usize; 4]) -> FeedbackEvent {
+    let mut event = feedback(
+        Some(prompt),
+        FeedbackPayload::Ranking {
+            prompt_id: prompt.into(),
+            ranking: order.iter().map(|i| vec![format!("{prompt}-{i}")]).collect(),
+        },
+    );
+    event.labeler_id = labeler.into();
+    event
+}
+
+fn append_feedback(store: &mut DatasetStore, events: &[FeedbackEvent]) {
+    let entries: Vec<StoredEntry> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| entry(streams::FEEDBACK, i + 1, e.payload.kind(), serde_json::to_string(e).unwrap()))
+        .collect();
+    store.append(streams::FEEDBACK, &entries).unwrap();
+}
+
+fn filters(qc: crate::labeler_quality::LabelerQcConfig) -> Filters {
+    Filters {
+        max_prompts_per_user: 200,
+        dedupe_prefix_chars: DEDUPE_PREFIX_CHARS,
+        split: SplitConfig::default(),
+        labeler_qc: qc,
+    }
+}
+
+#[test]
+fn one_judgment_per_labeler_prompt_and_kind_the_latest_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_prompts(dir.path(), 2);
+    let mut events = vec![by("lena", "p0", [0, 1, 2, 3]), by("max", "p0", [0, 1, 2, 3])];
+    // lena resubmits p0 a hundred times, ending with the reverse order; p1 once.
+    events.extend((0..99).map(|_| by("lena", "p0", [1, 0, 2, 3])));
+    events.push(by("lena", "p0", [3, 2, 1, 0]));
+    events.push(by("lena", "p1", [0, 1, 2, 3]));
+    append_feedback(&mut store, &events);
+    let data = build(&store, &filters(Default::default())).unwrap();
+    assert_eq!(data.excluded.superseded, 100);
+    assert_eq!(data.rm.len(), 3, "lena's latest p0, max's p0, lena's p1");
+    let lena_p0 = data.rm.iter().find(|r| r.labeler_id == "lena" && r.prompt_id == "p0").unwrap();
+    assert_eq!(lena_p0.completions[0], "p0 answer 3", "the latest ranking is the one kept");
+}
+
+#[test]
+fn quality_control_drops_a_labeler_who_disagrees_with_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_prompts(dir.path(), 10);
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let p = format!("p{i}");
+        events.push(by("ann", &p, [0, 1, 2, 3]));
+        events.push(by("bob", &p, [0, 1, 3, 2]));
+        events.push(by("eve", &p, [3, 2, 1, 0]));
+    }
+    append_feedback(&mut store, &events);
+    let qc = crate::labeler_quality::LabelerQcConfig { min_comparisons: 20, ..Default::default() };
+    let data = build(&store, &filters(qc.clone())).unwrap();
+    assert!(data.labeler_quality.labelers["eve"].flagged);
+    assert!(!data.labeler_quality.labelers["ann"].flagged && !data.labeler_quality.labelers["bob"].flagged);
+    assert_eq!(data.excluded.low_agreement_labeler, 10);
+    assert!(data.rm.iter().all(|r| r.labeler_id != "eve") && data.rm.len() == 20);
+    let manifest = write(&store, dir.path(), &data, &filters(qc)).unwrap();
+    assert!(manifest.labeler_quality.labelers["eve"].flagged, "the report is in the manifest");
+    // Only flagging keeps every ranking.
+    let flag_only = crate::labeler_quality::LabelerQcConfig {
+        min_comparisons: 20,
+        action: crate::labeler_quality::QcAction::Flag,
+        ..Default::default()
+    };
+    assert_eq!(build(&store, &filters(flag_only)).unwrap().rm.len(), 30);
 }
