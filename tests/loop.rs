@@ -138,6 +138,11 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
         ("INSTRUCTD__TRAINER__REWARD_MODEL__LEARNING_RATE", "0.002"),
         ("INSTRUCTD__TRAINER__REWARD_MODEL__EPOCHS", "4"),
         ("INSTRUCTD__TRAINER__REWARD_MODEL__BATCH_PROMPTS", "4"),
+        // The default freezes 28 layers for SmolLM2; of the tiny model's two, the lower one is frozen and cached.
+        ("INSTRUCTD__TRAINER__REWARD_MODEL__FREEZE_LAYERS", "1"),
+        ("INSTRUCTD__TRAINER__PPO__FREEZE_LAYERS", "0"),
+        ("INSTRUCTD__TRAINER__PPO__EPISODES_PER_ITERATION", "16"),
+        ("INSTRUCTD__TRAINER__PPO__NORMALIZE_REWARDS", "false"),
         ("INSTRUCTD__TRAINER__PPO__LEARNING_RATE", "0.002"),
         ("INSTRUCTD__TRAINER__PPO__VALUE_LEARNING_RATE", "0.003"),
         ("INSTRUCTD__TRAINER__PPO__ITERATIONS", "12"),
