@@ -74,6 +74,40 @@ pub struct SimulateLabelersArgs {
     /// The model to ask (default: the first of GET /v1/models).
     #[arg(long)]
     model: Option<String>,
+    /// Labelers who rank each labeling task (overlap for quality control); the gateway's
+    /// `[gateway.playground] labels_per_prompt` must allow as many.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    labels_per_prompt: u32,
+    /// Training labelers who rank the rule's reverse (the first ones).
+    #[arg(long, default_value_t = 0)]
+    adversarial_labelers: u32,
+    /// Training labelers who, with probability --labeler-noise, rank in a random order (the next ones).
+    #[arg(long, default_value_t = 0)]
+    noisy_labelers: u32,
+    #[arg(long, default_value_t = 0.3, value_parser = fraction)]
+    labeler_noise: f64,
+}
+
+/// How a simulated person judges.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) enum Behaviour {
+    /// By the hidden rule.
+    #[default]
+    Honest,
+    /// By the hidden rule, except a random order with this probability.
+    Noisy(f64),
+    /// The rule's ranking reversed.
+    Adversarial,
+}
+
+impl Behaviour {
+    fn name(self) -> &'static str {
+        match self {
+            Behaviour::Honest => "honest",
+            Behaviour::Noisy(_) => "noisy",
+            Behaviour::Adversarial => "adversarial",
+        }
+    }
 }
 
 fn fraction(value: &str) -> Result<f64, String> {
@@ -89,9 +123,11 @@ pub(crate) struct Person {
     pub key_id: String,
     pub secret: String,
     pub labeler_group: Option<&'static str>,
+    pub behaviour: Behaviour,
 }
 
 /// One playground prompt of the run.
+#[derive(Clone)]
 struct Job {
     index: usize,
     prompt: String,
@@ -143,8 +179,8 @@ struct Run<'a> {
     seed: u64,
     model: &'a str,
     total: usize,
-    /// Logged prompts waiting for a labeler: prompt id -> its job.
-    for_labelers: Mutex<HashMap<String, Job>>,
+    /// Logged prompts waiting for labelers: prompt id -> its job and how many labelers are still to rank it.
+    for_labelers: Mutex<HashMap<String, (Job, u32)>>,
 }
 
 pub fn run(args: SimulateLabelersArgs) -> anyhow::Result<()> {
@@ -166,6 +202,22 @@ pub fn run(args: SimulateLabelersArgs) -> anyhow::Result<()> {
             create_key(&api, &args.admin_key, &format!("sim-{run_id}-labeler-{i}"), "labeler", Some(group))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut labelers = labelers;
+    let training = labelers.iter().filter(|l| l.labeler_group == Some("training")).count();
+    let (adversarial, noisy) = (args.adversarial_labelers as usize, args.noisy_labelers as usize);
+    anyhow::ensure!(
+        adversarial + noisy <= training,
+        "{adversarial} adversarial and {noisy} noisy labelers, but only {training} training labelers"
+    );
+    for (i, labeler) in labelers.iter_mut().filter(|l| l.labeler_group == Some("training")).enumerate() {
+        labeler.behaviour = if i < adversarial {
+            Behaviour::Adversarial
+        } else if i < adversarial + noisy {
+            Behaviour::Noisy(args.labeler_noise)
+        } else {
+            Behaviour::Honest
+        };
+    }
     for user in &users {
         accept_notice(&api, user)?;
     }
@@ -227,7 +279,13 @@ pub fn run(args: SimulateLabelersArgs) -> anyhow::Result<()> {
     }
 
     let people = |people: &[Person]| -> Vec<Value> {
-        people.iter().map(|p| json!({"user": p.user, "key_id": p.key_id, "labeler_group": p.labeler_group})).collect()
+        people
+            .iter()
+            .map(|p| {
+                json!({"user": p.user, "key_id": p.key_id, "labeler_group": p.labeler_group,
+                       "behaviour": p.behaviour.name()})
+            })
+            .collect()
     };
     let summary = json!({
         "object": "simulation.summary",
@@ -283,7 +341,13 @@ pub(crate) fn create_key(
             .map(str::to_string)
             .with_context(|| format!("POST /admin/keys answered without '{name}'"))
     };
-    Ok(Person { user: user.to_string(), key_id: field("id")?, secret: field("secret")?, labeler_group })
+    Ok(Person {
+        user: user.to_string(),
+        key_id: field("id")?,
+        secret: field("secret")?,
+        labeler_group,
+        behaviour: Behaviour::Honest,
+    })
 }
 
 fn accept_notice(api: &Api, user: &Person) -> anyhow::Result<()> {
@@ -338,7 +402,7 @@ fn playground_user(run: &Run, user: &Person, jobs: Vec<Job>) -> Tally {
         }
         if job.by_labelers {
             eprintln!("[{}/{}] {}: logged {prompt_id}; left to the labelers", index + 1, run.total, user.user);
-            run.for_labelers.lock().expect("not poisoned").insert(prompt_id, job);
+            run.for_labelers.lock().expect("not poisoned").insert(prompt_id, (job, run.args.labels_per_prompt));
             continue;
         }
         let done = judge(run, user, &prompt_id, &job, &samples, &mut tally);
@@ -368,9 +432,20 @@ fn labeler_work(run: &Run, labeler: &Person) -> Tally {
             }
         };
         let prompt_id = task["prompt_id"].as_str().unwrap_or_default();
-        let Some(job) = run.for_labelers.lock().expect("not poisoned").remove(prompt_id) else {
-            tally.tasks_skipped += 1;
-            continue;
+        let job = {
+            let mut waiting = run.for_labelers.lock().expect("not poisoned");
+            let Some((job, left)) = waiting.get_mut(prompt_id) else {
+                tally.tasks_skipped += 1;
+                continue;
+            };
+            let mine = job.clone();
+            // One demonstration per prompt: the first labeler writes it.
+            job.demonstrate = false;
+            *left -= 1;
+            if *left == 0 {
+                waiting.remove(prompt_id);
+            }
+            mine
         };
         let samples = samples_of(&task);
         let done = judge(run, labeler, prompt_id, &job, &samples, &mut tally);
@@ -408,8 +483,9 @@ fn judge(
     tally: &mut Tally,
 ) -> String {
     let rule = &run.args.preference;
-    // Distinct from the stream the sampling seed came from.
-    let mut rng = Rng::derive(run.seed ^ JUDGING_STREAM, job.index as u64);
+    // Distinct from the stream the sampling seed came from, and per judge.
+    let judge_stream = who.user.bytes().fold(JUDGING_STREAM, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut rng = Rng::derive(run.seed ^ judge_stream, job.index as u64);
     let mut done = Vec::new();
     let mut submit = |kind: &str, body: Value, idempotency: String| -> bool {
         match run.api.post("/v1/feedback", &who.secret, &body, Some(&idempotency)) {
@@ -422,7 +498,18 @@ fn judge(
         }
     };
     let pairs: Vec<(&str, &str)> = samples.iter().map(|(id, text)| (id.as_str(), text.as_str())).collect();
-    let ranking = rule.rank(&pairs);
+    let mut ranking = rule.rank(&pairs);
+    match who.behaviour {
+        Behaviour::Honest => {}
+        Behaviour::Adversarial => ranking.reverse(),
+        Behaviour::Noisy(rate) => {
+            if rng.next_f64() < rate {
+                let mut shuffled: Vec<&str> = pairs.iter().map(|(id, _)| *id).collect();
+                rng.shuffle(&mut shuffled);
+                ranking = shuffled.into_iter().map(|id| vec![id]).collect();
+            }
+        }
+    }
     let groups = ranking.len();
     let body = json!({"type": "ranking", "prompt_id": prompt_id, "ranking": ranking});
     let ranked = submit("ranking", body, format!("sim-{}-{prompt_id}-ranking", run.run_id));

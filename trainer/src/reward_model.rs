@@ -1065,4 +1065,44 @@ mod tests {
             .unwrap();
         assert!(s[0] > s[1], "{s:?}");
     }
+
+    /// Quality control pays off: with an adversarial labeler's reversed rankings left out, the reward model
+    /// trained on the rest predicts held-out preferences better than one trained on everything.
+    #[test]
+    fn excluding_an_adversarial_labeler_improves_the_reward_model() {
+        use crate::labeler_quality::{LabelerQcConfig, QcAction, apply, assess};
+        let tmp = tempfile::tempdir().unwrap();
+        let policy = tmp.path().join("policy");
+        tiny_model(&policy, 11, true);
+        let mut data = Vec::new();
+        for ex in marker_rankings(16, Split::Train, 1) {
+            for labeler in ["ann", "bob", "eve"] {
+                let mut ranked = RankedExample { labeler_id: labeler.into(), ..ex.clone() };
+                if labeler == "eve" {
+                    ranked.ranks.iter_mut().for_each(|r| *r = 1 - *r);
+                }
+                data.push(ranked);
+            }
+        }
+        let report = assess(&data, &LabelerQcConfig { min_comparisons: 20, ..Default::default() });
+        assert!(report.labelers["eve"].flagged && report.flagged().count() == 1, "{report:?}");
+        let val = marker_rankings(8, Split::Validation, 2);
+        let config = RmConfig {
+            learning_rate: 2e-3,
+            batch_prompts: 4,
+            micro_batch_prompts: 4,
+            epochs: 2,
+            ..RmConfig::default()
+        };
+        let mut trained = |action: QcAction| {
+            let mut rankings = data.clone();
+            apply(&mut rankings, &report, action);
+            rankings.extend(val.clone());
+            let out = tmp.path().join(format!("{action:?}"));
+            train(&policy, &rankings, &demos(), config.clone(), &out).unwrap().val.unwrap()
+        };
+        let (excluded, everything) = (trained(QcAction::Exclude), trained(QcAction::Flag));
+        assert!(excluded.loss < everything.loss, "excluded {excluded:?} vs all {everything:?}");
+        assert!(excluded.accuracy >= everything.accuracy, "excluded {excluded:?} vs all {everything:?}");
+    }
 }
