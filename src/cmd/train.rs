@@ -140,11 +140,22 @@ async fn train(config: Config) -> anyhow::Result<()> {
         trainer.data_dir.display()
     );
     let mut groups_ready = false;
-    let mut new_events = 0usize;
+    // Data already in the store gets a snapshot at once: a refresh a stop interrupted runs again (its stage
+    // never saved its progress), and one that finished finds nothing new to do.
+    let stored = [feedback::streams::PROMPTS, feedback::streams::FEEDBACK]
+        .iter()
+        .any(|stream| store.last_id(stream) != trainer::store::StreamId::default());
+    let mut new_events = if stored { trainer.snapshot_min_events.max(1) } else { 0 };
     let mut last_snapshot = Instant::now();
     let period = Duration::from_secs(trainer.snapshot_period_secs);
     let shutdown = super::shutdown_signal();
     tokio::pin!(shutdown);
+    // A second listener for the refresh thread: stages stop at their next step boundary (`trainer::stop`).
+    tokio::spawn(async {
+        super::shutdown_signal().await;
+        tracing::info!("stop requested: the running stage ends at its next step");
+        trainer::stop::request();
+    });
     loop {
         if !groups_ready {
             match ingestor.ensure_groups().await {
@@ -217,6 +228,10 @@ async fn train(config: Config) -> anyhow::Result<()> {
             .context("the refresh thread panicked")?;
             refresher = back;
             announcer.await.context("the announcing task panicked")?;
+            if trainer::stop::requested() {
+                tracing::info!("stopped; a restart resumes from the store");
+                return Ok(());
+            }
             // A failed refresh leaves the serving model as it is; the next snapshot retries.
             if let Err(e) = outcome {
                 tracing::error!(error = %e, "refresh failed");

@@ -131,6 +131,7 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
     let device = inference::load::default_device();
     let candidate_model = LoadedModel::load(inputs.candidate_dir, DType::F32, &device)?;
     let candidate = sample(&engine_for(&candidate_model, "candidate", prompts.len())?, &prompts, settings)?;
+    crate::stop::check()?;
     let serving_model = LoadedModel::load(inputs.serving_dir, DType::F32, &device)?;
     let serving = sample(&engine_for(&serving_model, "serving", prompts.len())?, &prompts, settings)?;
 
@@ -152,6 +153,7 @@ pub fn evaluate(inputs: GateInputs<'_>, config: &GateConfig) -> TrainResult<Eval
     );
     let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64;
 
+    crate::stop::check()?;
     let cand_lp = response_logprobs(&candidate_model.model, &candidate, 8)?;
     // An SFT candidate is its own reference (KL 0); only a PPO candidate loads its SFT policy.
     let sft_lp = if inputs.sft_dir == inputs.candidate_dir {

@@ -44,8 +44,8 @@ impl KlController {
     }
 }
 
-/// Running mean and variance of rewards (Chan et al.'s parallel update), for normalising the RM's scores across
-/// iterations so the advantage scale does not depend on how far apart this RM happens to spread its scores.
+/// Mean and variance of rewards, updated batch by batch (Chan et al.'s parallel update), for normalising the RM's
+/// scores so the advantage scale does not depend on how far apart this RM happens to spread its scores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunningMoments {
     pub count: f64,

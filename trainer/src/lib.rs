@@ -24,6 +24,7 @@ pub mod reward_model;
 pub mod sft;
 pub mod snapshot;
 pub mod step_timing;
+pub mod stop;
 pub mod store;
 pub mod win_rate;
 

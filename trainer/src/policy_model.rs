@@ -35,6 +35,9 @@ pub enum TrainError {
     /// A saved checkpoint is incomplete or inconsistent.
     #[error("{}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    /// A stop was requested ([`crate::stop`]): the stage ended at a step boundary and published nothing.
+    #[error("stopped on request")]
+    Stopped,
 }
 
 pub type TrainResult<T> = std::result::Result<T, TrainError>;

@@ -79,9 +79,10 @@ pub struct PpoConfig {
     pub kl_target: Option<f64>,
     /// Episodes over which a clipped proportional error moves β by its size (Ziegler et al.: 10,000).
     pub kl_horizon: usize,
-    /// Normalise the RM's scores by their running mean and standard deviation over the run before shaping (the
-    /// paper only shifts the RM so demonstrations score 0; normalising makes β and the clip range mean the same
-    /// whatever spread the reward model has).
+    /// Normalise the RM's scores to mean 0 and variance 1 over the first iteration's rollouts (the starting
+    /// policy's samples, as Ziegler et al. 2019 did), fixed for the run, with the value head rescaled to match.
+    /// The paper only shifts the RM so demonstrations score 0; normalising makes β mean the same whatever spread
+    /// the reward model happens to have.
     pub normalize_rewards: bool,
     /// ε of the clipped policy loss (paper: 0.2).
     pub clip_ratio: f64,
@@ -295,6 +296,7 @@ pub fn train(
 
     let mut iterations = Vec::with_capacity(config.iterations);
     for iteration in 1..=config.iterations {
+        crate::stop::check()?;
         let span = tracing::info_span!("ppo_iteration", iteration);
         let _entered = span.enter();
         let it_start = Instant::now();
@@ -332,7 +334,14 @@ pub fn train(
             // 2. Scores, old log-probabilities, reference log-probabilities, values.
             let scores = scorer.score(&prompt_response_pairs(&prompts, &episodes))?;
             let shaped_scores = if config.normalize_rewards {
-                reward_moments.update(&scores);
+                if iteration == 1 {
+                    // Ziegler et al.: mean 0 and variance 1 over the starting policy's samples, fixed for the
+                    // run; the value head (a copy of the RM) moves to the same scale, or its estimates would
+                    // fight the normalised returns from the first step.
+                    reward_moments.update(&scores);
+                    let std = reward_moments.std().max(1e-6);
+                    critic.rescale_head(1.0 / std, -reward_moments.mean / std)?;
+                }
                 reward_moments.normalise(&scores)
             } else {
                 scores.clone()
@@ -363,6 +372,7 @@ pub fn train(
                 let mut shuffled = rows.clone();
                 shuffled.shuffle(&mut rng);
                 for minibatch in shuffled.chunks(config.minibatch_size) {
+                    crate::stop::check()?;
                     let idx = Tensor::new(minibatch.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
                     let pick = |t: &Tensor| -> TrainResult<Tensor> { Ok(t.index_select(&idx, 0)?) };
                     let (input, mb_targets, mask) = (pick(&batch.input)?, pick(&batch.targets)?, pick(&batch.mask)?);

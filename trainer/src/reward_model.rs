@@ -410,6 +410,7 @@ impl RewardModel {
         order.sort_by_key(|&i| sequences[i].len());
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); sequences.len()];
         for chunk in order.chunks(batch.max(1)) {
+            crate::stop::check()?;
             let t = chunk.iter().map(|&i| sequences[i].len()).max().unwrap_or(0);
             if t == 0 || chunk.iter().any(|&i| sequences[i].is_empty()) {
                 return Err(TrainError::Data("cannot score an empty sequence".into()));
@@ -480,6 +481,17 @@ impl RewardModel {
             out.extend(self.rewards(&refs, 0.0)?.detach().to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+
+    /// Maps the head's output `r` to `scale · r + shift` (PPO's reward normalisation applied to its value head).
+    pub fn rescale_head(&self, scale: f64, shift: f64) -> TrainResult<()> {
+        let data = self.head_vars.data().lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(weight), Some(bias)) = (data.get(HEAD_WEIGHT), data.get(HEAD_BIAS)) else {
+            return Err(TrainError::Data("reward head has no weight or bias".into()));
+        };
+        weight.set(&(weight.as_tensor().detach() * scale)?)?;
+        bias.set(&((bias.as_tensor().detach() * scale)? + shift)?)?;
+        Ok(())
     }
 
     /// Shifts the head's bias so the given demonstrations score 0 on average; returns the mean before the shift
@@ -702,6 +714,7 @@ pub fn train(
         order.shuffle(&mut rng);
         let (mut loss_sum, mut correct, mut pairs, mut last_lr) = (0f64, 0f64, 0usize, 0f64);
         for chunk in order.chunks(config.batch_prompts) {
+            crate::stop::check()?;
             let lr = schedule.lr(step);
             let step_span = tracing::info_span!(
                 "rm_step",

@@ -234,6 +234,7 @@ pub fn train_with_selector(
         order.shuffle(&mut rng);
         let (mut loss_sum, mut tokens_sum, mut last_lr) = (0f64, 0usize, 0f64);
         for chunk in order.chunks(config.batch_size) {
+            crate::stop::check()?;
             let lr = schedule.lr(step);
             let step_span = tracing::info_span!(
                 "sft_step",
