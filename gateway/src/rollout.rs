@@ -195,7 +195,23 @@ impl Rollout {
         state.candidates.remove(id);
         metrics::counter!("instructd_checkpoint_swaps_total").increment(1);
         crate::metrics::set_serving_checkpoint(id);
+        self.record_feedback_lag(id);
         Ok(())
+    }
+
+    /// Feedback lag, end to end: from the newest judgment checkpoint `id` learned from (its manifest's
+    /// `metrics.data.judgments_newest_ms`, written by the trainer) to now, when it starts serving.
+    fn record_feedback_lag(&self, id: &str) {
+        let path = self.store.path(id).join(inference::checkpoint::MANIFEST);
+        let newest = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|m| m["metrics"]["data"]["judgments_newest_ms"].as_u64());
+        if let Some(newest) = newest {
+            let lag = feedback::events::now_ms().saturating_sub(newest) as f64 / 1000.0;
+            metrics::gauge!("instructd_feedback_to_serving_seconds").set(lag);
+            tracing::info!(checkpoint = %id, lag_secs = lag, "serving a checkpoint trained on feedback this old");
+        }
     }
 
     /// Serves the previous checkpoint again (reloaded and re-verified from disk).

@@ -66,14 +66,21 @@ pub struct Headline {
     /// PPO-ptx: number of iterations and the last iteration's mean reward.
     pub iterations: Option<usize>,
     pub final_reward_mean: Option<f64>,
-    /// Evaluation against the serving checkpoint (SFT and PPO-ptx).
+    /// Evaluation against the serving checkpoint (SFT and PPO-ptx), with the win rate's confidence interval.
     pub win_rate: Option<f64>,
+    pub win_rate_lower: Option<f64>,
+    pub win_rate_upper: Option<f64>,
     pub candidate_reward: Option<f64>,
     pub serving_reward: Option<f64>,
     pub kl_from_sft: Option<f64>,
     pub alignment_tax: Option<f64>,
     pub eval_prompts: Option<u64>,
     pub wall_secs: Option<f64>,
+    /// The data it learned from: age of its newest judgment when published, labelers' agreement, labelers
+    /// quality control flagged.
+    pub feedback_age_secs: Option<f64>,
+    pub labeler_agreement: Option<f64>,
+    pub labelers_flagged: Option<usize>,
 }
 
 /// One row of the checkpoint table.
@@ -153,12 +160,21 @@ fn headline(m: &Manifest) -> Headline {
         iterations: iterations.map(Vec::len),
         final_reward_mean: iterations.and_then(|its| its.iter().rev().find_map(|it| num(it, "reward_mean"))),
         win_rate: num(eval, "win_rate"),
+        win_rate_lower: num(eval, "win_rate_lower"),
+        win_rate_upper: num(eval, "win_rate_upper"),
         candidate_reward: num(eval, "candidate_reward"),
         serving_reward: num(eval, "serving_reward"),
         kl_from_sft: num(eval, "kl_from_sft"),
         alignment_tax: num(eval, "alignment_tax"),
         eval_prompts: eval.get("prompts").and_then(Value::as_u64),
         wall_secs: num(metrics, "wall_secs"),
+        feedback_age_secs: metrics.get("data").and_then(|d| num(d, "newest_judgment_age_secs")),
+        labeler_agreement: metrics.get("data").and_then(|d| num(d, "labeler_agreement")),
+        labelers_flagged: metrics
+            .get("data")
+            .and_then(|d| d.get("labelers_flagged"))
+            .and_then(Value::as_array)
+            .map(Vec::len),
     }
 }
 
@@ -678,6 +694,7 @@ mod tests {
     fn eval(win_rate: f64, candidate: f64, serving: f64, kl: f64, tax: Value, passed: bool) -> Value {
         json!({"win_rate": win_rate, "candidate_reward": candidate, "serving_reward": serving, "kl_from_sft": kl,
                "ptx_loss_candidate": null, "ptx_loss_serving": null, "alignment_tax": tax, "prompts": 64,
+               "win_rate_lower": win_rate - 0.1, "win_rate_upper": win_rate + 0.1,
                "passed": passed, "reasons": if passed { json!([]) } else { json!(["win rate below 0.5"]) }})
     }
 
@@ -700,7 +717,9 @@ mod tests {
                 Stage::RewardModel,
                 500,
                 json!({"val_accuracy": 0.71,
-                     "val_accuracy_before": 0.66, "wall_secs": 20.0}),
+                     "val_accuracy_before": 0.66, "wall_secs": 20.0,
+                     "data": {"newest_judgment_age_secs": 42.5, "labeler_agreement": 0.74,
+                              "labelers_flagged": ["eve"]}}),
             ),
             manifest(
                 "sft-1",
@@ -783,6 +802,10 @@ mod tests {
         assert_eq!(ppo1.headline.iterations, Some(2));
         assert_eq!(ppo1.headline.final_reward_mean, Some(0.4));
         assert_eq!(ppo1.headline.win_rate, Some(0.48));
+        assert_eq!((ppo1.headline.win_rate_lower, ppo1.headline.win_rate_upper), (Some(0.48 - 0.1), Some(0.48 + 0.1)));
+        let rm2 = report.table.iter().find(|r| r.id == "rm-2").unwrap();
+        assert_eq!(rm2.headline.feedback_age_secs, Some(42.5));
+        assert_eq!((rm2.headline.labeler_agreement, rm2.headline.labelers_flagged), (Some(0.74), Some(1)));
         let sft = &report.table[1];
         assert_eq!((sft.headline.val_loss, sft.headline.best_epoch, sft.passed), (Some(1.8), Some(3), Some(true)));
         assert_eq!(report.table[2].headline.val_accuracy, Some(0.68));

@@ -75,6 +75,20 @@ impl Journal {
                 gauge!(name).set(v);
             }
         }
+        // Staleness and labeler agreement of the data the stage learned from (`data` in the manifest).
+        let data = metrics.get("data").unwrap_or(&Value::Null);
+        let data_numbers = [
+            ("newest_judgment_age_secs", "instructd_trainer_feedback_age_seconds"),
+            ("labeler_agreement", "instructd_trainer_labeler_agreement"),
+        ];
+        for (field, name) in data_numbers {
+            if let Some(v) = data.get(field).and_then(Value::as_f64) {
+                gauge!(name, "stage" => stage.to_string()).set(v);
+            }
+        }
+        if let Some(flagged) = data.get("labelers_flagged").and_then(Value::as_array) {
+            gauge!("instructd_trainer_labelers_flagged").set(flagged.len() as f64);
+        }
         self.record(
             "stage_finished",
             json!({"stage": stage, "checkpoint": checkpoint, "wall_secs": wall_secs, "offered": offered,

@@ -371,6 +371,9 @@ impl Refresher {
                 progress.ppo_iteration(it);
             };
             manifest.metrics = backend.run(&job, &mut on_iteration).map_err(|e| invalid(dir, e))?;
+            if let Some(metrics) = manifest.metrics.as_object_mut() {
+                metrics.insert("data".into(), data_summary(data));
+            }
             match &gate {
                 Some(gate) => gate.run(dir, manifest),
                 None => Ok(()),
@@ -488,6 +491,25 @@ impl Gate {
         }
         Ok(())
     }
+}
+
+/// What a checkpoint's manifest says about the data it learned from: how fresh the judgments were when it was
+/// published (staleness: the gateway adds the time until it serves) and the labelers' agreement.
+fn data_summary(data: &Dataset) -> serde_json::Value {
+    let now = feedback::events::now_ms();
+    let age = |ms: Option<u64>| ms.map(|ms| now.saturating_sub(ms) as f64 / 1000.0);
+    let qc = &data.labeler_quality;
+    json!({
+        "judgments_newest_ms": data.judgments_newest_ms,
+        "judgments_oldest_ms": data.judgments_oldest_ms,
+        "newest_judgment_age_secs": age(data.judgments_newest_ms),
+        "oldest_judgment_age_secs": age(data.judgments_oldest_ms),
+        "labeler_agreement": qc.overall_agreement,
+        "labeler_comparisons": qc.comparisons,
+        "labelers_flagged": qc.flagged().map(|l| l.labeler_id.clone()).collect::<Vec<_>>(),
+        "rankings_excluded_by_qc": data.excluded.low_agreement_labeler,
+        "judgments_superseded": data.excluded.superseded,
+    })
 }
 
 /// A policy is offered unless its evaluation failed (no evaluation: no reward model yet, or the gate is off).

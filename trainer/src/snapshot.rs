@@ -119,6 +119,9 @@ pub struct Dataset {
     pub ratings: Vec<serde_json::Value>,
     pub excluded: Exclusions,
     pub labeler_quality: QcReport,
+    /// When the oldest and the newest judgment it holds were made (ms since the epoch; `None` without any).
+    pub judgments_oldest_ms: Option<u64>,
+    pub judgments_newest_ms: Option<u64>,
 }
 
 /// Filters applied when building.
@@ -194,6 +197,8 @@ pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, Snapsho
     let before = events.len();
     let events = latest_judgments(events);
     data.excluded.superseded = before - events.len();
+    data.judgments_oldest_ms = events.iter().map(|e| e.created_at_ms).min();
+    data.judgments_newest_ms = events.iter().map(|e| e.created_at_ms).max();
     for event in events {
         let prompt = event.prompt_id.as_ref().and_then(|id| kept.get(id));
         if event.prompt_id.is_some() && prompt.is_none() {
