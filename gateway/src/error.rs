@@ -169,6 +169,11 @@ impl From<inference::Error> for ApiError {
             E::Overloaded => {
                 ApiError::overloaded("The engine is at capacity: its request queue is full. Retry shortly.")
             }
+            E::QueueShareExceeded { .. } => {
+                crate::metrics::record_rejection("engine_queue_share");
+                ApiError::rate_limited(format!("{error}."), Duration::from_secs(1))
+                    .with_code("engine_queue_share_exceeded")
+            }
             E::EngineStopped => ApiError::unavailable("The model is restarting or shutting down. Retry shortly."),
             E::Tokenizer(message) => {
                 ApiError::invalid_request(None, format!("Could not tokenize the input: {message}"))
@@ -205,6 +210,9 @@ mod tests {
     #[test]
     fn engine_errors_map_to_statuses() {
         assert_eq!(ApiError::from(inference::Error::Overloaded).status, StatusCode::SERVICE_UNAVAILABLE);
+        let share = ApiError::from(inference::Error::QueueShareExceeded { queued: 128, limit: 128 });
+        assert_eq!((share.status, share.code), (StatusCode::TOO_MANY_REQUESTS, Some("engine_queue_share_exceeded")));
+        assert!(share.headers.contains(&("retry-after", "1".to_string())));
         let invalid = ApiError::from(inference::Error::invalid("max_tokens", "too many"));
         assert_eq!((invalid.status, invalid.param.as_deref()), (StatusCode::BAD_REQUEST, Some("max_tokens")));
     }

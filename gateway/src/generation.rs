@@ -3,8 +3,10 @@
 //!
 //! A completions call may carry several prompts; each becomes its own engine
 //! request, and choice `i` of prompt `p` is reported at index `p * n + i`, as
-//! OpenAI does. All requests are submitted before the response starts, so a
-//! full engine queue is still a clean 503 rather than a broken stream.
+//! OpenAI does. All requests are submitted at once before the response
+//! starts, so a full engine queue (503) or a key's full share of it (429) is
+//! a clean error rather than a broken stream. Every request is charged to the
+//! key's tenant, its organisation, for the engine's fair sharing.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,10 +37,11 @@ pub async fn respond(
     caller: &Caller,
     headers: &HeaderMap,
     engine: Arc<Engine>,
-    prepared: PreparedRequest,
+    mut prepared: PreparedRequest,
     format: Format,
 ) -> Result<Response, ApiError> {
     let ticket = admit(state, caller, headers, &prepared).await?;
+    prepared.charge_to(&caller.key().tenant());
     tracing::info!(
         use_case = ticket.classification.use_case.as_str(),
         prompts = prepared.requests.len(),
@@ -157,8 +160,8 @@ pub async fn collect_all(engine: &Engine, prepared: &PreparedRequest) -> Result<
 }
 
 fn submit(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Generation>, ApiError> {
-    // If a later submit fails, dropping the earlier generations cancels them.
-    prepared.requests.iter().map(|r| engine.submit(r.clone(), prepared.stream).map_err(ApiError::from)).collect()
+    // All prompts are queued, or none (a full queue, the tenant's share).
+    engine.submit_all(prepared.requests.clone(), prepared.stream).map_err(ApiError::from)
 }
 
 /// Moves one generation's events into the shared channel; stops (and so

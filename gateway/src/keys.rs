@@ -25,6 +25,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use inference::engine::Tenant;
+
 use crate::policy::{Domain, UseCase};
 use crate::rate_limit::KeyLimits;
 use feedback::events::LabelerGroup;
@@ -76,6 +78,10 @@ pub struct ApiKey {
     /// High-stakes domains this key is approved for.
     pub approved_domains: Vec<Domain>,
     pub limits: KeyLimits,
+    /// The key's organisation's share of the engine against other waiting
+    /// organisations (records written before weights existed read as 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
     /// For labeler keys: whether their judgments train models or only evaluate them.
     #[serde(default)]
     pub labeler_group: LabelerGroup,
@@ -89,6 +95,31 @@ pub struct ApiKey {
 impl ApiKey {
     pub fn has_scope(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
+    }
+
+    /// Whom the engine charges this key's work to: its organisation, so that
+    /// one organisation's many keys share one fair share. Keys of one
+    /// organisation with different weights: the latest request's weight applies.
+    pub fn tenant(&self) -> Tenant {
+        Tenant::new(format!("org:{}", self.organization), self.weight)
+    }
+}
+
+/// Weights an operator may give a key: 1 (the default) up to this.
+pub const MAX_WEIGHT: u32 = 1000;
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn check_weight(weight: u32) -> Result<u32, KeyError> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(KeyError::Invalid {
+            param: Some("weight"),
+            message: format!("'weight' must be between 1 and {MAX_WEIGHT}, got {weight}"),
+        })
     }
 }
 
@@ -107,6 +138,9 @@ pub struct NewKey {
     #[serde(default)]
     pub approved_domains: Vec<Domain>,
     pub limits: Option<KeyLimits>,
+    /// Fair-sharing weight (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
     #[serde(default)]
     pub labeler_group: LabelerGroup,
 }
@@ -218,6 +252,7 @@ impl KeyStore {
                 use_cases: Vec::new(),
                 approved_domains: Domain::ALL.to_vec(),
                 limits: KeyLimits { requests_per_minute: 0, tokens_per_minute: 0, max_concurrent: 0 },
+                weight: 1,
                 labeler_group: LabelerGroup::Training,
                 status: KeyStatus::Active,
                 status_reason: None,
@@ -345,6 +380,7 @@ impl KeyStore {
                 message: "'scopes' must name at least one scope".into(),
             });
         }
+        let weight = check_weight(new.weight.unwrap_or(1))?;
         let secret = format!("sk-instructd-{:032x}{:016x}", rand::random::<u128>(), rand::random::<u64>());
         let key = ApiKey {
             id: format!("key_{:020x}", rand::random::<u128>() >> 48),
@@ -355,6 +391,7 @@ impl KeyStore {
             use_cases: new.use_cases,
             approved_domains: new.approved_domains,
             limits: new.limits.unwrap_or(self.default_limits),
+            weight,
             labeler_group: new.labeler_group,
             status: KeyStatus::Active,
             status_reason: None,
@@ -401,6 +438,16 @@ impl KeyStore {
         key.status_reason = reason;
         self.store(&key, None).await?;
         self.announce(id, Some(status)).await;
+        Ok(key)
+    }
+
+    /// Sets a key's fair-sharing weight; every replica's cache drops the key.
+    pub async fn set_weight(&self, id: &str, weight: u32) -> Result<ApiKey, KeyError> {
+        let weight = check_weight(weight)?;
+        let mut key = self.get(id).await?;
+        key.weight = weight;
+        self.store(&key, None).await?;
+        self.announce(id, None).await;
         Ok(key)
     }
 
@@ -504,6 +551,7 @@ mod tests {
             use_cases: vec![],
             approved_domains: vec![],
             limits: None,
+            weight: None,
             labeler_group: LabelerGroup::Training,
         }
     }

@@ -31,6 +31,7 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("get", "/v1/models/{id}", get(models::get)),
         ("post", "/admin/keys", post(admin_keys::create)),
         ("get", "/admin/keys", get(admin_keys::list)),
+        ("post", "/admin/keys/{id}/weight", post(admin_keys::set_weight)),
         ("post", "/admin/keys/{id}/suspend", post(admin_keys::suspend)),
         ("post", "/admin/keys/{id}/reinstate", post(admin_keys::reinstate)),
         ("delete", "/admin/keys/{id}", delete(admin_keys::revoke)),

@@ -32,6 +32,14 @@ pub enum Error {
     #[error("the engine is overloaded: its request queue is full, retry later")]
     Overloaded,
 
+    /// One tenant already has its share of the engine's queue waiting; the
+    /// caller should retry later (HTTP 429). Other tenants are still served.
+    #[error(
+        "your requests already fill this engine's queue share ({queued} of {limit} waiting samples); \
+         retry once some have started"
+    )]
+    QueueShareExceeded { queued: usize, limit: usize },
+
     /// The engine task has stopped (shut down or crashed).
     #[error("the engine has stopped")]
     EngineStopped,

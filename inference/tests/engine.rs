@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use inference::Error;
-use inference::engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest};
+use inference::engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, Tenant};
 use inference::load::LoadedModel;
 use inference::tiny_model::{TinySpec, init_tiny};
 
@@ -245,4 +245,69 @@ fn stop_sequences_end_the_text_before_them() {
     let choice = rt.block_on(engine.generate(request)).unwrap().choices.remove(0);
     assert_eq!(choice.text, full[..cut], "stop {stop:?}");
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+}
+
+/// Engine steps a victim tenant's 1-token request waits in the queue behind
+/// 40 requests of a flooding tenant (2 samples x 8 tokens each) on an engine
+/// that runs 4 samples at once.
+fn steps_for_victim_behind_a_flood(fair_sharing: bool) -> u64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = EngineConfig { max_running: 4, fair_sharing, ..Default::default() };
+    let engine = tiny_engine(tmp.path(), 0, "a", config);
+    let rt = runtime();
+    let flood: Vec<GenerateRequest> = (0..40)
+        .map(|i| {
+            let mut r = greedy(vec![3, 4, 5 + i], 8);
+            r.tenant = Tenant::new("org:flood", 1);
+            r.n = 2;
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    // Held, not dropped: dropping a generation cancels it.
+    let _flood = engine.submit_all(flood, false).unwrap();
+    let mut victim = greedy(vec![9, 10, 11], 1);
+    victim.tenant = Tenant::new("org:victim", 1);
+    let mut victim = engine.submit(victim, false).unwrap();
+    rt.block_on(victim.next()).expect("the victim's request runs");
+    victim.queued_steps().expect("a request that produced an event was admitted")
+}
+
+#[test]
+fn a_flooding_tenant_cannot_hold_back_another_tenants_request() {
+    // With fair sharing the victim goes before the flood's queue and, its
+    // tenant having nothing running, into the batch's headroom at the next
+    // step; first come, first served it waits for the whole flood (~150 steps).
+    let fair = steps_for_victim_behind_a_flood(true);
+    assert!(fair <= 1, "fair sharing: the victim waited {fair} engine steps");
+    let fifo = steps_for_victim_behind_a_flood(false);
+    assert!(fifo >= 100, "first come, first served should make the victim wait for the flood, it waited {fifo} steps");
+}
+
+#[test]
+fn a_tenant_past_its_queue_share_is_refused_while_others_get_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = EngineConfig { queue_capacity: 16, tenant_queue_share: 0.5, max_running: 1, ..Default::default() };
+    let engine = tiny_engine(tmp.path(), 0, "a", config);
+    let request = |tenant: &str, n: usize| {
+        let mut r = greedy(vec![1, 2, 3], 200);
+        r.tenant = Tenant::new(tenant, 1);
+        r.n = n;
+        r.ignore_eos = true;
+        r
+    };
+    // Room for 8 samples each; the first request may be admitted at once, so fill past that.
+    let mut held = Vec::new();
+    let refused = (0..10).find_map(|_| match engine.submit(request("org:flood", 4), false) {
+        Ok(g) => {
+            held.push(g);
+            None
+        }
+        Err(e) => Some(e),
+    });
+    assert!(matches!(refused, Some(Error::QueueShareExceeded { limit: 8, .. })), "{refused:?}");
+    held.push(engine.submit(request("org:victim", 1), false).expect("another tenant still gets in"));
+    // Several prompts at once are queued whole or not at all.
+    let whole = engine.submit_all(vec![request("org:victim", 4), request("org:victim", 4)], false);
+    assert!(matches!(whole, Err(Error::QueueShareExceeded { .. })), "half a submission was queued");
 }

@@ -133,6 +133,8 @@ impl ChatCompletionRequest {
         // OpenAI's default is "as much as the context allows".
         let max_tokens = explicit_max.unwrap_or_else(|| engine.info().max_positions.saturating_sub(prompt.len()));
         let request = GenerateRequest {
+            // The caller's tenant is set once the key is known (`charge_to`).
+            tenant: Default::default(),
             prompt,
             max_tokens,
             n,

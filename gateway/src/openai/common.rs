@@ -2,7 +2,7 @@
 //! sampling fields, refusing unsupported fields, and the prepared request
 //! both routes hand to the generation runner.
 
-use inference::engine::{Engine, GenerateRequest};
+use inference::engine::{Engine, GenerateRequest, Tenant};
 use inference::sampling::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
@@ -122,6 +122,13 @@ impl PreparedRequest {
 
     pub fn prompt_tokens(&self) -> usize {
         self.requests.iter().map(|r| r.prompt.len()).sum()
+    }
+
+    /// Charges every engine request to `tenant`, for the engine's fair sharing.
+    pub fn charge_to(&mut self, tenant: &Tenant) {
+        for request in &mut self.requests {
+            request.tenant = tenant.clone();
+        }
     }
 }
 

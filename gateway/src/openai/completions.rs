@@ -107,6 +107,8 @@ impl CompletionRequest {
         let requests: Vec<GenerateRequest> = prompts
             .into_iter()
             .map(|prompt| GenerateRequest {
+                // The caller's tenant is set once the key is known (`charge_to`).
+                tenant: Default::default(),
                 prompt,
                 max_tokens,
                 n,

@@ -1,5 +1,6 @@
 //! Admin key routes (admin scope only): create (the secret is returned once),
-//! list, suspend, reinstate and revoke. Every status change is audited.
+//! list, set the fair-sharing weight, suspend, reinstate and revoke. Every
+//! status change is audited.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -66,6 +67,25 @@ async fn change(
     let key = state.keys.set_status(id, status, Some(reason.clone())).await.map_err(|e| key_error(e, id))?;
     state.audit.record_status_change(id, verb, &reason, &caller.key().id).await;
     Ok(key)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightChange {
+    pub weight: u32,
+}
+
+/// The key's share of the engine against other waiting organisations.
+pub async fn set_weight(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<WeightChange>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let key = state.keys.set_weight(&id, body.weight).await.map_err(|e| key_error(e, &id))?;
+    tracing::info!(key = %id, weight = key.weight, by = %caller.key().id, "key weight set");
+    Ok(Json(key_object(&key)))
 }
 
 pub async fn suspend(

@@ -141,8 +141,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Playground)?;
     let engine = crate::openai::common::engine_for(&state, &body.model)?;
-    let plan = body.prepare(&engine, &state)?;
+    let mut plan = body.prepare(&engine, &state)?;
     let ticket = admit(&state, &caller, &headers, &plan.prepared).await?;
+    plan.prepared.charge_to(&caller.key().tenant());
     let limit_headers = ticket.admission.headers().clone();
     let result = collect_all(&engine, &plan.prepared).await;
     let usage_tokens = result.as_ref().map_or(0, |c| c.iter().map(|c| c.completion_tokens).sum::<usize>());

@@ -1,20 +1,22 @@
 //! The continuous-batching loop: the one thread that owns the model.
 //!
 //! Each iteration (a "step") admits waiting requests under a prompt-token
-//! budget, then runs a single [`Llama::forward_batch`] over every new prompt
+//! budget, in the fair queue's order (weighted fair over tenants, or first
+//! come, first served), then runs a single [`Llama::forward_batch`] over every new prompt
 //! (prefill) and every running sample's last token (decode), then samples.
 //! Requests join and leave the running batch between steps; nothing waits for
 //! the batch to drain. The `n` (or `best_of`) samples of one prompt share one
 //! prefill and fork its cache. A request whose receiver is gone is cancelled
 //! at the next step and its caches freed.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::engine::fair_queue::FairQueue;
+use crate::engine::queue_account::QueueAccount;
 use crate::engine::request::{Event, GenerateRequest, TokenLogprob};
 use crate::engine::sequence::{Sequence, Vocabulary};
 use crate::engine::{EngineConfig, EngineStats};
@@ -29,6 +31,15 @@ pub(crate) struct Job {
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedSender<Event>,
     pub enqueued: Instant,
+    /// Where the batcher records how many steps the job waited
+    /// ([`Generation::queued_steps`](crate::engine::Generation::queued_steps)).
+    pub queued_steps: Arc<AtomicU64>,
+}
+
+/// A job in the batcher's queue, with the step count when it got there.
+struct Waiting {
+    job: Job,
+    since_step: u64,
 }
 
 /// A request admitted to the batch: its samples and where to send events.
@@ -40,6 +51,27 @@ struct Active {
     prefill: Option<SequenceCache>,
     samples: Vec<Sequence>,
     cancelled: bool,
+    /// Prefilled in a pass of its own before the step's full batch: its
+    /// tenant had nothing running while others' samples were decoding.
+    first_of_tenant: bool,
+}
+
+impl Active {
+    /// Tokens of work done so far: the prompt once prefilled, and every
+    /// sample's generated tokens.
+    fn work_done(&self) -> u64 {
+        let prompt = if self.prefill.is_none() { self.request.prompt.len() } else { 0 };
+        (prompt + self.samples.iter().map(Sequence::generated).sum::<usize>()) as u64
+    }
+}
+
+/// What one forward of [`Batcher::step`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Only the prompts of tenants that had nothing running.
+    FirstOfTenant,
+    /// Every prompt waiting for its prefill and every running sample.
+    All,
 }
 
 pub(crate) struct Batcher {
@@ -48,9 +80,10 @@ pub(crate) struct Batcher {
     eos: Vec<u32>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
-    jobs: mpsc::Receiver<Job>,
-    /// A job taken from the channel that did not fit this step.
-    deferred: VecDeque<Job>,
+    account: Arc<QueueAccount>,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    /// Jobs taken from the channel, waiting for room in the batch.
+    waiting: FairQueue<Waiting>,
     active: Vec<Active>,
 }
 
@@ -60,27 +93,36 @@ impl Batcher {
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
         stats: Arc<EngineStats>,
-        jobs: mpsc::Receiver<Job>,
+        account: Arc<QueueAccount>,
+        jobs: mpsc::UnboundedReceiver<Job>,
     ) -> Self {
         let mut eos = tokenizer.eos_token_ids().to_vec();
         eos.extend(model.config().eos_token_ids());
         eos.sort_unstable();
         eos.dedup();
-        Self { model, tokenizer, eos, config, stats, jobs, deferred: VecDeque::new(), active: Vec::new() }
+        let waiting = FairQueue::new(config.fair_sharing);
+        Self { model, tokenizer, eos, config, stats, account, jobs, waiting, active: Vec::new() }
     }
 
     /// Runs until every handle to the engine is gone and all work is done:
     /// requests in flight during a hot swap finish here, on this model.
     pub fn run(mut self) {
         loop {
-            if self.active.is_empty() && self.deferred.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() {
                 match self.jobs.blocking_recv() {
-                    Some(job) => self.deferred.push_back(job),
+                    Some(job) => self.enqueue(job),
                     None => break,
                 }
             }
             self.admit();
-            if let Err(err) = self.step() {
+            // Newly arrived tenants' prompts first, alone: their first token
+            // then waits for one short forward rather than a full batch.
+            if self.active.iter().any(|a| a.first_of_tenant)
+                && let Err(err) = self.step(Pass::FirstOfTenant)
+            {
+                self.fail_all(&err);
+            }
+            if let Err(err) = self.step(Pass::All) {
                 self.fail_all(&err);
             }
             self.retire();
@@ -88,43 +130,64 @@ impl Batcher {
         tracing::info!("engine stopped: no handles left and no work in flight");
     }
 
+    /// Samples already decoding (requests past their prefill).
+    fn decoding(&self) -> bool {
+        self.active.iter().any(|a| a.samples.iter().any(|s| !s.finished))
+    }
+
     fn running_samples(&self) -> usize {
         self.active.iter().map(|a| a.samples.len().max(a.request.samples())).sum()
     }
 
-    /// Moves waiting jobs into the batch while the prompt-token budget and
-    /// the running-sample cap allow. One oversized prompt may always enter an
+    fn enqueue(&mut self, job: Job) {
+        let cost = job.request.cost();
+        let tenant = job.request.tenant.clone();
+        let since_step = self.stats.steps.load(Ordering::Relaxed);
+        self.waiting.push(&tenant, cost, Waiting { job, since_step });
+    }
+
+    /// Moves waiting jobs into the batch, in fair order, while the
+    /// prompt-token budget and the running-sample cap allow. The next job in
+    /// that order keeps its place when it does not fit, so a large request
+    /// is never overtaken forever; one oversized prompt may always enter an
     /// otherwise prefill-free step, so it cannot starve.
     fn admit(&mut self) {
+        while let Ok(job) = self.jobs.try_recv() {
+            self.enqueue(job);
+        }
+        for waiting in self.waiting.remove_unless(|w| !w.job.events.is_closed()) {
+            self.account.release(&waiting.job.request);
+        }
         let mut budget = self.config.max_batch_tokens;
         let mut admitted = 0;
-        loop {
-            let job = match self.deferred.pop_front() {
-                Some(job) => job,
-                None => match self.jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
-            };
-            if job.events.is_closed() {
-                continue;
-            }
+        while let Some(Waiting { job, .. }) = self.waiting.peek() {
             let prompt_len = job.request.prompt.len();
             let fits_budget = prompt_len <= budget || admitted == 0;
-            let fits_running =
-                self.running_samples() + job.request.samples() <= self.config.max_running || self.active.is_empty();
+            let fits_running = self.running_samples() + job.request.samples()
+                <= self.config.max_running + self.headroom_for(&job.request)
+                || self.active.is_empty();
             if !fits_budget || !fits_running {
-                self.deferred.push_front(job);
                 break;
             }
+            let Some(Waiting { job, since_step }) = self.waiting.pop() else { break };
+            self.account.release(&job.request);
+            let queued_steps = self.stats.steps.load(Ordering::Relaxed) - since_step;
+            job.queued_steps.store(queued_steps, Ordering::Relaxed);
             budget = budget.saturating_sub(prompt_len);
             admitted += 1;
             let capacity = prompt_len + job.request.max_tokens;
+            // A tenant with nothing in the batch, joining one busy decoding
+            // others' work: its prompt gets a forward of its own (below).
+            let first_of_tenant = self.config.fair_sharing
+                && self.decoding()
+                && !self.active.iter().any(|a| a.request.tenant.id == job.request.tenant.id);
             tracing::debug!(
                 request = job.id,
+                tenant = %job.request.tenant.id,
                 prompt_tokens = prompt_len,
                 samples = job.request.samples(),
                 queued_ms = job.enqueued.elapsed().as_millis() as u64,
+                queued_steps,
                 "admitted"
             );
             self.active.push(Active {
@@ -134,18 +197,33 @@ impl Batcher {
                 events: job.events,
                 samples: Vec::new(),
                 cancelled: false,
+                first_of_tenant,
             });
         }
-        self.stats.queue_depth.store(self.deferred.len() + self.jobs.len(), Ordering::Relaxed);
+        self.stats.queue_depth.store(self.account.depth(), Ordering::Relaxed);
     }
 
-    /// One forward over all prefills and decodes, then sampling.
-    fn step(&mut self) -> Result<()> {
+    /// Samples past `max_running` that `request` may take. Under a flood the
+    /// batch is always full and its requests tend to end together, so a
+    /// tenant with nothing running would wait for a whole wave of them to
+    /// finish; with fair sharing such a tenant may enter at once, into a
+    /// small headroom (an eighth of `max_running`) that bounds the batch.
+    fn headroom_for(&self, request: &GenerateRequest) -> usize {
+        let idle = !self.active.iter().any(|a| a.request.tenant.id == request.tenant.id);
+        if self.config.fair_sharing && idle { (self.config.max_running / 8).max(1) } else { 0 }
+    }
+
+    /// One forward over all prefills and decodes (or only the prefills of
+    /// tenants new to the batch), then sampling.
+    fn step(&mut self, pass: Pass) -> Result<()> {
         let started = Instant::now();
         let mut chunks = Vec::new();
         // (active index, None = prefill | Some(sample index))
         let mut owners: Vec<(usize, Option<usize>)> = Vec::new();
         for (ai, active) in self.active.iter_mut().enumerate() {
+            if pass == Pass::FirstOfTenant && !std::mem::take(&mut active.first_of_tenant) {
+                continue;
+            }
             let want_prompt_logprobs = active.request.echo && active.request.sampling.top_logprobs.is_some();
             if let Some(cache) = active.prefill.as_mut() {
                 chunks.push(BatchChunk { tokens: &active.request.prompt, cache, all_logits: want_prompt_logprobs });
@@ -211,18 +289,22 @@ impl Batcher {
         Ok(())
     }
 
-    /// Drops finished and cancelled requests, freeing their caches.
+    /// Drops finished and cancelled requests, freeing their caches, and
+    /// refunds their tenants the work charged but not done.
     fn retire(&mut self) {
+        let waiting = &mut self.waiting;
         self.active.retain(|a| {
             let done = a.prefill.is_none() && a.samples.iter().all(|s| s.finished);
-            if a.cancelled || a.events.is_closed() {
+            let cancelled = a.cancelled || a.events.is_closed();
+            if cancelled {
                 tracing::debug!(request = a.id, "cancelled: client went away");
-                return false;
-            }
-            if done {
+            } else if done {
                 tracing::debug!(request = a.id, "finished");
             }
-            !done
+            if cancelled || done {
+                waiting.refund(&a.request.tenant, a.request.cost().saturating_sub(a.work_done()));
+            }
+            !(cancelled || done)
         });
         self.stats.running.store(self.active.iter().map(|a| a.samples.len()).sum(), Ordering::Relaxed);
     }

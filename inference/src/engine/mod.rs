@@ -2,12 +2,17 @@
 //! handle that can swap the whole engine atomically.
 //!
 //! [`Engine::submit`] validates a request and enqueues it, returning
-//! [`Error::Overloaded`] at once when the queue is full. The returned
+//! [`Error::Overloaded`] at once when the queue is full, or
+//! [`Error::QueueShareExceeded`] when the request's tenant already has its
+//! share of the queue waiting. Waiting requests enter the batch in weighted
+//! fair order over tenants (`fair_queue`). The returned
 //! [`Generation`] streams [`Event`]s; dropping it cancels the request.
 //! [`EngineHandle::swap`] installs a new engine for new requests while the old
 //! one finishes the requests it already has, then stops.
 
 mod batcher;
+mod fair_queue;
+mod queue_account;
 pub mod request;
 mod sequence;
 
@@ -18,12 +23,13 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 
-pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, TokenLogprob};
+pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, Tenant, TokenLogprob};
 
 use crate::error::{Error, Result};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use batcher::{Batcher, Job};
+use queue_account::QueueAccount;
 
 /// Queueing and batching limits (`[engine]` in the config file).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -39,6 +45,14 @@ pub struct EngineConfig {
     pub limits: RequestLimits,
     /// Threads the engine computes with (0 = one per available core).
     pub compute_threads: usize,
+    /// Admit waiting requests in weighted fair order over tenants (the
+    /// gateway's organisations), and cap each tenant's share of the queue;
+    /// false: one first-come, first-served queue.
+    pub fair_sharing: bool,
+    /// With fair sharing, the part of `queue_capacity` one tenant's waiting
+    /// requests may fill, counting each request as its samples (`n` or
+    /// `best_of`). Past it: `QueueShareExceeded` (HTTP 429).
+    pub tenant_queue_share: f64,
 }
 
 impl EngineConfig {
@@ -48,6 +62,12 @@ impl EngineConfig {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         }
+    }
+
+    /// Samples one tenant may have waiting; `None` without fair sharing.
+    fn tenant_queue_limit(&self) -> Option<usize> {
+        let share = if self.tenant_queue_share.is_finite() { self.tenant_queue_share.clamp(0.0, 1.0) } else { 1.0 };
+        self.fair_sharing.then(|| ((self.queue_capacity as f64 * share).ceil() as usize).max(1))
     }
 }
 
@@ -59,6 +79,8 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             limits: RequestLimits::default(),
             compute_threads: 0,
+            fair_sharing: true,
+            tenant_queue_share: 0.5,
         }
     }
 }
@@ -84,7 +106,8 @@ pub struct ModelInfo {
 }
 
 pub struct Engine {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
+    account: Arc<QueueAccount>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
@@ -97,8 +120,11 @@ impl Engine {
     pub fn start(model: Llama, tokenizer: Tokenizer, info: ModelInfo, config: EngineConfig) -> Result<Self> {
         let tokenizer = Arc::new(tokenizer);
         let stats = Arc::new(EngineStats::default());
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let batcher = Batcher::new(model, tokenizer.clone(), config.clone(), stats.clone(), rx);
+        // The account bounds the queue; the channel only carries jobs to the
+        // batching thread, which moves them into its fair queue every step.
+        let account = Arc::new(QueueAccount::new(config.queue_capacity, config.tenant_queue_limit()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let batcher = Batcher::new(model, tokenizer.clone(), config.clone(), stats.clone(), account.clone(), rx);
         // The batching loop runs on a worker of the engine's own pool, so the
         // parallel matmuls it starts split across that worker and its
         // siblings without waking a thread from outside on every call.
@@ -110,7 +136,7 @@ impl Engine {
         std::thread::Builder::new()
             .name(format!("engine-{}", info.checkpoint))
             .spawn(move || pool.install(move || batcher.run()))?;
-        Ok(Self { jobs: tx, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
+        Ok(Self { jobs: tx, account, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -132,17 +158,36 @@ impl Engine {
 
     /// Validates and enqueues. `streaming` only changes validation (`best_of`).
     pub fn submit(&self, request: GenerateRequest, streaming: bool) -> Result<Generation> {
-        request.validate(self.info.vocab_size, self.info.max_positions, &self.config.limits, streaming)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let summary =
-            GenerationSummary { prompt_tokens: request.prompt.len(), n: request.n, samples: request.samples() };
-        let job = Job { id, request, events: tx, enqueued: Instant::now() };
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(Generation { id, events: rx, summary }),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Error::Overloaded),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::EngineStopped),
+        let mut generations = self.submit_all(vec![request], streaming)?;
+        generations.pop().ok_or(Error::EngineStopped)
+    }
+
+    /// Validates and enqueues every request, or none: a completions call with
+    /// several prompts is refused whole (full queue, tenant's share) rather
+    /// than half queued.
+    pub fn submit_all(&self, requests: Vec<GenerateRequest>, streaming: bool) -> Result<Vec<Generation>> {
+        for request in &requests {
+            request.validate(self.info.vocab_size, self.info.max_positions, &self.config.limits, streaming)?;
         }
+        self.account.reserve(&requests)?;
+        let mut generations = Vec::with_capacity(requests.len());
+        let mut requests = requests.into_iter();
+        for request in requests.by_ref() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let summary =
+                GenerationSummary { prompt_tokens: request.prompt.len(), n: request.n, samples: request.samples() };
+            let queued_steps = Arc::new(AtomicU64::new(NOT_ADMITTED));
+            let job = Job { id, request, events: tx, enqueued: Instant::now(), queued_steps: queued_steps.clone() };
+            if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+                // The batching thread is gone: nothing of this submission runs.
+                self.account.release(&job.request);
+                requests.for_each(|r| self.account.release(&r));
+                return Err(Error::EngineStopped);
+            }
+            generations.push(Generation { id, events: rx, summary, queued_steps });
+        }
+        Ok(generations)
     }
 
     /// Submits and waits for the whole completion.
@@ -163,11 +208,22 @@ pub struct Generation {
     id: u64,
     events: mpsc::UnboundedReceiver<Event>,
     summary: GenerationSummary,
+    queued_steps: Arc<AtomicU64>,
 }
+
+/// `queued_steps` before admission.
+const NOT_ADMITTED: u64 = u64::MAX;
 
 impl Generation {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Engine steps the request waited in the queue before it entered the
+    /// batch; `None` until it has. Steps, not time: what fair sharing
+    /// bounds, and the same on any machine.
+    pub fn queued_steps(&self) -> Option<u64> {
+        Some(self.queued_steps.load(Ordering::Relaxed)).filter(|&s| s != NOT_ADMITTED)
     }
 
     /// The next event, or `None` when every sample has finished.

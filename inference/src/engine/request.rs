@@ -4,6 +4,8 @@
 //! model it will run on; the engine loop then trusts the request. The
 //! gateway maps each `InvalidRequest` error's `param` onto OpenAI's `param`.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::stop::validate_stops;
@@ -23,9 +25,39 @@ impl Default for RequestLimits {
     }
 }
 
+/// Whom a request's work is charged to when the engine shares its queue
+/// fairly (`[engine] fair_sharing`): the gateway names the caller's
+/// organisation and its weight. The default, an unnamed tenant of weight 1,
+/// is for in-process callers (the trainer, benchmarks) and has no queue cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: Arc<str>,
+    /// Share of the engine relative to other waiting tenants (0 counts as 1).
+    pub weight: u32,
+}
+
+impl Tenant {
+    pub fn new(id: impl Into<Arc<str>>, weight: u32) -> Self {
+        Self { id: id.into(), weight }
+    }
+
+    /// In-process callers' tenant: not capped, since it is not a client.
+    pub fn is_unnamed(&self) -> bool {
+        self.id.is_empty()
+    }
+}
+
+impl Default for Tenant {
+    fn default() -> Self {
+        Self { id: Arc::from(""), weight: 1 }
+    }
+}
+
 /// The prompt, already tokenized at the edge.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// Whose work this is, for fair sharing of the engine.
+    pub tenant: Tenant,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     /// Choices returned.
@@ -47,6 +79,7 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
         Self {
+            tenant: Tenant::default(),
             prompt,
             max_tokens,
             n: 1,
@@ -61,6 +94,14 @@ impl GenerateRequest {
 
     pub fn samples(&self) -> usize {
         self.best_of.unwrap_or(self.n).max(self.n)
+    }
+
+    /// The work this request may ask of the engine, in tokens: its prompt
+    /// (prefilled once) and `max_tokens` for every sample. Fair sharing
+    /// charges this at admission and refunds what was not generated.
+    pub fn cost(&self) -> u64 {
+        let samples = self.samples() as u64;
+        (self.prompt.len() as u64).saturating_add(samples.saturating_mul(self.max_tokens as u64))
     }
 
     /// Checks every field against the model (context length, vocabulary) and

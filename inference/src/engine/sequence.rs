@@ -54,6 +54,11 @@ impl Sequence {
         }
     }
 
+    /// Tokens sampled so far.
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
     /// Samples the next token from `logits` and returns the events it causes.
     pub fn advance(&mut self, logits: &[f32], vocab: &Vocabulary<'_>, events: &mut Vec<Event>) -> Result<()> {
         if self.max_tokens == 0 {
