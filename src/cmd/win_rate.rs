@@ -80,7 +80,7 @@ pub fn run(args: WinRateArgs) -> anyhow::Result<()> {
     // Prompts are independent: `--concurrency` of them in flight lets the gateway batch them.
     let prompts: Vec<&String> = pool.iter().take(args.prompts.max(1)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let scored: Vec<anyhow::Result<(usize, Vec<String>, Vec<String>)>> = std::thread::scope(|s| {
+    let scored: Vec<anyhow::Result<Answered>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..args.concurrency)
             .map(|_| {
                 s.spawn(|| {
@@ -144,6 +144,9 @@ pub fn run(args: WinRateArgs) -> anyhow::Result<()> {
     println!("{summary}");
     Ok(())
 }
+
+/// One prompt's answers: its index, the candidate's and the baseline's texts.
+type Answered = (usize, Vec<String>, Vec<String>);
 
 /// `--samples` chat completions of `prompt` from the pinned `model`.
 fn answers(

@@ -775,13 +775,11 @@ pub fn train(
     }
     let last_epoch = epochs.len();
     let kept_epoch = if config.keep_best_epoch && best.epoch > 0 { best.epoch } else { last_epoch };
-    if kept_epoch != last_epoch {
-        if let Some(weights) = &best.weights {
-            for (var, w) in vars.iter().zip(weights) {
-                var.set(w)?;
-            }
-            tracing::info!(kept_epoch, last_epoch, "RM: keeping the epoch with the lowest validation loss");
+    if let (true, Some(weights)) = (kept_epoch != last_epoch, &best.weights) {
+        for (var, w) in vars.iter().zip(weights) {
+            var.set(w)?;
         }
+        tracing::info!(kept_epoch, last_epoch, "RM: keeping the epoch with the lowest validation loss");
     }
 
     let demos: Vec<SftExample> = demonstrations.iter().filter(|d| d.split == Split::Train).cloned().collect();
@@ -1107,7 +1105,7 @@ mod tests {
             epochs: 2,
             ..RmConfig::default()
         };
-        let mut trained = |action: QcAction| {
+        let trained = |action: QcAction| {
             let mut rankings = data.clone();
             apply(&mut rankings, &report, action);
             rankings.extend(val.clone());
