@@ -248,9 +248,26 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
         }
     }
     let evaluation = &ppo["metrics"]["evaluation"];
-    for field in ["win_rate", "candidate_reward", "serving_reward", "kl_from_sft", "alignment_tax"] {
+    for field in [
+        "win_rate",
+        "win_rate_lower",
+        "win_rate_upper",
+        "candidate_reward",
+        "serving_reward",
+        "kl_from_sft",
+        "alignment_tax",
+    ] {
         assert!(evaluation[field].is_number(), "{field} missing from {evaluation}");
     }
+    let (lower, upper) =
+        (evaluation["win_rate_lower"].as_f64().unwrap(), evaluation["win_rate_upper"].as_f64().unwrap());
+    assert!(lower <= evaluation["win_rate"].as_f64().unwrap() && upper >= lower, "{evaluation}");
+    // Data freshness and the reward model's per-epoch validation ride along in the manifests and the report.
+    assert!(ppo["metrics"]["data"]["newest_judgment_age_secs"].is_number(), "{ppo}");
+    assert!(rm["metrics"]["val_accuracy_per_epoch"].as_array().is_some_and(|a| !a.is_empty()), "{rm}");
+    let report = admin(&url, "GET", "/admin/training/report", None);
+    let row = report["table"].as_array().unwrap().iter().find(|r| r["id"] == ppo["id"]).expect("PPO in the report");
+    assert_eq!(row["headline"]["win_rate_lower"], evaluation["win_rate_lower"], "{row}");
     // The gate decides: a PPO policy the reward model prefers to SFT within the KL and alignment-tax limits is
     // offered (announced, verified, canaried, promoted); otherwise SFT stays the offered policy.
     let ppo_id = ppo["id"].as_str().unwrap().to_string();
