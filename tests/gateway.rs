@@ -113,3 +113,16 @@ fn chat_answers_with_the_default_model() {
     let gateway = Gateway::start(&redis.url(), &real_model::real_model_dir(), &[]);
     run_script(&python, "real_model_chat.py", &[("INSTRUCTD_URL", &gateway.url)]);
 }
+
+#[test]
+fn a_flooding_key_cannot_starve_another_organisation() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // One request at a time, so that the fixed flood queues and a step is
+    // one token for the client to read; a queue with room for all of it
+    // (each organisation may fill half: 512 samples).
+    let env = [("INSTRUCTD__ENGINE__MAX_RUNNING", "1"), ("INSTRUCTD__ENGINE__QUEUE_CAPACITY", "1024")];
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &env);
+    run_script(&python, "fairness.py", &[("INSTRUCTD_URL", &gateway.url)]);
+}
