@@ -3,13 +3,17 @@
 //! and fields. A batch is written and fsynced *before* its entries are
 //! acknowledged in Redis, so an acknowledged entry is always on disk.
 //!
-//! Exactly once: entries of a stream arrive in id order (new ones, and a
-//! restarted consumer's pending ones, which come first), so the store keeps
-//! the last id it holds per stream and skips anything at or below it. A torn
-//! last line (a crash mid-write) is cut off when the store opens; that entry
-//! was never acknowledged and comes back from Redis.
+//! Exactly once: the store keeps the set of ids it holds per stream and skips
+//! an entry it already has, whatever its position: entries claimed from
+//! another consumer (a second trainer, a renamed consumer) may be older than
+//! the newest stored one and are kept, not dropped. Reads return entries in
+//! stream-id order. A torn last line (a crash mid-write) is cut off when the
+//! store opens; that entry was never acknowledged and comes back from Redis.
+//! A complete line that does not parse (a disk fault, a hand edit) is skipped
+//! with a warning and counted, so one bad line cannot keep the trainer from
+//! starting.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -20,8 +24,6 @@ use serde::{Deserialize, Serialize};
 pub enum StoreError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: line {line}: {message}")]
-    Corrupt { path: PathBuf, line: usize, message: String },
 }
 
 /// A Redis stream id, ordered as Redis orders them.
@@ -56,7 +58,9 @@ pub struct DatasetStore {
     dir: PathBuf,
     files: HashMap<String, File>,
     last: HashMap<String, StreamId>,
-    counts: HashMap<String, usize>,
+    ids: HashMap<String, HashSet<StreamId>>,
+    /// Complete lines that did not parse, per stream file (skipped).
+    corrupt: usize,
 }
 
 impl DatasetStore {
@@ -64,7 +68,7 @@ impl DatasetStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let dir = data_dir.join("store");
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
-        let mut store = Self { dir, files: HashMap::new(), last: HashMap::new(), counts: HashMap::new() };
+        let mut store = Self { dir, files: HashMap::new(), last: HashMap::new(), ids: HashMap::new(), corrupt: 0 };
         let entries =
             std::fs::read_dir(&store.dir).map_err(|source| StoreError::Io { path: store.dir.clone(), source })?;
         for entry in entries.flatten() {
@@ -90,7 +94,7 @@ impl DatasetStore {
         let mut number = 0;
         let mut stream = None;
         let mut last = StreamId::default();
-        let mut count = 0;
+        let mut ids = HashSet::new();
         loop {
             line.clear();
             let read = reader.read_line(&mut line).map_err(io)?;
@@ -102,17 +106,20 @@ impl DatasetStore {
                 tracing::warn!(path = %path.display(), "cutting off a torn last line (it was never acknowledged)");
                 break;
             }
-            let entry: StoredEntry = serde_json::from_str(&line).map_err(|e| StoreError::Corrupt {
-                path: path.to_path_buf(),
-                line: number,
-                message: e.to_string(),
-            })?;
+            good_len += read as u64;
+            let entry: StoredEntry = match serde_json::from_str(&line) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), line = number, error = %e, "skipping a corrupt store line");
+                    self.corrupt += 1;
+                    continue;
+                }
+            };
             if let Some(id) = StreamId::parse(&entry.id) {
                 last = last.max(id);
+                ids.insert(id);
             }
             stream = Some(entry.stream);
-            count += 1;
-            good_len += read as u64;
         }
         let file = OpenOptions::new().append(true).open(path).map_err(io)?;
         if file.metadata().map_err(io)?.len() != good_len {
@@ -121,19 +128,24 @@ impl DatasetStore {
         }
         if let Some(stream) = stream {
             self.last.insert(stream.clone(), last);
-            self.counts.insert(stream.clone(), count);
+            self.ids.insert(stream.clone(), ids);
             self.files.insert(stream, file);
         }
         Ok(())
     }
 
-    /// The last entry id stored for `stream`.
+    /// The newest entry id stored for `stream`.
     pub fn last_id(&self, stream: &str) -> StreamId {
         self.last.get(stream).copied().unwrap_or_default()
     }
 
     pub fn count(&self, stream: &str) -> usize {
-        self.counts.get(stream).copied().unwrap_or(0)
+        self.ids.get(stream).map_or(0, HashSet::len)
+    }
+
+    /// Complete lines skipped because they did not parse.
+    pub fn corrupt_lines(&self) -> usize {
+        self.corrupt
     }
 
     /// Appends the entries not stored yet and fsyncs; returns how many were new.
@@ -142,17 +154,19 @@ impl DatasetStore {
         let io = |source| StoreError::Io { path: path.clone(), source };
         let mut last = self.last_id(stream);
         let mut buffer = Vec::new();
-        let mut new = 0;
+        let mut fresh = Vec::new();
+        let known = self.ids.get(stream);
         for entry in entries {
             let Some(id) = StreamId::parse(&entry.id) else { continue };
-            if id <= last {
+            if known.is_some_and(|ids| ids.contains(&id)) || fresh.contains(&id) {
                 continue;
             }
-            last = id;
+            last = last.max(id);
+            fresh.push(id);
             serde_json::to_writer(&mut buffer, entry).map_err(|e| io(std::io::Error::other(e)))?;
             buffer.push(b'\n');
-            new += 1;
         }
+        let new = fresh.len();
         if new == 0 {
             return Ok(0);
         }
@@ -165,7 +179,7 @@ impl DatasetStore {
         file.write_all(&buffer).map_err(io)?;
         file.sync_data().map_err(io)?;
         self.last.insert(stream.to_string(), last);
-        *self.counts.entry(stream.to_string()).or_default() += new;
+        self.ids.entry(stream.to_string()).or_default().extend(fresh);
         Ok(new)
     }
 
@@ -177,16 +191,17 @@ impl DatasetStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let mut out = Vec::new();
-        for (i, line) in BufReader::new(file).lines().enumerate() {
+        let mut out: Vec<(StreamId, StoredEntry)> = Vec::new();
+        for line in BufReader::new(file).lines() {
             let line = line.map_err(|source| StoreError::Io { path: path.clone(), source })?;
-            out.push(serde_json::from_str(&line).map_err(|e| StoreError::Corrupt {
-                path: path.clone(),
-                line: i + 1,
-                message: e.to_string(),
-            })?);
+            // Corrupt lines were counted when the store opened; a torn tail was cut off then.
+            if let Ok(entry) = serde_json::from_str::<StoredEntry>(&line) {
+                out.push((StreamId::parse(&entry.id).unwrap_or_default(), entry));
+            }
         }
-        Ok(out)
+        // Entries claimed from other consumers may have been appended after newer ones.
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out.into_iter().map(|(_, e)| e).collect())
     }
 }
 
@@ -215,6 +230,39 @@ mod tests {
         let ids: Vec<String> = store.read("s").unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["1-0", "2-0", "3-0", "4-0"]);
         assert_eq!(store.count("s"), 4);
+    }
+
+    /// A second trainer (or a renamed consumer) claims entries older than the newest one stored here: they are
+    /// kept, once, and reads come back in stream order.
+    #[test]
+    fn older_entries_claimed_later_are_stored_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DatasetStore::open(dir.path()).unwrap();
+        assert_eq!(store.append("s", &[entry("5-0"), entry("7-0")]).unwrap(), 2);
+        assert_eq!(store.append("s", &[entry("3-0"), entry("6-0"), entry("7-0"), entry("3-0")]).unwrap(), 2);
+        assert_eq!(store.last_id("s"), StreamId { ms: 7, seq: 0 });
+        drop(store);
+        let mut store = DatasetStore::open(dir.path()).unwrap();
+        assert_eq!(store.append("s", &[entry("3-0"), entry("6-0")]).unwrap(), 0, "known after a restart too");
+        let ids: Vec<String> = store.read("s").unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["3-0", "5-0", "6-0", "7-0"]);
+        assert_eq!(store.count("s"), 4);
+    }
+
+    /// One complete line that does not parse is skipped and counted; the store still opens and appends.
+    #[test]
+    fn a_corrupt_line_does_not_stop_the_store_from_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DatasetStore::open(dir.path()).unwrap();
+        store.append("s", &[entry("1-0")]).unwrap();
+        drop(store);
+        let path = dir.path().join("store/s.jsonl");
+        OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{not json at all}\n").unwrap();
+        let mut store = DatasetStore::open(dir.path()).unwrap();
+        assert_eq!(store.corrupt_lines(), 1);
+        assert_eq!(store.append("s", &[entry("2-0")]).unwrap(), 1);
+        let ids: Vec<String> = store.read("s").unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["1-0", "2-0"]);
     }
 
     #[test]
