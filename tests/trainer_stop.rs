@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 use gateway::{ADMIN_KEY, Gateway, RedisServer, repo_root, start_trainer, tiny_model};
 use serde_json::Value;
 
+/// Kills the trainer when the test ends early (a failed assertion must not leave it training).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn journal(data: &Path) -> Vec<Value> {
     std::fs::read_to_string(data.join("training.jsonl"))
         .unwrap_or_default()
@@ -74,17 +84,17 @@ fn sigterm_stops_a_stage_at_a_step_and_a_restart_trains_it_again() {
         )
     };
     // An SFT stage of a million epochs: it only ends by being stopped.
-    let mut first = trainer("1000000");
+    let mut first = KillOnDrop(trainer("1000000"));
     wait_for("the SFT stage to start", Duration::from_secs(120), || {
         journal(&data).iter().any(|e| e["event"] == "stage_started" && e["stage"] == "sft")
     });
     std::thread::sleep(Duration::from_millis(500));
     let stopping = Instant::now();
     // SIGTERM, as Kubernetes sends it.
-    assert!(Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill").args(["-TERM", &first.0.id().to_string()]).status().unwrap().success());
     let mut status = None;
     wait_for("the trainer to exit after SIGTERM", Duration::from_secs(30), || {
-        status = first.try_wait().unwrap();
+        status = first.0.try_wait().unwrap();
         status.is_some()
     });
     eprintln!("stopped {:?} after SIGTERM, {status:?}", stopping.elapsed());
@@ -92,8 +102,6 @@ fn sigterm_stops_a_stage_at_a_step_and_a_restart_trains_it_again() {
     assert!(published(&checkpoints).is_empty(), "nothing partial published: {:?}", published(&checkpoints));
 
     // The restart finds the same data in its store and trains it (here with one epoch).
-    let mut second = trainer("1");
+    let _second = KillOnDrop(trainer("1"));
     wait_for("the restarted trainer to publish SFT", Duration::from_secs(120), || !published(&checkpoints).is_empty());
-    let _ = second.kill();
-    let _ = second.wait();
 }
