@@ -11,18 +11,8 @@ mod gateway;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, repo_root, start_trainer, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, KillOnDrop, RedisServer, repo_root, start_trainer, tiny_model};
 use serde_json::Value;
-
-/// Kills the trainer when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn quality_control_finds_the_adversarial_labeler_and_excludes_only_them() {

@@ -7,7 +7,7 @@ mod gateway;
 
 use std::process::Command;
 
-use gateway::{Gateway, RedisServer, python, repo_root, run_script, start_trainer, tiny_model};
+use gateway::{Gateway, KillOnDrop, RedisServer, python, repo_root, run_script, start_trainer, tiny_model};
 
 #[test]
 fn demonstrations_become_a_served_sft_checkpoint() {
@@ -318,14 +318,4 @@ fn canary_then_promote(url: &str, serving: &str, candidate: &str) {
     assert_eq!(seen, [serving.to_string(), candidate.to_string()].into(), "a 50% canary serves both");
     admin(url, "POST", &format!("/admin/checkpoints/{candidate}/promote"), None);
     assert_eq!(admin(url, "GET", "/admin/checkpoints", None)["serving"], candidate);
-}
-
-/// A child process that is killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -10,18 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, repo_root, start_trainer, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, KillOnDrop, RedisServer, repo_root, start_trainer, tiny_model};
 use serde_json::Value;
-
-/// Kills the trainer when the test ends early (a failed assertion must not leave it training).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn journal(data: &Path) -> Vec<Value> {
     std::fs::read_to_string(data.join("training.jsonl"))

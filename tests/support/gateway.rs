@@ -32,6 +32,16 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 
 /// Starts `instructd train` on the default config against `redis_url`, keeping its data in `data_dir` and its
 /// metrics on a free port; `env` adds or overrides settings (the model, batch sizes, hyperparameters).
+/// A child process killed when the test ends, passed or not (a failed assertion must leave nothing running).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn start_trainer(redis_url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_instructd"))
         .arg("train")
