@@ -557,6 +557,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn weights_default_to_one_are_checked_and_name_the_organisation() {
+        let server = RedisServer::start().unwrap();
+        let store = KeyStore::new(Arc::new(RedisLink::new(&server.url()).unwrap()), "t", limits(), None);
+        let (key, _) = store.create(new_key(vec![Scope::Completions])).await.unwrap();
+        assert_eq!(key.tenant(), Tenant::new("org:alice", 1));
+        assert!(matches!(
+            store.create(NewKey { weight: Some(0), ..new_key(vec![Scope::Completions]) }).await,
+            Err(KeyError::Invalid { param: Some("weight"), .. })
+        ));
+        assert_eq!(store.set_weight(&key.id, 5).await.unwrap().weight, 5);
+        assert!(store.set_weight(&key.id, MAX_WEIGHT + 1).await.is_err());
+        assert_eq!(store.get(&key.id).await.unwrap().tenant().weight, 5);
+        // Records written before weights existed read as weight 1.
+        let mut old = serde_json::to_value(&key).unwrap();
+        old.as_object_mut().unwrap().remove("weight");
+        assert_eq!(serde_json::from_value::<ApiKey>(old).unwrap().weight, 1);
+    }
+
+    #[tokio::test]
     async fn create_authenticate_suspend_revoke() {
         let server = RedisServer::start().unwrap();
         let store = KeyStore::new(Arc::new(RedisLink::new(&server.url()).unwrap()), "t", limits(), None);
