@@ -4,7 +4,9 @@
 //! `/readyz` stays 200 while Redis is away: the gateway keeps serving with
 //! local rate limits, and pulling every replica out of a load balancer
 //! because Redis blinked would turn a degradation into an outage. The body
-//! says `degraded` so operators and probes can still see it.
+//! says `degraded` so operators and probes can still see it. A serving
+//! engine whose batching thread has died is different: nothing would run,
+//! so `/readyz` answers 503 with `loaded: false`.
 
 use axum::Json;
 use axum::extract::State;
@@ -24,14 +26,29 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     let redis = state.redis.ping().await;
     metrics::set_redis_reachable(redis);
     let engine = state.engine.current();
-    let info = engine.info();
+    let (status, body) = readiness(engine.is_running(), engine.info(), redis);
+    (status, Json(body)).into_response()
+}
+
+/// The `/readyz` answer: 503 when the serving engine no longer runs.
+fn readiness(
+    engine_running: bool,
+    info: &inference::engine::ModelInfo,
+    redis: bool,
+) -> (StatusCode, serde_json::Value) {
+    let status = match (engine_running, redis) {
+        (false, _) => "not_ready",
+        (true, true) => "ready",
+        (true, false) => "degraded",
+    };
     let body = json!({
-        "status": if redis { "ready" } else { "degraded" },
-        "model": {"loaded": true, "name": info.name, "checkpoint": info.checkpoint},
+        "status": status,
+        "model": {"loaded": engine_running, "name": info.name, "checkpoint": info.checkpoint},
         "redis": {"reachable": redis},
         "rate_limits": if redis { "shared" } else { "local_only" },
     });
-    (StatusCode::OK, Json(body)).into_response()
+    let code = if engine_running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, body)
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {
@@ -47,5 +64,33 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     match &state.metrics {
         Some(handle) => ([("content-type", "text/plain; version=0.0.4")], handle.render()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> inference::engine::ModelInfo {
+        inference::engine::ModelInfo { name: "m".into(), checkpoint: "c".into(), vocab_size: 8, max_positions: 8 }
+    }
+
+    #[test]
+    fn a_dead_engine_is_not_ready_and_not_loaded() {
+        let (code, body) = readiness(false, &info(), true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["model"]["loaded"], false);
+        assert_eq!(body["status"], "not_ready");
+    }
+
+    #[test]
+    fn a_running_engine_is_ready_or_degraded() {
+        let (code, body) = readiness(true, &info(), true);
+        assert_eq!(
+            (code, body["status"].as_str(), body["model"]["loaded"].as_bool()),
+            (StatusCode::OK, Some("ready"), Some(true))
+        );
+        let (code, body) = readiness(true, &info(), false);
+        assert_eq!((code, body["status"].as_str()), (StatusCode::OK, Some("degraded")));
     }
 }

@@ -17,7 +17,7 @@ pub mod request;
 mod sequence;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -113,6 +113,8 @@ pub struct Engine {
     config: EngineConfig,
     stats: Arc<EngineStats>,
     next_id: AtomicU64,
+    /// True while the batching thread runs; cleared when it exits or panics.
+    alive: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -133,10 +135,17 @@ impl Engine {
             .thread_name(move |i| format!("engine-compute-{i}"))
             .build()
             .map_err(|e| Error::EngineFailure(format!("cannot start compute threads: {e}")))?;
-        std::thread::Builder::new()
-            .name(format!("engine-{}", info.checkpoint))
-            .spawn(move || pool.install(move || batcher.run()))?;
-        Ok(Self { jobs: tx, account, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
+        let alive = Arc::new(AtomicBool::new(true));
+        spawn_batching(format!("engine-{}", info.checkpoint), alive.clone(), move || {
+            pool.install(move || batcher.run())
+        })?;
+        Ok(Self { jobs: tx, account, info, tokenizer, config, stats, next_id: AtomicU64::new(1), alive })
+    }
+
+    /// Whether the batching thread still runs. False once it has panicked
+    /// (or otherwise exited): nothing submitted to this engine would run.
+    pub fn is_running(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && !self.jobs.is_closed()
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -194,6 +203,28 @@ impl Engine {
     pub async fn generate(&self, request: GenerateRequest) -> Result<Completion> {
         self.submit(request, false)?.collect().await
     }
+}
+
+/// Runs `body` on a new thread named `name`; `alive` is cleared when the
+/// thread ends, by return or by panic (the guard drops while unwinding).
+fn spawn_batching(
+    name: String,
+    alive: Arc<AtomicBool>,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    struct ClearOnExit(Arc<AtomicBool>);
+    impl Drop for ClearOnExit {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+            if std::thread::panicking() {
+                tracing::error!("engine batching thread panicked: this engine serves nothing from now on");
+            }
+        }
+    }
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _guard = ClearOnExit(alive);
+        body();
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -381,5 +412,39 @@ impl EngineHandle {
 
     pub fn canary(&self) -> Option<Arc<Canary>> {
         self.canary.load_full()
+    }
+
+    /// Whether the serving engine's batching thread still runs (`/readyz`).
+    pub fn is_serving(&self) -> bool {
+        self.current.load().is_running()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batching_thread_that_panics_is_reported_dead() {
+        let alive = Arc::new(AtomicBool::new(true));
+        let thread = spawn_batching("engine-test".into(), alive.clone(), || panic!("a step failed"))
+            .unwrap_or_else(|e| panic!("cannot spawn: {e}"));
+        assert!(thread.join().is_err(), "the body panicked");
+        assert!(!alive.load(Ordering::Acquire), "a panicked batching thread must not count as alive");
+    }
+
+    #[test]
+    fn an_engine_whose_batching_thread_is_gone_is_not_running() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        crate::tiny_model::init_tiny(dir.path(), &crate::tiny_model::TinySpec::default())
+            .unwrap_or_else(|e| panic!("tiny model: {e}"));
+        let engine = crate::load::LoadedModel::load(dir.path(), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .and_then(|m| m.into_engine("tiny", "a", EngineConfig::default()))
+            .unwrap_or_else(|e| panic!("engine: {e}"));
+        let handle = EngineHandle::new(engine);
+        assert!(handle.is_serving());
+        // What the batching thread's exit does: the flag clears and its receiver drops.
+        handle.current().alive.store(false, Ordering::Release);
+        assert!(!handle.is_serving(), "/readyz must not report a dead engine as loaded");
     }
 }
