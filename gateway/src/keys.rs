@@ -44,6 +44,9 @@ pub enum Scope {
     Playground,
     Labeler,
     Admin,
+    /// Pin a request to a checkpoint other than the serving one (`model@ckpt`):
+    /// the canary or a verified candidate. Admin keys have it implicitly.
+    PinCheckpoints,
 }
 
 impl Scope {
@@ -53,6 +56,7 @@ impl Scope {
             Scope::Playground => "playground",
             Scope::Labeler => "labeler",
             Scope::Admin => "admin",
+            Scope::PinCheckpoints => "pin_checkpoints",
         }
     }
 }

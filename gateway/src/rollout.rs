@@ -54,6 +54,15 @@ pub enum RolloutError {
     NoPrevious,
     #[error("checkpoint '{id}' cannot be served: {message}")]
     Invalid { id: String, message: String },
+    #[error(
+        "checkpoint '{0}' is a reward model (stage reward_model): reward models score samples and are never served"
+    )]
+    RewardModel(String),
+    #[error(
+        "checkpoint '{0}' failed its evaluation gate (metrics.evaluation.passed is false in its manifest); send \
+         {{\"force\": true}} to load it anyway, e.g. to measure it"
+    )]
+    GateFailed(String),
 }
 
 #[derive(Default)]
@@ -113,7 +122,9 @@ impl Rollout {
     pub async fn consider(self: &Arc<Self>, handle: &EngineHandle, id: &str) {
         {
             let mut state = self.lock();
-            if state.candidates.contains_key(id) || handle.current().info().checkpoint == id {
+            // A candidate that failed may be tried again (its files may have been fixed).
+            let busy = matches!(state.candidates.get(id), Some((CandidateState::Loading | CandidateState::Ready, _)));
+            if busy || handle.current().info().checkpoint == id {
                 return;
             }
             state.candidates.insert(id.to_string(), (CandidateState::Loading, None));
@@ -140,6 +151,27 @@ impl Rollout {
                 self.lock().candidates.insert(id.to_string(), (CandidateState::Failed(e.to_string()), None));
             }
         }
+    }
+
+    /// An operator's `/load` of checkpoint `id`: refuses a reward model always, and a policy that failed its
+    /// evaluation gate unless `force`; then loads it as [`consider`](Self::consider) does.
+    pub async fn load_requested(
+        self: &Arc<Self>,
+        handle: &EngineHandle,
+        id: &str,
+        force: bool,
+    ) -> Result<(), RolloutError> {
+        if let Some(manifest) = self.manifest(id) {
+            check_servable(&manifest, force)?;
+        }
+        self.consider(handle, id).await;
+        Ok(())
+    }
+
+    /// The manifest of checkpoint `id` in the store, if it has one that parses (verification comes later).
+    fn manifest(&self, id: &str) -> Option<Manifest> {
+        let bytes = std::fs::read(self.store.path(id).join(inference::checkpoint::MANIFEST)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn load(&self, id: &str) -> Result<Engine, RolloutError> {
@@ -292,6 +324,19 @@ impl Rollout {
     }
 }
 
+/// Whether a checkpoint may be loaded for serving: never a reward model; a policy whose evaluation gate failed
+/// (`metrics.evaluation.passed == false`) only when `force`.
+fn check_servable(manifest: &Manifest, force: bool) -> Result<(), RolloutError> {
+    if manifest.stage == inference::checkpoint::Stage::RewardModel {
+        return Err(RolloutError::RewardModel(manifest.id.clone()));
+    }
+    let gate_failed = manifest.metrics["evaluation"]["passed"].as_bool() == Some(false);
+    if gate_failed && !force {
+        return Err(RolloutError::GateFailed(manifest.id.clone()));
+    }
+    Ok(())
+}
+
 /// How long one read of the announcements stream blocks.
 pub const WATCH_BLOCK: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -333,5 +378,25 @@ pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<f
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inference::checkpoint::Stage;
+
+    #[test]
+    fn reward_models_are_never_servable_and_gate_failures_only_when_forced() {
+        let reward = Manifest::new("rm", None, Stage::RewardModel);
+        assert!(matches!(check_servable(&reward, false), Err(RolloutError::RewardModel(_))));
+        assert!(matches!(check_servable(&reward, true), Err(RolloutError::RewardModel(_))));
+        let mut gated = Manifest::new("ppo", None, Stage::PpoPtx);
+        gated.metrics = serde_json::json!({"evaluation": {"passed": false}});
+        assert!(matches!(check_servable(&gated, false), Err(RolloutError::GateFailed(_))));
+        assert!(check_servable(&gated, true).is_ok());
+        gated.metrics = serde_json::json!({"evaluation": {"passed": true}});
+        assert!(check_servable(&gated, false).is_ok());
+        assert!(check_servable(&Manifest::new("sft", None, Stage::Sft), false).is_ok());
     }
 }

@@ -152,9 +152,30 @@ pub fn check_model(engine: &Engine, model: &str) -> Result<(), ApiError> {
 }
 
 /// The engine a request runs on: the one serving its pinned checkpoint (`model: "<name>@<checkpoint id>"`), or
-/// the serving / canary pick for a plain model name. A pin to a checkpoint this gateway has not loaded is a 404.
-pub fn engine_for(state: &crate::state::AppState, model: &str) -> Result<std::sync::Arc<Engine>, ApiError> {
+/// the serving / canary pick for a plain model name. Pinning the serving checkpoint is open to every caller;
+/// pinning any other (the canary, a verified candidate) needs the `pin_checkpoints` scope (403 otherwise, checked
+/// before anything about that checkpoint is revealed). A pin to a checkpoint this gateway has not loaded is a 404.
+pub fn engine_for(
+    state: &crate::state::AppState,
+    caller: &crate::auth::Caller,
+    model: &str,
+) -> Result<std::sync::Arc<Engine>, ApiError> {
     let Some((_, checkpoint)) = model.split_once('@') else { return Ok(state.engine.pick()) };
+    let serving = state.engine.current();
+    if serving.info().checkpoint == checkpoint {
+        return Ok(serving);
+    }
+    if !caller.key().has_scope(crate::keys::Scope::PinCheckpoints) {
+        crate::metrics::record_rejection("scope");
+        return Err(ApiError::forbidden(
+            "insufficient_scope",
+            format!(
+                "Pinning checkpoint '{checkpoint}', which is not the serving checkpoint, needs the 'pin_checkpoints' \
+                 scope, which an operator grants (POST /admin/keys). Pin the serving checkpoint or name the model alone."
+            ),
+        )
+        .with_param("model"));
+    }
     state.rollout.pinned(&state.engine, checkpoint).ok_or_else(|| {
         let mut error = ApiError::model_not_found(model);
         error.message = format!(

@@ -1,5 +1,6 @@
 //! Admin checkpoint routes (admin scope): list checkpoints with lineage,
-//! metrics and role; canary a candidate at a percentage; promote; roll back.
+//! metrics and role; canary a candidate at a percentage; promote; roll back;
+//! load a checkpoint on request (never a reward model; a gate-failed policy only when forced).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -8,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::json::ApiJson;
+use crate::json::{ApiJson, OptionalApiJson};
 use crate::keys::Scope;
 use crate::rollout::RolloutError;
 use crate::state::SharedState;
@@ -23,6 +24,14 @@ fn rollout_error(error: RolloutError) -> ApiError {
         }
         RolloutError::Invalid { .. } => {
             ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_invalid")
+        }
+        RolloutError::RewardModel(_) => {
+            ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_not_servable")
+        }
+        RolloutError::GateFailed(_) => {
+            let mut e = ApiError::invalid_request(Some("force"), error.to_string());
+            e.status = axum::http::StatusCode::CONFLICT;
+            e.with_code("checkpoint_gate_failed")
         }
     }
 }
@@ -75,13 +84,24 @@ pub async fn rollback(State(state): State<SharedState>, caller: Caller) -> Resul
     Ok(Json(status))
 }
 
-/// `POST /admin/checkpoints/{id}/load`: load and verify a checkpoint on disk that was not announced.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    /// Load a policy whose evaluation gate failed anyway (never a reward model).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /admin/checkpoints/{id}/load`: load and verify a checkpoint on disk that was not announced, or that
+/// failed to load before. Refuses reward models, and gate-failed policies unless the body says `{"force": true}`.
 pub async fn load(
     State(state): State<SharedState>,
     caller: Caller,
     Path(id): Path<String>,
+    OptionalApiJson(body): OptionalApiJson<LoadRequest>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Admin)?;
-    state.rollout.consider(&state.engine, &id).await;
+    let force = body.unwrap_or_default().force;
+    state.rollout.load_requested(&state.engine, &id, force).await.map_err(rollout_error)?;
     Ok(Json(state.rollout.status(&state.engine)))
 }

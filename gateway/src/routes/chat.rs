@@ -21,7 +21,7 @@ pub async fn create(
     ApiJson(body): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
-    let engine = engine_for(&state, &body.model)?;
+    let engine = engine_for(&state, &caller, &body.model)?;
     let prepared = body.prepare(&engine)?;
     respond(&state, &caller, &headers, engine, prepared, Format::Chat).await
 }

@@ -140,7 +140,7 @@ pub async fn completions(
     ApiJson(body): ApiJson<PlaygroundRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Playground)?;
-    let engine = crate::openai::common::engine_for(&state, &body.model)?;
+    let engine = crate::openai::common::engine_for(&state, &caller, &body.model)?;
     let mut plan = body.prepare(&engine, &state)?;
     let ticket = admit(&state, &caller, &headers, &plan.prepared).await?;
     plan.prepared.charge_to(&caller.key().tenant());

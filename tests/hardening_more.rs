@@ -1,0 +1,135 @@
+//! End-to-end tests of the gateway hardening of issue 13 against the real
+//! `instructd serve` and a private `redis-server`: who may pin which
+//! checkpoint, which checkpoints `/load` refuses, a failed load tried again,
+//! stop-sequence caps, and cheap refusals before tokenization.
+
+#[path = "support/gateway.rs"]
+#[allow(dead_code)]
+mod gateway;
+
+use std::time::Duration;
+
+use inference::checkpoint::{CheckpointStore, Manifest, Stage};
+use inference::tiny_model::{TinySpec, init_tiny};
+use serde_json::{Value, json};
+
+use gateway::{ADMIN_KEY, Gateway, RedisServer, tiny_model};
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().expect("an HTTP client")
+}
+
+/// Sends a request; returns (status, parsed body or Null).
+fn call(gateway: &Gateway, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+    let mut request = http().request(method, format!("{}{path}", gateway.url)).bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().expect("the gateway answers");
+    let status = response.status().as_u16();
+    let text = response.text().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn create_key(gateway: &Gateway, body: Value) -> String {
+    let (status, key) = call(gateway, "POST", "/admin/keys", ADMIN_KEY, Some(&body));
+    assert_eq!(status, 201, "{key}");
+    key["secret"].as_str().expect("a secret").to_string()
+}
+
+fn model_name(gateway: &Gateway) -> String {
+    let (status, models) = call(gateway, "GET", "/v1/models", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{models}");
+    models["data"][0]["id"].as_str().expect("a model id").to_string()
+}
+
+fn complete(gateway: &Gateway, key: &str, model: &str) -> (u16, Value) {
+    let body = json!({"model": model, "prompt": "Hello", "max_tokens": 2});
+    call(gateway, "POST", "/v1/completions", key, Some(&body))
+}
+
+/// Publishes a tiny model (own seed) into `store` as checkpoint `id`.
+fn publish(store: &CheckpointStore, scratch: &std::path::Path, id: &str, stage: Stage, metrics: Value, seed: u64) {
+    let dir = scratch.join(format!("src-{id}"));
+    init_tiny(&dir, &TinySpec { seed, ..Default::default() }).expect("a tiny model");
+    let mut manifest = Manifest::new(id, None, stage);
+    manifest.metrics = metrics;
+    store.import_dir(&dir, manifest).expect("checkpoint imported");
+}
+
+#[test]
+fn pinning_needs_a_scope_and_load_refuses_what_must_not_serve() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let store = CheckpointStore::open(&tmp.path().join("checkpoints")).unwrap();
+    publish(&store, tmp.path(), "cand", Stage::Sft, Value::Null, 11);
+    publish(&store, tmp.path(), "rm", Stage::RewardModel, Value::Null, 12);
+    publish(&store, tmp.path(), "gated", Stage::PpoPtx, json!({"evaluation": {"passed": false}}), 13);
+    publish(&store, tmp.path(), "flaky", Stage::Sft, Value::Null, 14);
+    let weights = store.path("flaky").join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x55;
+    std::fs::write(&weights, &bad).unwrap();
+
+    let gateway = Gateway::start(
+        &redis.url(),
+        &model,
+        &[("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", store.root().to_str().unwrap())],
+    );
+    let name = model_name(&gateway);
+    let (_, ready) = call(&gateway, "GET", "/readyz", ADMIN_KEY, None);
+    let serving = ready["model"]["checkpoint"].as_str().expect("the serving checkpoint").to_string();
+    let plain = create_key(&gateway, json!({"user": "u", "scopes": ["completions"]}));
+    let pinner = create_key(&gateway, json!({"user": "p", "scopes": ["completions", "pin_checkpoints"]}));
+
+    // A verified candidate: only a key with `pin_checkpoints` (or an admin key) may pin it.
+    let (status, body) = call(&gateway, "POST", "/admin/checkpoints/cand/load", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = complete(&gateway, &plain, &format!("{name}@cand"));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_scope", "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("pin_checkpoints"), "{body}");
+    let (status, body) = complete(&gateway, &pinner, &format!("{name}@cand"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["system_fingerprint"], "cand", "{body}");
+    let (status, body) = complete(&gateway, ADMIN_KEY, &format!("{name}@cand"));
+    assert_eq!(status, 200, "{body}");
+    // The serving checkpoint stays open to every key.
+    let (status, body) = complete(&gateway, &plain, &format!("{name}@{serving}"));
+    assert_eq!(status, 200, "{body}");
+
+    // A reward model is never loaded, forced or not.
+    for force in [None, Some(json!({"force": true}))] {
+        let (status, body) = call(&gateway, "POST", "/admin/checkpoints/rm/load", ADMIN_KEY, force.as_ref());
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "checkpoint_not_servable", "{body}");
+    }
+    let (status, body) = complete(&gateway, &pinner, &format!("{name}@rm"));
+    assert_eq!(status, 404, "{body}");
+
+    // A gate-failed policy loads only when an operator forces it.
+    let (status, body) = call(&gateway, "POST", "/admin/checkpoints/gated/load", ADMIN_KEY, None);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "checkpoint_gate_failed", "{body}");
+    assert_eq!(complete(&gateway, &pinner, &format!("{name}@gated")).0, 404);
+    let force = json!({"force": true});
+    let (status, body) = call(&gateway, "POST", "/admin/checkpoints/gated/load", ADMIN_KEY, Some(&force));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = complete(&gateway, &pinner, &format!("{name}@gated"));
+    assert_eq!(status, 200, "{body}");
+
+    // A candidate whose load failed is tried again once its files are fixed.
+    let (status, body) = call(&gateway, "POST", "/admin/checkpoints/flaky/load", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(complete(&gateway, &pinner, &format!("{name}@flaky")).0, 404);
+    std::fs::write(&weights, &good).unwrap();
+    let (status, body) = call(&gateway, "POST", "/admin/checkpoints/flaky/load", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = complete(&gateway, &pinner, &format!("{name}@flaky"));
+    assert_eq!(status, 200, "{body}");
+}
