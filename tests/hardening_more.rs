@@ -133,3 +133,27 @@ fn pinning_needs_a_scope_and_load_refuses_what_must_not_serve() {
     let (status, body) = complete(&gateway, &pinner, &format!("{name}@flaky"));
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn stop_sequences_longer_than_the_cap_are_refused() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let gateway = Gateway::start(&redis.url(), &model, &[]);
+    let name = model_name(&gateway);
+    let long = "x".repeat(300);
+    for (path, body) in [
+        ("/v1/completions", json!({"model": name, "prompt": "Hi", "max_tokens": 2, "stop": [long]})),
+        (
+            "/v1/chat/completions",
+            json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stop": long}),
+        ),
+    ] {
+        let (status, body) = call(&gateway, "POST", path, ADMIN_KEY, Some(&body));
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], "stop", "{path}: {body}");
+    }
+    let ok = json!({"model": name, "prompt": "Hi", "max_tokens": 2, "stop": ["x".repeat(256)]});
+    let (status, body) = call(&gateway, "POST", "/v1/completions", ADMIN_KEY, Some(&ok));
+    assert_eq!(status, 200, "{body}");
+}

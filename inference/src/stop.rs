@@ -7,12 +7,19 @@
 //! complete it emits only the text before it. The stop string itself and
 //! everything after it are never emitted (OpenAI semantics).
 
+use std::sync::Arc;
+
 use crate::{Error, Result};
 
 /// The most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 
-/// Checks a request's `stop` list: at most four strings, none empty.
+/// The longest stop sequence, in bytes: every decoded piece is searched for
+/// each one, and the held-back tail can grow to this length.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Checks a request's `stop` list: at most four strings, none empty, none
+/// longer than [`MAX_STOP_BYTES`].
 pub fn validate_stops(stops: &[String]) -> Result<()> {
     if stops.len() > MAX_STOP_SEQUENCES {
         return Err(Error::invalid(
@@ -22,6 +29,12 @@ pub fn validate_stops(stops: &[String]) -> Result<()> {
     }
     if stops.iter().any(String::is_empty) {
         return Err(Error::invalid("stop", "stop sequences must not be empty"));
+    }
+    if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(Error::invalid(
+            "stop",
+            format!("each stop sequence may be at most {MAX_STOP_BYTES} bytes long, got one of {}", long.len()),
+        ));
     }
     Ok(())
 }
@@ -39,7 +52,8 @@ pub struct StopStep {
 /// Finds stop sequences in streamed text without ever emitting them.
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    /// Shared by every sample of every prompt of a request (never copied per sample).
+    stops: Arc<[String]>,
     /// Text received but not yet emitted: a tail that might begin a stop
     /// string. Always starts right after the last emitted byte.
     pending: String,
@@ -50,12 +64,13 @@ impl StopMatcher {
     /// Creates a matcher for the given stop strings. Empty strings would
     /// match everywhere; they are dropped here, and [`validate_stops`]
     /// rejects them at the API boundary.
-    pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            pending: String::new(),
-            stopped: false,
-        }
+    pub fn new(stops: Arc<[String]>) -> Self {
+        let stops = if stops.iter().any(String::is_empty) {
+            stops.iter().filter(|s| !s.is_empty()).cloned().collect()
+        } else {
+            stops
+        };
+        StopMatcher { stops, pending: String::new(), stopped: false }
     }
 
     /// True once a stop sequence has matched; further input is ignored.
@@ -103,7 +118,7 @@ impl StopMatcher {
     /// prefix of some stop string, and so must be held back.
     fn longest_partial_suffix(&self) -> usize {
         let mut longest = 0;
-        for stop in &self.stops {
+        for stop in self.stops.iter() {
             // A full match was ruled out already, hence `len() - 1`.
             let max = (stop.len() - 1).min(self.pending.len());
             for len in (longest + 1..=max).rev() {
@@ -263,7 +278,7 @@ mod tests {
 
     #[test]
     fn empty_stop_strings_are_ignored() {
-        let mut m = StopMatcher::new(vec![String::new(), "x".into()]);
+        let mut m = StopMatcher::new(vec![String::new(), "x".into()].into());
         assert_eq!(run(&mut m, &["abc", "dxe"]), ("abcd".into(), true));
     }
 
@@ -273,7 +288,9 @@ mod tests {
         validate_stops(&ok).unwrap();
         validate_stops(&[]).unwrap();
         let too_many: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
-        for bad in [too_many, vec!["a".to_string(), String::new()]] {
+        let too_long = vec!["x".repeat(MAX_STOP_BYTES + 1)];
+        validate_stops(&["x".repeat(MAX_STOP_BYTES)]).unwrap();
+        for bad in [too_many, vec!["a".to_string(), String::new()], too_long] {
             match validate_stops(&bad) {
                 Err(Error::InvalidRequest { param, .. }) => assert_eq!(param, "stop"),
                 other => panic!("expected a stop error, got {other:?}"),

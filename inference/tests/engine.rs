@@ -68,7 +68,7 @@ fn bad_requests_are_refused_with_the_parameter_named() {
     r.sampling.temperature = -1.0;
     assert_eq!(param_of(engine.submit(r, false)), "temperature");
     let mut r = ok();
-    r.stop = vec![String::new()];
+    r.stop = vec![String::new()].into();
     assert_eq!(param_of(engine.submit(r, false)), "stop");
 
     // The engine is still healthy after all of that.
@@ -241,7 +241,7 @@ fn stop_sequences_end_the_text_before_them() {
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = full.find(&stop).unwrap();
     assert!(cut > 0, "pick a stop that leaves some text: {full:?}");
-    request.stop = vec![stop.clone()];
+    request.stop = vec![stop.clone()].into();
     let choice = rt.block_on(engine.generate(request)).unwrap().choices.remove(0);
     assert_eq!(choice.text, full[..cut], "stop {stop:?}");
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));

@@ -54,7 +54,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let mut request = GenerateRequest::new(engine.tokenizer().encode(&prompt, false)?, args.max_tokens);
         request.sampling =
             SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
-        request.stop = args.stop.clone();
+        request.stop = args.stop.clone().into();
         let reply = runtime.block_on(async {
             let mut generation = engine.submit(request, true)?;
             let mut reply = String::new();

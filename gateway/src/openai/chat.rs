@@ -127,6 +127,8 @@ impl ChatCompletionRequest {
             return Err(ApiError::invalid_request(Some("max_tokens"), "max_tokens must be at least 1."));
         }
 
+        let stop = Stop::into_shared(self.stop)?;
+
         let tokenizer = engine.tokenizer();
         let rendered = tokenizer.apply_chat_template(&messages, true)?;
         let prompt = tokenizer.encode(&rendered, false)?;
@@ -148,7 +150,7 @@ impl ChatCompletionRequest {
                 top_logprobs,
             }
             .into_params(),
-            stop: Stop::into_vec(self.stop),
+            stop,
             echo: false,
             include_special_text: false,
             ignore_eos: false,

@@ -17,12 +17,17 @@ pub enum Stop {
 }
 
 impl Stop {
-    pub fn into_vec(stop: Option<Stop>) -> Vec<String> {
-        match stop {
+    /// The request's stop sequences, checked (count, none empty, each at most
+    /// [`MAX_STOP_BYTES`](inference::stop::MAX_STOP_BYTES); 400 naming `stop`)
+    /// and shared by every prompt and sample of the request.
+    pub fn into_shared(stop: Option<Stop>) -> Result<std::sync::Arc<[String]>, ApiError> {
+        let stops = match stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
-        }
+        };
+        inference::stop::validate_stops(&stops)?;
+        Ok(stops.into())
     }
 }
 
@@ -201,5 +206,20 @@ pub fn check_count(value: Option<i64>, param: &'static str, default: usize) -> R
         None => Ok(default),
         Some(v) if v < 1 => Err(ApiError::invalid_request(Some(param), format!("{param} must be at least 1, got {v}"))),
         Some(v) => Ok(v as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_sequences_are_capped_in_length_and_shared() {
+        let long = Stop::into_shared(Some(Stop::Many(vec!["ok".into(), "x".repeat(257)])));
+        let error = long.err().map(|e| (e.status.as_u16(), e.param));
+        assert_eq!(error, Some((400, Some("stop".to_string()))));
+        let fine = Stop::into_shared(Some(Stop::One("x".repeat(256)))).unwrap_or_else(|e| panic!("{}", e.message));
+        let shared = fine.clone();
+        assert!(std::ptr::eq(fine.as_ptr(), shared.as_ptr()), "clones share one allocation");
     }
 }

@@ -78,7 +78,7 @@ impl CompletionRequest {
             top_logprobs,
         }
         .into_params();
-        let stop = Stop::into_vec(self.stop);
+        let stop = Stop::into_shared(self.stop)?;
 
         let tokenizer = engine.tokenizer();
         let encode = |text: &str| tokenizer.encode(text, false).map_err(ApiError::from);

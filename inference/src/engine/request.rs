@@ -66,7 +66,8 @@ pub struct GenerateRequest {
     /// log-probability are returned. `None` means `n`.
     pub best_of: Option<usize>,
     pub sampling: SamplingParams,
-    pub stop: Vec<String>,
+    /// Shared, not copied, by every prompt and sample of a request.
+    pub stop: std::sync::Arc<[String]>,
     /// Also return the prompt's tokens (and their log-probabilities when
     /// `sampling.top_logprobs` is set).
     pub echo: bool,
@@ -85,7 +86,7 @@ impl GenerateRequest {
             n: 1,
             best_of: None,
             sampling: SamplingParams::default(),
-            stop: Vec::new(),
+            stop: std::sync::Arc::from([]),
             echo: false,
             include_special_text: false,
             ignore_eos: false,
