@@ -129,12 +129,7 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
         .collect();
     store.append(streams::FEEDBACK, &entries).unwrap();
 
-    let filters = Filters {
-        max_prompts_per_user: 2,
-        dedupe_prefix_chars: DEDUPE_PREFIX_CHARS,
-        split: SplitConfig::default(),
-        labeler_qc: Default::default(),
-    };
+    let filters = Filters { max_prompts_per_user: 2, ..filters(Default::default()) };
     let data = build(&store, &filters).unwrap();
     let kept: Vec<&str> = data.prompts.iter().map(|p| p.prompt_id.as_str()).collect();
     assert_eq!(kept, ["p1", "p4", "p7"]);
