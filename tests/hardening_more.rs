@@ -157,3 +157,44 @@ fn stop_sequences_longer_than_the_cap_are_refused() {
     let (status, body) = call(&gateway, "POST", "/v1/completions", ADMIN_KEY, Some(&ok));
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn a_limited_key_is_refused_before_its_prompt_is_tokenized() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let gateway = Gateway::start(&redis.url(), &model, &[("INSTRUCTD__GATEWAY__MAX_PROMPT_BYTES", "20000")]);
+    let name = model_name(&gateway);
+    let limits = json!({"requests_per_minute": 1, "tokens_per_minute": 0, "max_concurrent": 0});
+    let key = create_key(&gateway, json!({"user": "l", "scopes": ["completions"], "limits": limits}));
+    let (status, body) = complete(&gateway, &key, &name);
+    assert_eq!(status, 200, "{body}");
+
+    // Past its limit, a prompt far longer than the context (which only
+    // tokenizing would reveal) is refused by the rate limit, not tokenized.
+    let long = json!({"model": name, "prompt": "hello ".repeat(2000), "max_tokens": 2});
+    let (status, body) = call(&gateway, "POST", "/v1/completions", &key, Some(&long));
+    assert_eq!(status, 429, "{body}");
+    let chat = json!({"model": name, "messages": [{"role": "user", "content": "hello ".repeat(2000)}]});
+    let (status, body) = call(&gateway, "POST", "/v1/chat/completions", &key, Some(&chat));
+    assert_eq!(status, 429, "{body}");
+
+    // Cheap shape checks come before the rate limit.
+    let huge = json!({"model": name, "prompt": "a".repeat(20001), "max_tokens": 2});
+    let (status, body) = call(&gateway, "POST", "/v1/completions", &key, Some(&huge));
+    assert_eq!(
+        (status, &body["error"]["code"], &body["error"]["param"]),
+        (400, &json!("string_above_max_length"), &json!("prompt")),
+        "{body}"
+    );
+    let huge_chat = json!({"model": name, "messages": [{"role": "user", "content": "a".repeat(20001)}]});
+    let (status, body) = call(&gateway, "POST", "/v1/chat/completions", &key, Some(&huge_chat));
+    assert_eq!(
+        (status, &body["error"]["code"], &body["error"]["param"]),
+        (400, &json!("string_above_max_length"), &json!("messages")),
+        "{body}"
+    );
+    let many = json!({"model": name, "prompt": vec!["a"; 33], "max_tokens": 2});
+    let (status, body) = call(&gateway, "POST", "/v1/completions", &key, Some(&many));
+    assert_eq!((status, &body["error"]["param"]), (400, &json!("prompt")), "{body}");
+}

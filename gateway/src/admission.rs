@@ -1,6 +1,11 @@
-//! The gate every generation passes before the engine: use-case policy, then
-//! the key's rate limits. Refusals are recorded (metrics; policy refusals
-//! also in the audit stream, where enough of them auto-suspend the key).
+//! The gate every generation passes before the engine. The order keeps a
+//! limited key from spending the gateway's CPU: the route's cheap shape checks
+//! (prompt count, bytes) come first, then the key's rate limits on an estimate
+//! of the request's tokens ([`rate_limit_early`]), and only then tokenization,
+//! the use-case policy and the exact size check ([`admit`]). Refusals are
+//! recorded (metrics; policy refusals also in the audit stream, where enough of
+//! them auto-suspend the key); a request refused after its admission gets its
+//! token charge back.
 
 use axum::http::{HeaderMap, HeaderValue};
 
@@ -22,12 +27,46 @@ pub struct Ticket {
     pub admission: Admission,
 }
 
+/// Rate limits a generation before its prompt is tokenized, charging `estimate`
+/// tokens up front (capped at the key's tokens/min: only the exact count, known
+/// after tokenization, may call a request too large; see [`admit`]). The charge
+/// is settled with the real usage when the request ends.
+pub async fn rate_limit_early(state: &AppState, caller: &Caller, estimate: u64) -> Result<Admission, ApiError> {
+    let per_minute = u64::from(caller.key().limits.tokens_per_minute);
+    let charge = if per_minute > 0 { estimate.min(per_minute) } else { estimate };
+    rate_limit(state, caller, charge).await
+}
+
+/// Gives back the token charge of a request refused after [`rate_limit_early`].
+pub async fn refund(admission: Admission) {
+    admission.finish(0).await;
+}
+
+/// The checks after tokenization: the declared use case, the use-case policy,
+/// and the request's exact token count against the key's tokens/min. A refusal
+/// gives the early admission's token charge back.
 pub async fn admit(
     state: &AppState,
     caller: &Caller,
     headers: &HeaderMap,
     prepared: &PreparedRequest,
+    admission: Admission,
 ) -> Result<Ticket, ApiError> {
+    match check(state, caller, headers, prepared).await {
+        Ok(classification) => Ok(Ticket { classification, admission }),
+        Err(error) => {
+            refund(admission).await;
+            Err(error)
+        }
+    }
+}
+
+async fn check(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    prepared: &PreparedRequest,
+) -> Result<Classification, ApiError> {
     let key = caller.key();
     let declared = declared_use_case(headers)?;
     let key_policy = KeyPolicy { allowed_use_cases: &key.use_cases, approved_domains: &key.approved_domains };
@@ -50,26 +89,31 @@ pub async fn admit(
             return Err(ApiError::forbidden(refusal.code(), refusal.message()));
         }
     };
-    let admission = rate_limit(state, caller, prepared.charged_tokens()).await?;
-    Ok(Ticket { classification, admission })
+    let tokens = prepared.charged_tokens();
+    if key.limits.tokens_per_minute > 0 && tokens > u64::from(key.limits.tokens_per_minute) {
+        return Err(rejection_error(&crate::rate_limit::Rejection::too_large(&key.limits, tokens)));
+    }
+    Ok(classification)
 }
 
 /// Charges one request (and `tokens` up front) against the key's rate limits.
 pub async fn rate_limit(state: &AppState, caller: &Caller, tokens: u64) -> Result<Admission, ApiError> {
     let key = caller.key();
-    state.limiter.admit(&key.id, &key.limits, tokens).await.map_err(|rejection| {
-        record_rejection(match rejection.reason.as_str() {
-            "requests" => "rate_limit_requests",
-            "tokens" => "rate_limit_tokens",
-            "concurrency" => "rate_limit_concurrency",
-            _ => "rate_limit_too_large",
-        });
-        let mut error = ApiError::rate_limited(rejection.message.clone(), rejection.retry_after);
-        for (name, value) in header_pairs(&rejection.headers) {
-            error = error.with_header(name, value);
-        }
-        error
-    })
+    state.limiter.admit(&key.id, &key.limits, tokens).await.map_err(|rejection| rejection_error(&rejection))
+}
+
+fn rejection_error(rejection: &crate::rate_limit::Rejection) -> ApiError {
+    record_rejection(match rejection.reason.as_str() {
+        "requests" => "rate_limit_requests",
+        "tokens" => "rate_limit_tokens",
+        "concurrency" => "rate_limit_concurrency",
+        _ => "rate_limit_too_large",
+    });
+    let mut error = ApiError::rate_limited(rejection.message.clone(), rejection.retry_after);
+    for (name, value) in header_pairs(&rejection.headers) {
+        error = error.with_header(name, value);
+    }
+    error
 }
 
 fn declared_use_case(headers: &HeaderMap) -> Result<Option<UseCase>, ApiError> {

@@ -15,6 +15,10 @@ pub struct GatewayConfig {
     pub addr: String,
     /// Largest request body accepted, in bytes (413 above).
     pub max_body_bytes: usize,
+    /// Most prompt text one generation request may carry, in bytes (all its
+    /// prompts, or all its messages' text): refused with a 400 before any
+    /// tokenization or rate limiting.
+    pub max_prompt_bytes: usize,
     /// Prefix of every Redis key the gateway owns.
     pub redis_prefix: String,
     /// Secret of the bootstrap admin key (`INSTRUCTD_ADMIN_KEY`).
@@ -168,6 +172,7 @@ impl Default for GatewayConfig {
         Self {
             addr: "127.0.0.1:8080".into(),
             max_body_bytes: 4 << 20,
+            max_prompt_bytes: 256 << 10,
             redis_prefix: "instructd".into(),
             admin_key: None,
             default_limits: KeyLimits { requests_per_minute: 60, tokens_per_minute: 100_000, max_concurrent: 8 },

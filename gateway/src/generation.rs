@@ -39,8 +39,9 @@ pub async fn respond(
     engine: Arc<Engine>,
     mut prepared: PreparedRequest,
     format: Format,
+    admission: crate::rate_limit::Admission,
 ) -> Result<Response, ApiError> {
-    let ticket = admit(state, caller, headers, &prepared).await?;
+    let ticket = admit(state, caller, headers, &prepared, admission).await?;
     prepared.charge_to(&caller.key().tenant());
     tracing::info!(
         use_case = ticket.classification.use_case.as_str(),

@@ -62,8 +62,46 @@ pub struct PlaygroundPlan {
     pub params: Value,
 }
 
+/// A playground request turned into its completions or chat request, not yet tokenized.
+pub struct PlaygroundDraft {
+    inner: DraftRequest,
+    samples: usize,
+    params: Value,
+}
+
+enum DraftRequest {
+    /// The request and the prompt text logged.
+    Text(Box<CompletionRequest>, String),
+    /// The request and the messages logged.
+    Chat(Box<ChatCompletionRequest>, Value),
+}
+
+impl PlaygroundDraft {
+    /// The checks that need no tokenizer; returns the estimated token charge (see `CompletionRequest::precheck`).
+    pub fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
+        match &self.inner {
+            DraftRequest::Text(request, _) => request.precheck(engine, max_prompt_bytes),
+            DraftRequest::Chat(request, _) => request.precheck(engine, max_prompt_bytes),
+        }
+    }
+
+    /// Tokenizes and validates against `engine`.
+    pub fn prepare(self, engine: &Engine) -> Result<PlaygroundPlan, ApiError> {
+        let (prepared, prompt_text, messages) = match self.inner {
+            DraftRequest::Text(request, prompt) => (request.prepare(engine)?, prompt, None),
+            DraftRequest::Chat(request, logged) => {
+                let prepared = request.prepare(engine)?;
+                let text = prepared.policy_text.clone();
+                (prepared, text, Some(logged))
+            }
+        };
+        Ok(PlaygroundPlan { prepared, samples: self.samples, prompt_text, messages, params: self.params })
+    }
+}
+
 impl PlaygroundRequest {
-    pub fn prepare(self, engine: &Engine, state: &AppState) -> Result<PlaygroundPlan, ApiError> {
+    /// Checks the playground's own fields (`k`, one of `prompt` / `messages`) and builds the request to run.
+    pub fn draft(self, state: &AppState) -> Result<PlaygroundDraft, ApiError> {
         let config = &state.config.playground;
         let k = match self.k {
             None => config.default_samples,
@@ -80,7 +118,7 @@ impl PlaygroundRequest {
             "k": k, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty, "seed": self.seed,
         });
-        let (prepared, prompt_text, messages) = match (self.prompt, self.messages) {
+        let inner = match (self.prompt, self.messages) {
             (Some(prompt), None) => {
                 let request = CompletionRequest {
                     model: self.model,
@@ -95,7 +133,7 @@ impl PlaygroundRequest {
                     seed: self.seed,
                     ..Default::default()
                 };
-                (request.prepare(engine)?, prompt, None)
+                DraftRequest::Text(Box::new(request), prompt)
             }
             (None, Some(messages)) => {
                 let logged = serde_json::to_value(
@@ -115,9 +153,7 @@ impl PlaygroundRequest {
                     seed: self.seed,
                     ..Default::default()
                 };
-                let prepared = request.prepare(engine)?;
-                let text = prepared.policy_text.clone();
-                (prepared, text, Some(logged))
+                DraftRequest::Chat(Box::new(request), logged)
             }
             _ => {
                 return Err(ApiError::invalid_request(
@@ -126,7 +162,7 @@ impl PlaygroundRequest {
                 ));
             }
         };
-        Ok(PlaygroundPlan { prepared, samples: k, prompt_text, messages, params })
+        Ok(PlaygroundDraft { inner, samples: k, params })
     }
 }
 

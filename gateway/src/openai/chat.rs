@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::common::{
     LogprobsFormat, PreparedRequest, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens, check_model,
-    check_stream_options, reject_unsupported, validate_all,
+    check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
 };
 use crate::error::ApiError;
 
@@ -24,6 +24,15 @@ pub struct Message {
 }
 
 impl Message {
+    /// Bytes of the message's text (all text parts), without copying it.
+    pub fn text_bytes(&self) -> usize {
+        match &self.content {
+            Some(Content::Text(text)) => text.len(),
+            Some(Content::Parts(parts)) => parts.iter().filter_map(|p| p.text.as_deref()).map(str::len).sum(),
+            None => 0,
+        }
+    }
+
     /// The message's text, text parts joined (for logging).
     pub fn text(&self) -> String {
         match &self.content {
@@ -83,7 +92,38 @@ pub struct ChatCompletionRequest {
     pub prediction: Option<Value>,
 }
 
+/// Template text a message may add around its content, in tokens, for the estimate below.
+const TEMPLATE_TOKENS_PER_MESSAGE: usize = 64;
+
 impl ChatCompletionRequest {
+    /// The checks that need no tokenizer or template: model, message count, text
+    /// bytes, stop sequences, counts. Returns an estimate of the tokens the request
+    /// will be charged, so it can be rate limited before its messages are rendered
+    /// and tokenized (the charge is settled with the real usage when it ends).
+    pub fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
+        check_model(engine, &self.model)?;
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_request(Some("messages"), "'messages' must contain at least one message."));
+        }
+        let bytes: usize = self.messages.iter().map(Message::text_bytes).sum();
+        check_prompt_bytes(bytes, max_prompt_bytes, "messages")?;
+        Stop::check(&self.stop)?;
+        let n = check_count(self.n, "n", 1)?;
+        let explicit_max = match check_max_tokens(self.max_completion_tokens, "max_completion_tokens")? {
+            Some(v) => Some(v),
+            None => check_max_tokens(self.max_tokens, "max_tokens")?,
+        };
+        let max_positions = engine.info().max_positions;
+        let prompt =
+            bytes.saturating_add(self.messages.len().saturating_mul(TEMPLATE_TOKENS_PER_MESSAGE)).min(max_positions);
+        // Without max_tokens a sample may fill the context: prompt + its rest, n times, is at most the context n times.
+        let estimate = match explicit_max {
+            Some(max) => prompt.saturating_add(max.saturating_mul(n)),
+            None => max_positions.saturating_mul(n),
+        };
+        Ok(estimate as u64)
+    }
+
     pub fn prepare(self, engine: &Engine) -> Result<PreparedRequest, ApiError> {
         check_model(engine, &self.model)?;
         reject_unsupported(&[

@@ -17,6 +17,17 @@ pub enum Stop {
 }
 
 impl Stop {
+    /// Checks the stop sequences without taking them (before tokenization).
+    pub fn check(stop: &Option<Stop>) -> Result<(), ApiError> {
+        let stops = match stop {
+            None => return Ok(()),
+            Some(Stop::One(s)) => std::slice::from_ref(s),
+            Some(Stop::Many(v)) => v.as_slice(),
+        };
+        inference::stop::validate_stops(stops)?;
+        Ok(())
+    }
+
     /// The request's stop sequences, checked (count, none empty, each at most
     /// [`MAX_STOP_BYTES`](inference::stop::MAX_STOP_BYTES); 400 naming `stop`)
     /// and shared by every prompt and sample of the request.
@@ -189,6 +200,18 @@ pub fn engine_for(
         );
         error
     })
+}
+
+/// Refuses a request carrying more than `max_bytes` of prompt text (400 naming `param`), before any tokenization.
+pub fn check_prompt_bytes(bytes: usize, max_bytes: usize, param: &str) -> Result<(), ApiError> {
+    if bytes > max_bytes {
+        return Err(ApiError::invalid_request(
+            Some(param),
+            format!("The prompt text is {bytes} bytes; at most {max_bytes} bytes are accepted per request."),
+        )
+        .with_code("string_above_max_length"));
+    }
+    Ok(())
 }
 
 pub fn check_max_tokens(max_tokens: Option<i64>, param: &'static str) -> Result<Option<usize>, ApiError> {

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::common::{
     LogprobsFormat, PreparedRequest, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens, check_model,
-    check_stream_options, reject_unsupported, validate_all,
+    check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
 };
 use crate::error::ApiError;
 
@@ -50,6 +50,33 @@ pub struct CompletionRequest {
 }
 
 impl CompletionRequest {
+    /// The checks that need no tokenizer: model, prompt count, prompt bytes, stop
+    /// sequences, counts. Returns an upper bound of the tokens the request will be
+    /// charged (a text prompt has at most one token per byte, and none beyond the
+    /// context), so it can be rate limited before its prompts are tokenized.
+    pub fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
+        check_model(engine, &self.model)?;
+        let max_positions = engine.info().max_positions;
+        let (lengths, text_bytes): (Vec<usize>, usize) = match &self.prompt {
+            None => return Err(ApiError::invalid_request(Some("prompt"), "You must provide a prompt.")),
+            Some(Prompt::Text(text)) => (vec![text.len()], text.len()),
+            Some(Prompt::Texts(texts)) => {
+                (texts.iter().map(String::len).collect(), texts.iter().map(String::len).sum())
+            }
+            Some(Prompt::Tokens(tokens)) => (vec![tokens.len()], 0),
+            Some(Prompt::TokenLists(lists)) => (lists.iter().map(Vec::len).collect(), 0),
+        };
+        check_prompt_count(lengths.len())?;
+        check_prompt_bytes(text_bytes, max_prompt_bytes, "prompt")?;
+        Stop::check(&self.stop)?;
+        let max_tokens = check_max_tokens(self.max_tokens, "max_tokens")?.unwrap_or(DEFAULT_MAX_TOKENS);
+        let n = check_count(self.n, "n", 1)?;
+        let best_of = self.best_of.map(|b| check_count(Some(b), "best_of", 1)).transpose()?;
+        let samples = best_of.unwrap_or(n).max(n);
+        let per_prompt = max_tokens.saturating_mul(samples);
+        Ok(lengths.iter().map(|&len| len.min(max_positions).saturating_add(per_prompt) as u64).sum())
+    }
+
     pub fn prepare(self, engine: &Engine) -> Result<PreparedRequest, ApiError> {
         check_model(engine, &self.model)?;
         reject_unsupported(&[("suffix", &self.suffix), ("logit_bias", &self.logit_bias)])?;
@@ -95,15 +122,7 @@ impl CompletionRequest {
                 (lists, texts)
             }
         };
-        if prompts.is_empty() {
-            return Err(ApiError::invalid_request(Some("prompt"), "The prompt list is empty."));
-        }
-        if prompts.len() > MAX_PROMPTS {
-            return Err(ApiError::invalid_request(
-                Some("prompt"),
-                format!("At most {MAX_PROMPTS} prompts per request, got {}.", prompts.len()),
-            ));
-        }
+        check_prompt_count(prompts.len())?;
         let requests: Vec<GenerateRequest> = prompts
             .into_iter()
             .map(|prompt| GenerateRequest {
@@ -133,6 +152,19 @@ impl CompletionRequest {
             user: self.user,
         })
     }
+}
+
+fn check_prompt_count(count: usize) -> Result<(), ApiError> {
+    if count == 0 {
+        return Err(ApiError::invalid_request(Some("prompt"), "The prompt list is empty."));
+    }
+    if count > MAX_PROMPTS {
+        return Err(ApiError::invalid_request(
+            Some("prompt"),
+            format!("At most {MAX_PROMPTS} prompts per request, got {count}."),
+        ));
+    }
+    Ok(())
 }
 
 /// Token prompts are validated by the engine; an id outside the vocabulary

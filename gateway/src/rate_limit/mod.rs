@@ -100,6 +100,12 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// The refusal of a request that needs more tokens than the key may use in a minute.
+    pub fn too_large(limits: &KeyLimits, tokens: u64) -> Self {
+        let headers = RateLimitHeaders::from_fill(limits, Duration::ZERO, Duration::ZERO);
+        Self::new(RejectReason::TooLarge, Duration::ZERO, limits, headers, tokens)
+    }
+
     fn new(
         reason: RejectReason,
         retry_after: Duration,

@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
+use crate::admission::{rate_limit_early, refund};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::generation::respond;
@@ -22,6 +23,15 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
     let engine = engine_for(&state, &caller, &body.model)?;
-    let prepared = body.prepare(&engine)?;
-    respond(&state, &caller, &headers, engine, prepared, Format::Chat).await
+    // Cheap shape checks, then the rate limit, and only then tokenization.
+    let estimate = body.precheck(&engine, state.config.max_prompt_bytes)?;
+    let admission = rate_limit_early(&state, &caller, estimate).await?;
+    let prepared = match body.prepare(&engine) {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            refund(admission).await;
+            return Err(error);
+        }
+    };
+    respond(&state, &caller, &headers, engine, prepared, Format::Chat, admission).await
 }

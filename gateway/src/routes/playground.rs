@@ -11,7 +11,7 @@ use feedback::streams;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admission::{admit, insert_headers};
+use crate::admission::{admit, insert_headers, rate_limit_early, refund};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::generation::collect_all;
@@ -141,8 +141,18 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Playground)?;
     let engine = crate::openai::common::engine_for(&state, &caller, &body.model)?;
-    let mut plan = body.prepare(&engine, &state)?;
-    let ticket = admit(&state, &caller, &headers, &plan.prepared).await?;
+    // Cheap shape checks, then the rate limit, and only then tokenization.
+    let draft = body.draft(&state)?;
+    let estimate = draft.precheck(&engine, state.config.max_prompt_bytes)?;
+    let admission = rate_limit_early(&state, &caller, estimate).await?;
+    let mut plan = match draft.prepare(&engine) {
+        Ok(plan) => plan,
+        Err(error) => {
+            refund(admission).await;
+            return Err(error);
+        }
+    };
+    let ticket = admit(&state, &caller, &headers, &plan.prepared, admission).await?;
     plan.prepared.charge_to(&caller.key().tenant());
     let limit_headers = ticket.admission.headers().clone();
     let result = collect_all(&engine, &plan.prepared).await;
