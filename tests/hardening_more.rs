@@ -198,3 +198,25 @@ fn a_limited_key_is_refused_before_its_prompt_is_tokenized() {
     let (status, body) = call(&gateway, "POST", "/v1/completions", &key, Some(&many));
     assert_eq!((status, &body["error"]["param"]), (400, &json!("prompt")), "{body}");
 }
+
+#[test]
+fn readyz_says_whether_redis_keeps_anything_on_disk() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let gateway = Gateway::start(&redis.url(), &model, &[]);
+    // The test server runs with `--save "" --appendonly no`.
+    let (status, ready) = call(&gateway, "GET", "/readyz", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["redis_persistence"], "none", "{ready}");
+    let metrics = http().get(format!("{}/metrics", gateway.url)).send().and_then(|r| r.text()).unwrap();
+    assert!(metrics.contains("instructd_redis_persistence 0"), "{metrics}");
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    redis::cmd("CONFIG").arg("SET").arg("save").arg("3600 1").query::<()>(&mut connection).unwrap();
+    let (_, ready) = call(&gateway, "GET", "/readyz", ADMIN_KEY, None);
+    assert_eq!(ready["redis_persistence"], "rdb", "{ready}");
+    let metrics = http().get(format!("{}/metrics", gateway.url)).send().and_then(|r| r.text()).unwrap();
+    assert!(metrics.contains("instructd_redis_persistence 1"), "{metrics}");
+}

@@ -1,7 +1,8 @@
 //! What the gateway and the trainer share about human data: the Redis link,
 //! stream names, event types, consent, the log of prompts and the labeling
-//! queue, PII screening and dataset splits, and the exactly-once event log
-//! with its on-disk spill. It knows nothing of HTTP.
+//! queue, PII screening and dataset splits, the exactly-once event log
+//! with its on-disk spill, and whether Redis itself keeps anything on disk.
+//! It knows nothing of HTTP.
 
 pub mod consent;
 pub mod event_log;
@@ -10,6 +11,7 @@ pub mod labeling;
 pub mod logged_prompts;
 pub mod pii;
 pub mod redis_link;
+pub mod redis_persistence;
 pub mod redis_server;
 pub mod retention;
 pub mod spill;

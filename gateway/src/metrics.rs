@@ -110,6 +110,11 @@ pub fn set_serving_checkpoint(checkpoint: &str) {
     gauge!("instructd_serving_checkpoint", "checkpoint" => checkpoint.to_string()).set(1.0);
 }
 
+/// 1 when Redis keeps its data on disk (append-only file or snapshots), 0 when a restart would lose it.
+pub fn set_redis_persistence(durable: bool) {
+    gauge!("instructd_redis_persistence").set(if durable { 1.0 } else { 0.0 });
+}
+
 pub fn set_redis_reachable(reachable: bool) {
     gauge!("instructd_redis_reachable").set(if reachable { 1.0 } else { 0.0 });
 }

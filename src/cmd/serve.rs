@@ -45,6 +45,20 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let link = Arc::new(RedisLink::new(&config.redis.url)?);
     if !link.ping().await {
         tracing::warn!(url = %config.redis.url, "Redis is unreachable: serving with local rate limits until it returns");
+    } else {
+        match gateway::routes::health::redis_persistence(&link).await {
+            "none" => tracing::warn!(
+                url = %config.redis.url,
+                "REDIS KEEPS NOTHING ON DISK (appendonly no, save \"\"): feedback the trainer has not stored yet is \
+                 LOST if Redis restarts. Enable appendonly (or a save schedule) on this server."
+            ),
+            "unknown" => tracing::warn!(
+                url = %config.redis.url,
+                "cannot tell whether Redis keeps its data on disk (CONFIG GET refused?); feedback may be lost on a \
+                 Redis restart"
+            ),
+            persistence => tracing::info!(persistence, "Redis keeps its data on disk"),
+        }
     }
     let listener =
         TcpListener::bind(&gateway_config.addr).await.with_context(|| format!("binding {}", gateway_config.addr))?;

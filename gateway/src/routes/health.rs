@@ -6,7 +6,8 @@
 //! because Redis blinked would turn a degradation into an outage. The body
 //! says `degraded` so operators and probes can still see it. A serving
 //! engine whose batching thread has died is different: nothing would run,
-//! so `/readyz` answers 503 with `loaded: false`.
+//! so `/readyz` answers 503 with `loaded: false`. `/readyz` also says whether
+//! Redis keeps its data on disk (`redis_persistence`).
 
 use axum::Json;
 use axum::extract::State;
@@ -25,9 +26,27 @@ pub async fn healthz() -> Json<serde_json::Value> {
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let redis = state.redis.ping().await;
     metrics::set_redis_reachable(redis);
+    let persistence = if redis { redis_persistence(&state.redis).await } else { "unknown" };
     let engine = state.engine.current();
-    let (status, body) = readiness(engine.is_running(), engine.info(), redis);
+    let (status, mut body) = readiness(engine.is_running(), engine.info(), redis);
+    body["redis_persistence"] = json!(persistence);
     (status, Json(body)).into_response()
+}
+
+/// Asks Redis whether it keeps its data on disk, sets the metric, and warns
+/// when it keeps nothing: feedback the trainer has not stored yet would be
+/// lost on a Redis restart. `aof`, `rdb`, `aof+rdb`, `none` or `unknown`.
+pub async fn redis_persistence(link: &feedback::RedisLink) -> &'static str {
+    match feedback::redis_persistence::check_persistence(link).await {
+        Ok(persistence) => {
+            metrics::set_redis_persistence(persistence.is_durable());
+            persistence.as_str()
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "Redis persistence unknown");
+            "unknown"
+        }
+    }
 }
 
 /// The `/readyz` answer: 503 when the serving engine no longer runs.
