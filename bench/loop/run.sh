@@ -163,7 +163,7 @@ PPO_ROLE="$(admin GET /admin/checkpoints | python3 -c "import json,sys; print(ne
 PPO_WIN='{}'
 PPO_VS_SFT='{}'
 # A policy the gate held back is not loaded; measure it anyway (the bench wants its figures): load it by hand.
-[[ "$PPO_ROLE" == ready ]] || admin POST "/admin/checkpoints/$PPO/load" >/dev/null 2>&1 || true
+[[ "$PPO_ROLE" == ready ]] || admin POST "/admin/checkpoints/$PPO/load" '{"force": true}' >/dev/null 2>&1 || true
 for _ in $(seq 600); do
     ROLE="$(admin GET /admin/checkpoints | python3 -c "import json,sys; print(next(r['role'] for r in json.load(sys.stdin)['data'] if r['id'] == '$PPO'))")"
     [[ "$ROLE" == ready || "$ROLE" == canary || "$ROLE" == serving ]] && break
