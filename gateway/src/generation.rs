@@ -32,6 +32,29 @@ use crate::state::AppState;
 /// Admits a prepared request and answers it, streamed or whole, with the
 /// key's rate-limit headers. `engine` is the one the request was validated
 /// on; it serves the request to the end even if a new one is swapped in.
+/// The whole of a generation route after authentication: the cheap checks, then the rate limit, and only then
+/// tokenization (a limited key cannot burn CPU on huge prompts); a request refused after admission gets its
+/// token charge back.
+pub async fn generate<B: crate::openai::GenerationBody>(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: B,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let engine = crate::openai::common::engine_for(state, caller, body.model())?;
+    let estimate = body.precheck(&engine, state.config.max_prompt_bytes)?;
+    let admission = crate::admission::rate_limit_early(state, caller, estimate).await?;
+    let prepared = match body.prepare(&engine) {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            crate::admission::refund(admission).await;
+            return Err(error);
+        }
+    };
+    respond(state, caller, headers, engine, prepared, format, admission).await
+}
+
 pub async fn respond(
     state: &AppState,
     caller: &Caller,

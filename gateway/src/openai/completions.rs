@@ -172,3 +172,17 @@ fn check_prompt_count(count: usize) -> Result<(), ApiError> {
 fn decode(engine: &Engine, tokens: &[u32]) -> String {
     engine.tokenizer().decode(tokens, false).unwrap_or_default()
 }
+
+impl super::GenerationBody for CompletionRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
+        CompletionRequest::precheck(self, engine, max_prompt_bytes)
+    }
+
+    fn prepare(self, engine: &Engine) -> Result<PreparedRequest, ApiError> {
+        CompletionRequest::prepare(self, engine)
+    }
+}

@@ -4,13 +4,11 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use crate::admission::{rate_limit_early, refund};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::generation::respond;
+use crate::generation::generate;
 use crate::json::ApiJson;
 use crate::keys::Scope;
-use crate::openai::common::engine_for;
 use crate::openai::completions::CompletionRequest;
 use crate::openai::response::Format;
 use crate::state::SharedState;
@@ -22,16 +20,5 @@ pub async fn create(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Completions)?;
-    let engine = engine_for(&state, &caller, &body.model)?;
-    // Cheap shape checks, then the rate limit, and only then tokenization.
-    let estimate = body.precheck(&engine, state.config.max_prompt_bytes)?;
-    let admission = rate_limit_early(&state, &caller, estimate).await?;
-    let prepared = match body.prepare(&engine) {
-        Ok(prepared) => prepared,
-        Err(error) => {
-            refund(admission).await;
-            return Err(error);
-        }
-    };
-    respond(&state, &caller, &headers, engine, prepared, Format::Completion, admission).await
+    generate(&state, &caller, &headers, body, Format::Completion).await
 }

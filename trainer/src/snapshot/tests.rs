@@ -122,12 +122,7 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
             },
         ),
     ];
-    let entries: Vec<StoredEntry> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| entry(streams::FEEDBACK, i + 1, e.payload.kind(), serde_json::to_string(e).unwrap()))
-        .collect();
-    store.append(streams::FEEDBACK, &entries).unwrap();
+    append_feedback(&mut store, &events);
 
     let filters = Filters { max_prompts_per_user: 2, ..filters(Default::default()) };
     let data = build(&store, &filters).unwrap();
