@@ -287,6 +287,20 @@ fn to_chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError
     Ok(out)
 }
 
+impl super::GenerationBody for ChatCompletionRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
+        ChatCompletionRequest::precheck(self, engine, max_prompt_bytes)
+    }
+
+    fn prepare(self, engine: &Engine) -> Result<PreparedRequest, ApiError> {
+        ChatCompletionRequest::prepare(self, engine)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,19 +336,5 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(to_chat_messages(image).unwrap_err().param.as_deref(), Some("messages[0].content[0].type"));
-    }
-}
-
-impl super::GenerationBody for ChatCompletionRequest {
-    fn model(&self) -> &str {
-        &self.model
-    }
-
-    fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
-        ChatCompletionRequest::precheck(self, engine, max_prompt_bytes)
-    }
-
-    fn prepare(self, engine: &Engine) -> Result<PreparedRequest, ApiError> {
-        ChatCompletionRequest::prepare(self, engine)
     }
 }
