@@ -14,14 +14,10 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, repo_root, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, RedisServer, http, repo_root, tiny_model};
 use serde_json::{Value, json};
 
 const BOOTSTRAP: &str = "key_bootstrap_admin";
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().expect("an HTTP client")
-}
 
 /// Sends a request; returns (status, parsed body or Null, headers).
 fn call(
@@ -31,16 +27,7 @@ fn call(
     key: &str,
     body: Option<&Value>,
 ) -> (u16, Value, reqwest::header::HeaderMap) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-    let mut request = http().request(method, format!("{}{path}", gateway.url)).bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().expect("the gateway answers");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null), headers)
+    gateway.call(method, path, key, body)
 }
 
 fn status(gateway: &Gateway, method: &str, path: &str, key: &str) -> u16 {

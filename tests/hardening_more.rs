@@ -7,29 +7,16 @@
 #[allow(dead_code)]
 mod gateway;
 
-use std::time::Duration;
-
 use inference::checkpoint::{CheckpointStore, Manifest, Stage};
 use inference::tiny_model::{TinySpec, init_tiny};
 use serde_json::{Value, json};
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, tiny_model};
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().expect("an HTTP client")
-}
+use gateway::{ADMIN_KEY, Gateway, RedisServer, http, tiny_model};
 
 /// Sends a request; returns (status, parsed body or Null).
 fn call(gateway: &Gateway, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-    let mut request = http().request(method, format!("{}{path}", gateway.url)).bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().expect("the gateway answers");
-    let status = response.status().as_u16();
-    let text = response.text().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let (status, body, _) = gateway.call(method, path, key, body);
+    (status, body)
 }
 
 fn create_key(gateway: &Gateway, body: Value) -> String {

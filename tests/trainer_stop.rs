@@ -48,7 +48,7 @@ fn sigterm_stops_a_stage_at_a_step_and_a_restart_trains_it_again() {
     let model = tiny_model(tmp.path());
     let gateway = Gateway::start(&redis.url(), &model, &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_instructd"))
-        .args(["simulate-labelers", "--url", &gateway.url, "--users", "2", "--labelers", "0", "--prompts", "12"])
+        .args(["simulate-labelers", "--url", &gateway.url, "--users", "6", "--labelers", "0", "--prompts", "12"])
         .args(["--k", "4", "--max-tokens", "8", "--preference", "contains:the", "--seed", "3", "--demonstrations", "1"])
         .current_dir(repo_root())
         .env("INSTRUCTD_ADMIN_KEY", ADMIN_KEY)
@@ -69,6 +69,8 @@ fn sigterm_stops_a_stage_at_a_step_and_a_restart_trains_it_again() {
                 ("INSTRUCTD__TRAINER__SNAPSHOT_MIN_EVENTS", "1"),
                 ("INSTRUCTD__TRAINER__BATCH", "100000"),
                 ("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_RANKINGS", "1000000"),
+                // Users are split by a hash of their (random) names: any training-split demonstration starts SFT.
+                ("INSTRUCTD__TRAINER__REFRESH__MIN_NEW_DEMONSTRATIONS", "1"),
                 ("INSTRUCTD__TRAINER__SFT__EPOCHS", epochs),
             ],
         )

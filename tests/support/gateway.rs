@@ -63,7 +63,33 @@ pub struct Gateway {
     _scratch: tempfile::TempDir,
 }
 
+/// A blocking HTTP client with a generous timeout (a test never waits forever on a broken gateway).
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().expect("an HTTP client")
+}
+
 impl Gateway {
+    /// Sends `method path` with `key` as the bearer and `body` as JSON; returns the status, the parsed body (Null
+    /// when it is not JSON) and the headers.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let mut request = http().request(method, format!("{}{path}", self.url)).bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().expect("the gateway answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null), headers)
+    }
+
     /// Starts a gateway on a free port; `env` adds or overrides settings.
     pub fn start(redis_url: &str, model: &Path, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_instructd"));
