@@ -50,6 +50,34 @@ pub async fn check_persistence(link: &RedisLink) -> Result<Persistence, LinkErro
     Ok(Persistence { appendonly: appendonly.eq_ignore_ascii_case("yes"), snapshots: !save.trim().is_empty() })
 }
 
+/// Checks the server and says so at start-up: a loud warning when it keeps nothing on disk (the backlog not yet
+/// stored by the trainer would be lost on a Redis restart), a warning when it cannot tell. Returns whether the
+/// data is durable (`None`: unknown), for the caller's gauge.
+pub async fn check_at_start(link: &RedisLink, redis_url: &str) -> Option<bool> {
+    match check_persistence(link).await {
+        Ok(p) if p.is_durable() => {
+            tracing::info!(persistence = p.as_str(), "Redis keeps its data on disk");
+            Some(true)
+        }
+        Ok(_) => {
+            tracing::warn!(
+                url = %redis_url,
+                "REDIS KEEPS NOTHING ON DISK (appendonly no, save \"\"): feedback the trainer has not stored yet is \
+                 LOST if Redis restarts. Enable appendonly (or a save schedule) on this server."
+            );
+            Some(false)
+        }
+        Err(e) => {
+            tracing::warn!(
+                url = %redis_url, error = %e,
+                "cannot tell whether Redis keeps its data on disk (CONFIG GET refused?); feedback may be lost on a \
+                 Redis restart"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

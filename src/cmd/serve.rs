@@ -46,18 +46,8 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     if !link.ping().await {
         tracing::warn!(url = %config.redis.url, "Redis is unreachable: serving with local rate limits until it returns");
     } else {
-        match gateway::routes::health::redis_persistence(&link).await {
-            "none" => tracing::warn!(
-                url = %config.redis.url,
-                "REDIS KEEPS NOTHING ON DISK (appendonly no, save \"\"): feedback the trainer has not stored yet is \
-                 LOST if Redis restarts. Enable appendonly (or a save schedule) on this server."
-            ),
-            "unknown" => tracing::warn!(
-                url = %config.redis.url,
-                "cannot tell whether Redis keeps its data on disk (CONFIG GET refused?); feedback may be lost on a \
-                 Redis restart"
-            ),
-            persistence => tracing::info!(persistence, "Redis keeps its data on disk"),
+        if let Some(durable) = feedback::redis_persistence::check_at_start(&link, &config.redis.url).await {
+            gateway::metrics::set_redis_persistence(durable);
         }
     }
     let listener =

@@ -102,25 +102,6 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
 }
 
-/// Entries the trainer has not stored yet live only in Redis: say so loudly when that Redis keeps nothing on disk
-/// (a restart would lose them), and expose it as a gauge.
-async fn warn_unless_durable(link: &RedisLink) {
-    match feedback::redis_persistence::check_persistence(link).await {
-        Ok(p) => {
-            metrics::gauge!("instructd_trainer_redis_persistence").set(if p.is_durable() { 1.0 } else { 0.0 });
-            if p.is_durable() {
-                tracing::info!(persistence = p.as_str(), "Redis persists its data");
-            } else {
-                tracing::warn!(
-                    "Redis keeps nothing on disk (appendonly no, no save points): feedback the trainer has not \
-                     stored yet is lost if Redis restarts; turn on appendonly (appendfsync everysec)"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot tell whether Redis persists its data (CONFIG GET refused?)"),
-    }
-}
-
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -180,7 +161,10 @@ async fn train(config: Config) -> anyhow::Result<()> {
             match ingestor.ensure_groups().await {
                 Ok(()) => {
                     groups_ready = true;
-                    warn_unless_durable(&link).await;
+                    // Entries the trainer has not stored yet live only in Redis.
+                    if let Some(durable) = feedback::redis_persistence::check_at_start(&link, &config.redis.url).await {
+                        metrics::gauge!("instructd_trainer_redis_persistence").set(if durable { 1.0 } else { 0.0 });
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis unavailable; retrying");
@@ -238,7 +222,7 @@ async fn train(config: Config) -> anyhow::Result<()> {
                 })
             };
             let (back, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = refresher.after_snapshot_announcing(&manifest, &data, &mut |p| {
+                let outcome = refresher.after_snapshot(&manifest, &data, &mut |p| {
                     if p.servable {
                         // The receiver lives until this thread is done.
                         let _ = announce_tx.send(p.clone());

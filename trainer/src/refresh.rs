@@ -203,18 +203,10 @@ impl Refresher {
         Ok(self.corpus.insert(Arc::new(corpus)).clone())
     }
 
-    /// Runs the refreshes `snapshot` calls for; returns what was published.
+    /// Runs the refreshes `snapshot` calls for; returns what was published, and hands each checkpoint to
+    /// `on_published` as soon as its stage ends: an SFT policy can then be announced (and served) while the reward
+    /// model and PPO after it still train.
     pub fn after_snapshot(
-        &mut self,
-        snapshot: &SnapshotManifest,
-        data: &Dataset,
-    ) -> Result<Vec<Published>, RefreshError> {
-        self.after_snapshot_announcing(snapshot, data, &mut |_| {})
-    }
-
-    /// [`Refresher::after_snapshot`], handing each checkpoint to `on_published` as soon as its stage ends: an SFT
-    /// policy can then be announced (and served) while the reward model and PPO after it still train.
-    pub fn after_snapshot_announcing(
         &mut self,
         snapshot: &SnapshotManifest,
         data: &Dataset,

@@ -33,10 +33,9 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Asks Redis whether it keeps its data on disk, sets the metric, and warns
-/// when it keeps nothing: feedback the trainer has not stored yet would be
-/// lost on a Redis restart. `aof`, `rdb`, `aof+rdb`, `none` or `unknown`.
-pub async fn redis_persistence(link: &feedback::RedisLink) -> &'static str {
+/// Asks Redis whether it keeps its data on disk and sets the metric, for
+/// `/readyz`: `aof`, `rdb`, `aof+rdb`, `none` or `unknown`.
+async fn redis_persistence(link: &feedback::RedisLink) -> &'static str {
     match feedback::redis_persistence::check_persistence(link).await {
         Ok(persistence) => {
             metrics::set_redis_persistence(persistence.is_durable());
