@@ -29,9 +29,10 @@ test: build-debug test-venv
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy)
 	$(DEBUG_BIN) model fetch-default --models-dir $(MODELS_DIR)
 	$(DEBUG_BIN) model fetch-corpus
-	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 \
+	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 INSTRUCTD_REQUIRE_FLEET=1 \
 		$(CARGO) test --workspace --all-targets
 
 test-venv: $(TEST_VENV)/.installed

@@ -3,7 +3,7 @@
 //! another) with environment overrides on top.
 //!
 //! Overrides: the documented shortcuts (`INSTRUCTD_ADDR`, `INSTRUCTD_REDIS_URL`,
-//! `INSTRUCTD_ADMIN_KEY`, `INSTRUCTD_MODEL`) and, for any field,
+//! `INSTRUCTD_ADMIN_KEY`, `INSTRUCTD_MODEL`, `INSTRUCTD_REDIS_PASSWORD`, `INSTRUCTD_LOG_FORMAT`) and, for any field,
 //! `INSTRUCTD__SECTION__FIELD=value` (the value is read as TOML, else as a string).
 //! Each crate owns the typed struct of its section; this file only composes them.
 
@@ -22,17 +22,39 @@ pub struct Config {
     pub engine: inference::engine::EngineConfig,
     pub gateway: gateway::GatewayConfig,
     pub trainer: trainer::TrainerConfig,
+    pub log: LogConfig,
+}
+
+/// `[log]`: how every process writes its log lines.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (coloured only on a terminal) or `json` (one object per line, with request and trace ids).
+    pub format: crate::log_format::LogFormat,
+}
+
+/// The log format before logging starts: the configuration's (file and environment), or only
+/// `INSTRUCTD_LOG_FORMAT` when the file cannot be read (the command reports that itself).
+pub fn log_format(path: Option<&Path>) -> crate::log_format::LogFormat {
+    Config::load(path).map(|c| c.log.format).unwrap_or_else(|_| {
+        let env = std::env::var("INSTRUCTD_LOG_FORMAT").unwrap_or_default();
+        if env.eq_ignore_ascii_case("json") { crate::log_format::LogFormat::Json } else { Default::default() }
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
+    /// `redis://host:port/db`, or `rediss://` for TLS; a password may be part of it.
     pub url: String,
+    /// The password (`INSTRUCTD_REDIS_PASSWORD`, e.g. from a Secret), kept out of the URL in files; after loading,
+    /// `url` carries it.
+    pub password: String,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into() }
+        Self { url: "redis://127.0.0.1:6379".into(), password: String::new() }
     }
 }
 
@@ -56,8 +78,10 @@ impl Default for ModelConfig {
 const SHORTCUTS: &[(&str, &[&str])] = &[
     ("INSTRUCTD_ADDR", &["gateway", "addr"]),
     ("INSTRUCTD_REDIS_URL", &["redis", "url"]),
+    ("INSTRUCTD_REDIS_PASSWORD", &["redis", "password"]),
     ("INSTRUCTD_ADMIN_KEY", &["gateway", "admin_key"]),
     ("INSTRUCTD_MODEL", &["model", "dir"]),
+    ("INSTRUCTD_LOG_FORMAT", &["log", "format"]),
 ];
 
 impl Config {
@@ -72,7 +96,10 @@ impl Config {
         };
         apply_env(&mut table, std::env::vars())?;
         let source = path.as_deref().unwrap_or(Path::new(DEFAULT_CONFIG)).display().to_string();
-        Config::deserialize(toml::Value::Table(table)).with_context(|| format!("invalid configuration ({source})"))
+        let mut config = Config::deserialize(toml::Value::Table(table))
+            .with_context(|| format!("invalid configuration ({source})"))?;
+        config.redis.url = feedback::redis_link::with_password(&config.redis.url, &config.redis.password);
+        Ok(config)
     }
 }
 

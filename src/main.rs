@@ -4,8 +4,10 @@
 //! `model` (fetch, import, create model directories), `generate` and `bench`;
 //! the gateway and trainer add `serve` and `train`.
 
+mod checkpoint_files;
 mod cmd;
 mod config;
+mod log_format;
 mod simulation;
 mod telemetry;
 
@@ -74,10 +76,21 @@ enum Command {
     WinRate(cmd::win_rate::WinRateArgs),
 }
 
+impl Command {
+    /// The configuration file named on the command line, for the commands that take one.
+    fn config_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Serve(args) => args.config.as_deref(),
+            Command::Train(args) => args.config.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     limit_candle_elementwise_threads();
-    let _telemetry = telemetry::init()?;
     let cli = Cli::parse();
+    let _telemetry = telemetry::init(config::log_format(cli.command.config_path()))?;
     match cli.command {
         Command::Model(command) => cmd::model::run(command),
         Command::Generate(args) => cmd::generate::run(args),

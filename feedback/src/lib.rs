@@ -4,6 +4,7 @@
 //! with its on-disk spill, and whether Redis itself keeps anything on disk.
 //! It knows nothing of HTTP.
 
+pub mod announcement;
 pub mod consent;
 pub mod event_log;
 pub mod events;

@@ -6,6 +6,11 @@
 //! [`RedisLink::is_reachable`] tells `/readyz` and the metrics how the last
 //! exchange went. Once connected, redis-rs' `ConnectionManager` reconnects by
 //! itself; it is cheap to clone, so callers take a clone per command.
+//!
+//! A password may come inside the URL (`redis://:secret@host`) or apart from
+//! it ([`with_password`], `[redis] password`); the URL is never logged or put
+//! in an error with it ([`redact`]). TLS (`rediss://`) needs the redis crate's
+//! TLS support compiled in.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,9 +46,53 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
+/// `url` with `password` as its password (percent-encoded), unless it already carries one. An empty password
+/// changes nothing.
+pub fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    if password.is_empty() {
+        return url.to_string();
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => return url.to_string(),
+        Some((user, host)) => (user, host),
+        None => ("", authority),
+    };
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("{scheme}://{user}:{encoded}@{host}{path}")
+}
+
+/// `url` with its password (if any) replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 pub struct RedisLink {
     client: redis::Client,
+    /// The URL to connect with (it may hold the password): never logged.
     url: String,
+    /// The URL as logs and errors show it.
+    shown: String,
     connection: Mutex<Option<ConnectionManager>>,
     connecting: tokio::sync::Mutex<Option<Instant>>,
     reachable: AtomicBool,
@@ -69,10 +118,11 @@ impl RedisLink {
 
     fn with_response_timeout(url: &str, response_timeout: Duration) -> Result<Self, LinkError> {
         let client = redis::Client::open(url)
-            .map_err(|e| LinkError::Unavailable { url: url.to_string(), reason: format!("invalid URL: {e}") })?;
+            .map_err(|e| LinkError::Unavailable { url: redact(url), reason: format!("invalid URL: {e}") })?;
         Ok(Self {
             client,
             url: url.to_string(),
+            shown: redact(url),
             connection: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(None),
             reachable: AtomicBool::new(false),
@@ -81,8 +131,14 @@ impl RedisLink {
         })
     }
 
+    /// The URL to connect with, password included: for opening another connection, never for logs.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL with its password hidden, for logs and errors.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// Whether the last exchange with Redis succeeded.
@@ -111,7 +167,7 @@ impl RedisLink {
             Ok(Ok(connection)) => {
                 *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
                 self.reachable.store(true, Ordering::Relaxed);
-                tracing::info!(url = %self.url, "connected to Redis");
+                tracing::info!(url = %self.shown, "connected to Redis");
                 Ok(connection)
             }
             Ok(Err(e)) => {
@@ -170,6 +226,25 @@ impl RedisLink {
     }
 
     fn unavailable(&self, reason: &str) -> LinkError {
-        LinkError::Unavailable { url: self.url.clone(), reason: reason.to_string() }
+        LinkError::Unavailable { url: self.shown.clone(), reason: reason.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_added_encoded_and_never_shown() {
+        assert_eq!(with_password("redis://h:6379/0", "p@ss:w/rd"), "redis://:p%40ss%3Aw%2Frd@h:6379/0");
+        assert_eq!(with_password("rediss://default@h:6380", "s3"), "rediss://default:s3@h:6380");
+        assert_eq!(with_password("redis://:inurl@h", "other"), "redis://:inurl@h");
+        assert_eq!(with_password("redis://h", ""), "redis://h");
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact("rediss://default:secret@h"), "rediss://default:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        let link = RedisLink::new(&with_password("redis://127.0.0.1:6379", "p@ss")).unwrap();
+        assert!(!link.shown_url().contains("p@ss") && !link.shown_url().contains("p%40ss"));
+        assert!(link.url().contains("p%40ss"));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod checkpoint_fetch;
 pub mod config;
 pub mod connections;
 pub mod error;

@@ -4,6 +4,11 @@
 //! at once or waits for an operator to canary it (a share of new requests),
 //! promote it, or roll back to the previous checkpoint.
 //!
+//! A gateway that shares the trainer's disk reads checkpoints from
+//! `checkpoints_dir`; one with `fetch = "http"` first downloads an announced
+//! checkpoint from the URL its announcement names ([`crate::checkpoint_fetch`])
+//! into its own `checkpoints_dir`, then verifies it the same way.
+//!
 //! Swaps go through [`EngineHandle`]: a request in flight finishes on the
 //! engine it started on, so a swap drops nothing. A checkpoint that fails
 //! verification or the smoke test is marked failed and never served.
@@ -11,28 +16,60 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use feedback::announcement::CheckpointAnnouncement;
 use inference::checkpoint::{CheckpointStore, Manifest};
 use inference::engine::{Engine, EngineConfig, EngineHandle, GenerateRequest};
 use inference::load::{LoadedModel, default_device};
 use inference::model_files::parse_dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint_fetch;
+
 /// `[gateway.rollout]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
-    /// Where the trainer publishes checkpoints (shared with it).
+    /// Where checkpoints are read from: the trainer's own directory when shared with it (`fetch = "shared"`),
+    /// this gateway's private copy when fetched (`fetch = "http"`).
     pub checkpoints_dir: PathBuf,
     /// Promote a verified candidate without waiting for an operator.
     pub auto_promote: bool,
     /// Watch `instructd:checkpoints` for announcements.
     pub watch: bool,
+    /// How announced checkpoints reach this gateway.
+    pub fetch: FetchMode,
+    /// Where to fetch from when an announcement names no URL (and for `/load` of a checkpoint never announced to
+    /// this gateway): the trainer's `[trainer] checkpoints_url`. Empty: only announced URLs.
+    pub fetch_url: String,
+    /// Most seconds one file of a fetched checkpoint may take.
+    pub fetch_timeout_secs: u64,
+    /// Most bytes a fetched checkpoint may have, all files together.
+    pub fetch_max_bytes: u64,
+}
+
+/// `[gateway.rollout] fetch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchMode {
+    /// `checkpoints_dir` is the trainer's (a shared volume, or one host).
+    Shared,
+    /// Download announced checkpoints over HTTP into `checkpoints_dir`.
+    Http,
 }
 
 impl Default for RolloutConfig {
     fn default() -> Self {
-        Self { checkpoints_dir: "checkpoints".into(), auto_promote: false, watch: true }
+        Self {
+            checkpoints_dir: "checkpoints".into(),
+            auto_promote: false,
+            watch: true,
+            fetch: FetchMode::Shared,
+            fetch_url: String::new(),
+            fetch_timeout_secs: 600,
+            fetch_max_bytes: 64 << 30,
+        }
     }
 }
 
@@ -70,6 +107,8 @@ struct State {
     candidates: BTreeMap<String, (CandidateState, Option<Arc<Engine>>)>,
     /// Checkpoints served before the current one, most recent last.
     history: Vec<String>,
+    /// Where each announced checkpoint can be fetched from (announcements that named a URL).
+    sources: BTreeMap<String, String>,
 }
 
 pub struct Rollout {
@@ -153,6 +192,36 @@ impl Rollout {
         }
     }
 
+    /// Considers an announced checkpoint, remembering where its files can be fetched from.
+    pub async fn consider_announced(self: &Arc<Self>, handle: &EngineHandle, announcement: &CheckpointAnnouncement) {
+        if let Some(source) = &announcement.source {
+            self.lock().sources.insert(announcement.id.clone(), source.clone());
+        }
+        self.consider(handle, &announcement.id).await;
+    }
+
+    /// With `fetch = "http"`, downloads checkpoint `id` into the store unless it is there already.
+    fn fetch_if_missing(&self, id: &str) -> Result<(), RolloutError> {
+        if self.config.fetch != FetchMode::Http || self.store.path(id).exists() {
+            return Ok(());
+        }
+        let announced = self.lock().sources.get(id).cloned();
+        let source = announced
+            .or_else(|| Some(self.config.fetch_url.clone()).filter(|url| !url.is_empty()))
+            .ok_or_else(|| RolloutError::Invalid {
+                id: id.to_string(),
+                message: "not in the checkpoint store and no URL to fetch it from (announced source or \
+                          [gateway.rollout] fetch_url)"
+                    .into(),
+            })?;
+        let limits = checkpoint_fetch::Limits {
+            timeout: Duration::from_secs(self.config.fetch_timeout_secs.max(1)),
+            max_bytes: self.config.fetch_max_bytes,
+        };
+        checkpoint_fetch::fetch(self.store.root(), &source, id, limits)
+            .map_err(|e| RolloutError::Invalid { id: id.to_string(), message: format!("fetching from {source}: {e}") })
+    }
+
     /// An operator's `/load` of checkpoint `id`: refuses a reward model always, and a policy that failed its
     /// evaluation gate unless `force`; then loads it as [`consider`](Self::consider) does.
     pub async fn load_requested(
@@ -180,6 +249,7 @@ impl Rollout {
         let dir = match &self.initial {
             Some((initial, dir)) if initial == id && !self.store.path(id).exists() => dir.clone(),
             _ => {
+                self.fetch_if_missing(id)?;
                 self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
                 self.store.path(id)
             }
@@ -364,12 +434,14 @@ pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<f
                     for entry in key.ids {
                         last = entry.id.clone();
                         // Reward models are published too, but never served.
-                        let servable = entry.get::<String>("stage").is_none_or(|s| s != "reward_model");
-                        if let Some(id) = entry.get::<String>("id").filter(|_| servable) {
-                            tracing::info!(checkpoint = %id, "checkpoint announced");
-                            let (rollout, handle) = (rollout.clone(), handle.clone());
-                            tokio::spawn(async move { rollout.consider(&handle, &id).await });
-                        }
+                        let Some(announced) =
+                            CheckpointAnnouncement::from_entry(&entry).filter(CheckpointAnnouncement::is_servable)
+                        else {
+                            continue;
+                        };
+                        tracing::info!(checkpoint = %announced.id, source = ?announced.source, "checkpoint announced");
+                        let (rollout, handle) = (rollout.clone(), handle.clone());
+                        tokio::spawn(async move { rollout.consider_announced(&handle, &announced).await });
                     }
                 }
             }

@@ -23,7 +23,7 @@ use crate::config::Config;
 pub struct ServeArgs {
     /// Configuration file (default: configs/default.toml, or INSTRUCTD_CONFIG).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -44,9 +44,9 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let gateway_config = config.gateway.clone();
     let link = Arc::new(RedisLink::new(&config.redis.url)?);
     if !link.ping().await {
-        tracing::warn!(url = %config.redis.url, "Redis is unreachable: serving with local rate limits until it returns");
+        tracing::warn!(url = %link.shown_url(), "Redis is unreachable: serving with local rate limits until it returns");
     } else {
-        if let Some(durable) = feedback::redis_persistence::check_at_start(&link, &config.redis.url).await {
+        if let Some(durable) = feedback::redis_persistence::check_at_start(&link, link.shown_url()).await {
             gateway::metrics::set_redis_persistence(durable);
         }
     }

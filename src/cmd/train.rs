@@ -24,8 +24,9 @@ use trainer::store::DatasetStore;
 
 use crate::config::Config;
 
-/// Serves Prometheus `/metrics` (the trainer's journal gauges and counters) on `addr`, in the background.
-async fn serve_metrics(addr: &str) -> anyhow::Result<()> {
+/// Serves Prometheus `/metrics` (the trainer's journal gauges and counters) on `addr`, in the background, and the
+/// checkpoint directory `checkpoints` read-only beside it when given.
+async fn serve_metrics(addr: &str, checkpoints: Option<&std::path::Path>) -> anyhow::Result<()> {
     if addr.is_empty() {
         return Ok(());
     }
@@ -41,7 +42,11 @@ async fn serve_metrics(addr: &str) -> anyhow::Result<()> {
         }
     };
     println!("instructd trainer metrics on http://{}/metrics", listener.local_addr()?);
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
+    let mut app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
+    if let Some(root) = checkpoints {
+        app = app.merge(crate::checkpoint_files::router(root));
+        println!("instructd trainer checkpoints on http://{}/checkpoints/", listener.local_addr()?);
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
@@ -99,7 +104,7 @@ impl trainer::refresh::Progress for Bars {
 pub struct TrainArgs {
     /// Configuration file (default: configs/default.toml, or INSTRUCTD_CONFIG).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -126,7 +131,8 @@ async fn train(config: Config) -> anyhow::Result<()> {
     }
     let mut refresher = Refresher::open(checkpoints, &config.model.dir, &trainer.data_dir, trainer.clone())?
         .with_progress(Box::new(Bars::default()));
-    serve_metrics(&trainer.metrics_addr).await?;
+    let source = Some(trainer.checkpoints_url.trim_end_matches('/').to_string()).filter(|url| !url.is_empty());
+    serve_metrics(&trainer.metrics_addr, source.as_ref().map(|_| checkpoints_dir.as_path())).await?;
     let filters = Filters {
         max_prompts_per_user: trainer.max_prompts_per_user,
         dedupe_prefix_chars: trainer.dedupe_prefix_chars,
@@ -162,7 +168,7 @@ async fn train(config: Config) -> anyhow::Result<()> {
                 Ok(()) => {
                     groups_ready = true;
                     // Entries the trainer has not stored yet live only in Redis.
-                    if let Some(durable) = feedback::redis_persistence::check_at_start(&link, &config.redis.url).await {
+                    if let Some(durable) = feedback::redis_persistence::check_at_start(&link, link.shown_url()).await {
                         metrics::gauge!("instructd_trainer_redis_persistence").set(if durable { 1.0 } else { 0.0 });
                     }
                 }
@@ -208,10 +214,10 @@ async fn train(config: Config) -> anyhow::Result<()> {
             // stage ends, not after the stages that follow it.
             let (announce_tx, mut announce_rx) = tokio::sync::mpsc::unbounded_channel::<trainer::refresh::Published>();
             let announcer = {
-                let link = link.clone();
+                let (link, source) = (link.clone(), source.clone());
                 tokio::spawn(async move {
                     while let Some(p) = announce_rx.recv().await {
-                        match trainer::refresh::announce(&link, &p.manifest).await {
+                        match trainer::refresh::announce(&link, &p.manifest, source.as_deref()).await {
                             Ok(_) => println!("announced {}", p.manifest.id),
                             Err(e) => tracing::error!(
                                 checkpoint = %p.manifest.id, error = %e,

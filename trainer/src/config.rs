@@ -11,6 +11,10 @@ pub struct TrainerConfig {
     pub data_dir: PathBuf,
     /// Where `instructd train` serves Prometheus `/metrics` (empty: nowhere).
     pub metrics_addr: String,
+    /// The base URL gateways reach `metrics_addr` at (e.g. `http://instructd-trainer:9465`). When set, the trainer
+    /// serves its checkpoint directory read-only there (`/checkpoints/<id>/<file>`) and announces each checkpoint
+    /// with it, so gateways with `[gateway.rollout] fetch = "http"` need no shared disk. Empty: announce no URL.
+    pub checkpoints_url: String,
     /// The consumer group every trainer process reads with.
     pub group: String,
     /// This process's consumer name; keep it stable across restarts so the
@@ -48,6 +52,7 @@ impl Default for TrainerConfig {
         Self {
             data_dir: "data".into(),
             metrics_addr: "127.0.0.1:9465".into(),
+            checkpoints_url: String::new(),
             group: "trainer".into(),
             consumer: "trainer-1".into(),
             batch: 128,

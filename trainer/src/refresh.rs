@@ -517,27 +517,21 @@ fn new_id(stage: &str) -> String {
     format!("{stage}-{}-{:06x}", feedback::events::now_ms(), rand::random::<u32>() & 0xff_ffff)
 }
 
-/// Announces a servable checkpoint on `instructd:checkpoints` (the gateway
-/// watches it); returns the entry id.
-pub async fn announce(link: &feedback::RedisLink, manifest: &Manifest) -> Result<String, feedback::LinkError> {
-    let stage =
-        serde_json::to_value(manifest.stage).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    let fields = [
-        ("kind".to_string(), "checkpoint".to_string()),
-        ("id".to_string(), manifest.id.clone()),
-        ("stage".to_string(), stage),
-        ("parent".to_string(), manifest.parent.clone().unwrap_or_default()),
-    ];
-    let id = link
-        .run(|mut c| async move {
-            redis::cmd("XADD")
-                .arg(feedback::streams::CHECKPOINTS)
-                .arg("*")
-                .arg(&fields[..])
-                .query_async::<String>(&mut c)
-                .await
-        })
-        .await?;
+/// Announces a checkpoint on `instructd:checkpoints` (the gateways watch it), naming `source` as where its files
+/// can be fetched over HTTP when the trainer serves them; returns the entry id.
+pub async fn announce(
+    link: &feedback::RedisLink,
+    manifest: &Manifest,
+    source: Option<&str>,
+) -> Result<String, feedback::LinkError> {
+    let stage = serde_json::to_value(manifest.stage).ok().and_then(|v| v.as_str().map(str::to_string));
+    let announcement = feedback::announcement::CheckpointAnnouncement {
+        id: manifest.id.clone(),
+        stage,
+        parent: manifest.parent.clone(),
+        source: source.map(str::to_string),
+    };
+    let id = announcement.publish(link).await?;
     tracing::info!(checkpoint = %manifest.id, stream_id = %id, "checkpoint announced");
     Ok(id)
 }
