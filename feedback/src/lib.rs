@@ -11,6 +11,7 @@ pub mod events;
 pub mod labeling;
 pub mod logged_prompts;
 pub mod pii;
+pub mod records;
 pub mod redis_link;
 pub mod redis_persistence;
 pub mod redis_server;

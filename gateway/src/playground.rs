@@ -4,11 +4,11 @@
 //! to a training stream.
 
 use feedback::consent::Consent;
-use feedback::event_log::{Appended, Entry};
+use feedback::event_log::Appended;
 use feedback::events::{PromptEvent, SCHEMA_VERSION, Sample, new_id, now_ms};
 use feedback::logged_prompts::PromptRecord;
+use feedback::records::Record;
 use feedback::split::{DEDUPE_PREFIX_CHARS, dedupe_key, split_for};
-use feedback::streams;
 use inference::engine::{Completion, Engine};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -31,6 +31,7 @@ pub struct PlaygroundRequest {
     pub k: Option<i64>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
+    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -247,19 +248,9 @@ pub async fn log_samples(
         split: split_for(&key.user, &config.split),
         created_at_ms: now_ms(),
     };
-    let Ok(json) = serde_json::to_string(&event) else {
+    let Ok(entry) = Record::Prompt(event.clone()).to_entry(&prompt_id) else {
         logged.not_logged = Some(NotLogged::StoreUnavailable);
         return logged;
-    };
-    let entry = Entry {
-        stream: streams::PROMPTS.to_string(),
-        event_id: prompt_id.clone(),
-        fields: vec![
-            ("kind".into(), "prompt".into()),
-            ("prompt_id".into(), prompt_id.clone()),
-            ("user".into(), key.user.clone()),
-            ("event".into(), json),
-        ],
     };
     let stream_id = match state.events.append(entry).await {
         Ok(Appended::Written { stream_id } | Appended::Duplicate { stream_id }) => Some(stream_id),

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use feedback::events::{FeedbackEvent, FeedbackPayload, PromptEvent, WithdrawalEvent, now_ms};
+use feedback::events::{FeedbackEvent, FeedbackPayload, PromptEvent, now_ms};
+use feedback::records::Record;
 use feedback::split::{Split, SplitConfig, dedupe_key, split_for};
 use feedback::streams;
 use serde::{Deserialize, Serialize};
@@ -142,18 +143,12 @@ pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, Snapsho
     let mut withdrawn_at: HashMap<String, StreamId> = HashMap::new();
     for entry in store.read(streams::PROMPTS)? {
         let id = StreamId::parse(&entry.id).unwrap_or_default();
-        let event = entry.fields.get("event").map(String::as_str).unwrap_or("");
-        match entry.fields.get("kind").map(String::as_str) {
-            Some("withdrawal") => match serde_json::from_str::<WithdrawalEvent>(event) {
-                Ok(w) => {
-                    withdrawn_at.insert(w.user, id);
-                }
-                Err(_) => data.excluded.unparseable += 1,
-            },
-            _ => match serde_json::from_str::<PromptEvent>(event) {
-                Ok(p) => prompts.push((id, p)),
-                Err(_) => data.excluded.unparseable += 1,
-            },
+        match entry.record() {
+            Ok(Record::Prompt(p)) => prompts.push((id, p)),
+            Ok(Record::Withdrawal(w)) => {
+                withdrawn_at.insert(w.user, id);
+            }
+            Ok(Record::Feedback(_)) | Err(_) => data.excluded.unparseable += 1,
         }
     }
     let mut kept: HashMap<String, PromptEvent> = HashMap::new();
@@ -189,9 +184,9 @@ pub fn build(store: &DatasetStore, filters: &Filters) -> Result<Dataset, Snapsho
     }
     let mut events = Vec::new();
     for entry in store.read(streams::FEEDBACK)? {
-        match entry.fields.get("event").and_then(|e| serde_json::from_str::<FeedbackEvent>(e).ok()) {
-            Some(event) => events.push(event),
-            None => data.excluded.unparseable += 1,
+        match entry.record() {
+            Ok(Record::Feedback(event)) => events.push(event),
+            Ok(Record::Prompt(_) | Record::Withdrawal(_)) | Err(_) => data.excluded.unparseable += 1,
         }
     }
     let before = events.len();

@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use feedback::records::{Record, RecordError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,13 @@ pub struct StoredEntry {
     pub stream: String,
     pub id: String,
     pub fields: HashMap<String, String>,
+}
+
+impl StoredEntry {
+    /// The typed record the entry holds (the one reader of stream fields, shared with the gateway's writer).
+    pub fn record(&self) -> Result<Record, RecordError> {
+        Record::from_fields(&self.stream, &self.fields)
+    }
 }
 
 pub struct DatasetStore {

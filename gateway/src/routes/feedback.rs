@@ -8,9 +8,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use feedback::event_log::{AppendError, Appended, Entry};
+use feedback::event_log::{AppendError, Appended};
 use feedback::events::FeedbackPayload;
-use feedback::streams;
+use feedback::records::Record;
 use serde_json::json;
 
 use crate::admission::{insert_headers, rate_limit};
@@ -44,16 +44,8 @@ pub async fn submit(
     };
     let event = check(&state, key, payload, event_id(key, idempotency)).await?;
     let kind = event.payload.kind();
-    let json = serde_json::to_string(&event).map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut fields = vec![
-        ("kind".to_string(), kind.to_string()),
-        ("labeler".to_string(), event.labeler_id.clone()),
-        ("event".to_string(), json),
-    ];
-    if let Some(prompt_id) = &event.prompt_id {
-        fields.insert(1, ("prompt_id".to_string(), prompt_id.clone()));
-    }
-    let entry = Entry { stream: streams::FEEDBACK.to_string(), event_id: event.event_id.clone(), fields };
+    let entry =
+        Record::Feedback(event.clone()).to_entry(&event.event_id).map_err(|e| ApiError::internal(e.to_string()))?;
     let (status, stream_id) = match state.events.append(entry).await {
         Ok(Appended::Written { stream_id }) => ("recorded", Some(stream_id)),
         Ok(Appended::Duplicate { stream_id }) => ("duplicate", Some(stream_id)),

@@ -5,8 +5,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use feedback::consent::ConsentStatus;
-use feedback::event_log::Entry;
 use feedback::events::{SCHEMA_VERSION, WithdrawalEvent, now_ms};
+use feedback::records::Record;
 use feedback::streams;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -119,15 +119,9 @@ async fn withdraw_entries(state: &SharedState, user: &str) -> Result<u64, ApiErr
         removed_from_stream: removed,
         created_at_ms: now_ms(),
     };
-    let entry = Entry {
-        stream: streams::PROMPTS.to_string(),
-        event_id: feedback::events::new_id("wdr"),
-        fields: vec![
-            ("kind".into(), "withdrawal".into()),
-            ("user".into(), user.to_string()),
-            ("event".into(), serde_json::to_string(&event).unwrap_or_default()),
-        ],
-    };
+    let entry = Record::Withdrawal(event)
+        .to_entry(&feedback::events::new_id("wdr"))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     state.events.append(entry).await.map_err(|e| ApiError::unavailable(format!("Withdrawal not recorded: {e}")))?;
     tracing::info!(user, removed, "consent withdrawn");
     Ok(removed)

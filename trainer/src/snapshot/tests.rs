@@ -1,11 +1,10 @@
 //! Snapshot building on a hand-made store.
 
-use std::collections::HashMap;
-
 use feedback::events::{
     FeedbackEvent, FeedbackPayload, LabelerGroup, PromptEvent, SCHEMA_VERSION, Sample, WithdrawalEvent,
 };
 use feedback::pii::{PiiFinding, PiiKind};
+use feedback::records::Record;
 use feedback::split::{DEDUPE_PREFIX_CHARS, SplitConfig, dedupe_key};
 use feedback::streams;
 
@@ -57,12 +56,10 @@ fn feedback(prompt_id: Option<&str>, payload: FeedbackPayload) -> FeedbackEvent 
     }
 }
 
-fn entry(stream: &str, n: usize, kind: &str, event: String) -> StoredEntry {
-    StoredEntry {
-        stream: stream.into(),
-        id: format!("{n}-0"),
-        fields: HashMap::from([("kind".to_string(), kind.to_string()), ("event".to_string(), event)]),
-    }
+/// The stream entry number `n` of `record`, as the gateway writes it.
+fn entry(n: usize, record: Record) -> StoredEntry {
+    let written = record.to_entry(&format!("e{n}")).unwrap();
+    StoredEntry { stream: written.stream, id: format!("{n}-0"), fields: written.fields.into_iter().collect() }
 }
 
 #[test]
@@ -77,16 +74,13 @@ fn filters_like_the_paper_and_writes_an_immutable_snapshot() {
         prompt("p5", "ann", "List three colours.", false), // over the cap of 2 for ann
         prompt("p6", "bob", "Explain rain.", false),       // bob withdraws afterwards
     ];
-    let mut entries: Vec<StoredEntry> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| entry(streams::PROMPTS, i + 1, "prompt", serde_json::to_string(p).unwrap()))
-        .collect();
+    let mut entries: Vec<StoredEntry> =
+        prompts.iter().enumerate().map(|(i, p)| entry(i + 1, Record::Prompt(p.clone()))).collect();
     let withdrawal =
         WithdrawalEvent { schema_version: 1, user: "bob".into(), removed_from_stream: 0, created_at_ms: 1 };
-    entries.push(entry(streams::PROMPTS, 10, "withdrawal", serde_json::to_string(&withdrawal).unwrap()));
+    entries.push(entry(10, Record::Withdrawal(withdrawal)));
     let p7 = prompt("p7", "bob", "Explain snow.", false); // logged after bob consented again
-    entries.push(entry(streams::PROMPTS, 11, "prompt", serde_json::to_string(&p7).unwrap()));
+    entries.push(entry(11, Record::Prompt(p7)));
     store.append(streams::PROMPTS, &entries).unwrap();
 
     let ranking = |p: &str| FeedbackPayload::Ranking {
@@ -170,7 +164,7 @@ fn store_with_prompts(dir: &Path, n: usize) -> DatasetStore {
     let entries: Vec<StoredEntry> = (0..n)
         .map(|i| {
             let p = prompt(&format!("p{i}"), &format!("user{}", i % 5), &format!("Question number {i}?"), false);
-            entry(streams::PROMPTS, i + 1, "prompt", serde_json::to_string(&p).unwrap())
+            entry(i + 1, Record::Prompt(p))
         })
         .collect();
     store.append(streams::PROMPTS, &entries).unwrap();
@@ -190,11 +184,8 @@ fn by(labeler: &str, prompt: &str, order: [usize; 4]) -> FeedbackEvent {
 }
 
 fn append_feedback(store: &mut DatasetStore, events: &[FeedbackEvent]) {
-    let entries: Vec<StoredEntry> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| entry(streams::FEEDBACK, i + 1, e.payload.kind(), serde_json::to_string(e).unwrap()))
-        .collect();
+    let entries: Vec<StoredEntry> =
+        events.iter().enumerate().map(|(i, e)| entry(i + 1, Record::Feedback(e.clone()))).collect();
     store.append(streams::FEEDBACK, &entries).unwrap();
 }
 
