@@ -247,4 +247,59 @@ mod tests {
         assert!(!link.shown_url().contains("p@ss") && !link.shown_url().contains("p%40ss"));
         assert!(link.url().contains("p%40ss"));
     }
+
+    /// A `redis-server` listening for TLS only, with a fresh self-signed certificate; `None` (skipped) without
+    /// `openssl` or a `redis-server` built with TLS.
+    fn tls_server(dir: &std::path::Path) -> Option<(std::process::Child, u16)> {
+        use std::process::{Command, Stdio};
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let mut child = Command::new(std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()))
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--tls-auth-clients", "no", "--tls-cert-file", cert.to_str()?, "--tls-key-file", key.to_str()?])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .filter(|_| made)?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some((child, port));
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        None
+    }
+
+    #[tokio::test]
+    async fn rediss_urls_speak_tls_and_check_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((mut server, port)) = tls_server(dir.path()) else {
+            eprintln!("SKIPPED: no openssl or no redis-server with TLS");
+            return;
+        };
+        // The certificate is self-signed: refused unless verification is explicitly off.
+        let verified = RedisLink::new(&format!("rediss://127.0.0.1:{port}")).unwrap();
+        let unverified = RedisLink::new(&format!("rediss://127.0.0.1:{port}/#insecure")).unwrap();
+        let plain = RedisLink::new(&format!("redis://127.0.0.1:{port}")).unwrap();
+        let (verified, unverified, plain) = (verified.ping().await, unverified.ping().await, plain.ping().await);
+        let _ = server.kill();
+        let _ = server.wait();
+        assert!(unverified, "PING over TLS");
+        assert!(!verified, "a certificate no root vouches for is refused");
+        assert!(!plain, "a plain connection to a TLS port fails");
+    }
 }
