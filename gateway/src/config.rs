@@ -48,6 +48,7 @@ pub struct GatewayConfig {
     pub playground: PlaygroundConfig,
     pub feedback: FeedbackConfig,
     pub rollout: crate::rollout::RolloutConfig,
+    pub arena: crate::arena::ArenaConfig,
 }
 
 /// `[gateway.playground]`: consent, playground sampling, feedback capture.
@@ -110,6 +111,8 @@ pub enum ConfigError {
     AdminKeyTooShort(usize),
     #[error("[gateway] max_connections must be at least 1")]
     NoConnections,
+    #[error("[gateway.arena]: {0}")]
+    Arena(String),
 }
 
 /// Shortest bootstrap admin secret accepted.
@@ -127,6 +130,7 @@ impl GatewayConfig {
         if self.max_connections == 0 {
             return Err(ConfigError::NoConnections);
         }
+        self.arena.validate().map_err(ConfigError::Arena)?;
         Ok(())
     }
 
@@ -188,6 +192,7 @@ impl Default for GatewayConfig {
             playground: PlaygroundConfig::default(),
             feedback: FeedbackConfig::default(),
             rollout: crate::rollout::RolloutConfig::default(),
+            arena: crate::arena::ArenaConfig::default(),
         }
     }
 }

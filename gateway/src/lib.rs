@@ -5,8 +5,10 @@
 //! OpenAI-style error body.
 
 pub mod admission;
+pub mod arena;
 pub mod auth;
 pub mod checkpoint_fetch;
+pub mod bradley_terry;
 pub mod config;
 pub mod connections;
 pub mod error;
@@ -14,6 +16,7 @@ pub mod generation;
 pub mod json;
 pub mod judgments;
 pub mod keys;
+pub mod leaderboard;
 pub mod metrics;
 pub mod observe;
 pub mod openai;
@@ -25,6 +28,7 @@ pub mod routes;
 pub mod server;
 pub mod state;
 pub mod training_curves;
+pub mod vote_gate;
 
 pub use config::GatewayConfig;
 pub use server::{route_list, router, serve};

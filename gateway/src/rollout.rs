@@ -344,6 +344,33 @@ impl Rollout {
         self.ready_engine(id).ok()
     }
 
+    /// Every distinct checkpoint loaded on this gateway: the serving one first, then the canary and verified
+    /// candidates (the arena's contenders).
+    pub fn loaded_engines(&self, handle: &EngineHandle) -> Vec<Arc<Engine>> {
+        let mut engines = vec![handle.current()];
+        engines.extend(handle.canary().map(|c| c.engine.clone()));
+        engines.extend(self.lock().candidates.values().filter_map(|(state, engine)| match state {
+            CandidateState::Ready => engine.clone(),
+            _ => None,
+        }));
+        let mut seen = std::collections::HashSet::new();
+        engines.retain(|e| seen.insert(e.info().checkpoint.clone()));
+        engines
+    }
+
+    /// Checkpoints loaded and waiting for a promotion decision: the canary and verified candidates.
+    pub fn waiting_candidates(&self, handle: &EngineHandle) -> Vec<String> {
+        self.loaded_engines(handle).iter().skip(1).map(|e| e.info().checkpoint.clone()).collect()
+    }
+
+    /// Takes candidate `id` out of contention (the canary's share of traffic included) and records why.
+    pub fn refuse(&self, handle: &EngineHandle, id: &str, reason: &str) {
+        if handle.canary().is_some_and(|c| c.engine.info().checkpoint == id) {
+            handle.clear_canary();
+        }
+        self.lock().candidates.insert(id.to_string(), (CandidateState::Failed(reason.to_string()), None));
+    }
+
     /// The manifest of every checkpoint in the store whose manifest parses, oldest first.
     pub fn manifests(&self) -> Vec<Manifest> {
         self.store.list().0

@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::json::{BodyLimit, BodyTimeout};
 use crate::observe::observe;
 use crate::routes::{
-    admin_checkpoints, admin_keys, admin_training, chat, completions, feedback, health, labeling, models, playground,
+    admin_checkpoints, admin_keys, admin_leaderboard, admin_training, arena, chat, completions, feedback, health, labeling, models, playground,
     playground_page,
 };
 use crate::state::SharedState;
@@ -42,10 +42,13 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("post", "/admin/checkpoints/rollback", post(admin_checkpoints::rollback)),
         ("get", "/admin/training/report", get(admin_training::report)),
         ("get", "/admin/training", get(admin_training::page)),
+        ("get", "/admin/leaderboard", get(admin_leaderboard::get)),
         ("get", "/v1/playground/notice", get(playground::notice)),
         ("get", "/v1/playground/consent", get(playground::get_consent)),
         ("post", "/v1/playground/consent", post(playground::post_consent)),
         ("post", "/v1/playground/completions", post(playground::completions)),
+        ("post", "/v1/playground/arena", post(arena::battle)),
+        ("post", "/v1/playground/arena/{battle_id}/vote", post(arena::vote)),
         ("post", "/v1/feedback", post(feedback::submit)),
         ("get", "/v1/labeling/next", get(labeling::next)),
         ("get", "/playground", get(playground_page::page)),

@@ -35,6 +35,8 @@ pub struct AppState {
     pub notice_text: String,
     /// Checkpoint candidates, canary, promotion and rollback.
     pub rollout: Arc<crate::rollout::Rollout>,
+    /// Blind side-by-side battles between loaded checkpoints and their votes.
+    pub arena: crate::arena::Arena,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -95,6 +97,11 @@ impl AppState {
                 std::time::Duration::from_secs(playground.idempotency_ttl_secs),
             )),
             pii: PiiScreen::new(),
+            arena: crate::arena::Arena::new(
+                link.clone(),
+                &prefix,
+                std::time::Duration::from_secs(config.arena.battle_ttl_secs),
+            ),
             notice_text,
             rollout,
             engine,

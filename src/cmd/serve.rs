@@ -88,6 +88,8 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let replayer = state.events.spawn_replayer(Duration::from_secs(1));
     // Key changes announced by any replica (revocations) leave this one's cache at once.
     let invalidations = state.keys.spawn_invalidations();
+    // Promotes or refuses candidates by the arena's votes, when the operator chose that gate.
+    let vote_gate = gateway_config.arena.gate.then(|| tokio::spawn(gateway::vote_gate::run(state.clone())));
     // Tests and scripts read this line to find the port when addr ends in :0.
     println!("instructd gateway listening on http://{address}");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -109,6 +111,9 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     }
     replayer.abort();
     invalidations.abort();
+    if let Some(vote_gate) = vote_gate {
+        vote_gate.abort();
+    }
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 
 pub mod admin_checkpoints;
 pub mod admin_keys;
+pub mod admin_leaderboard;
 pub mod admin_training;
+pub mod arena;
 pub mod chat;
 pub mod completions;
 pub mod feedback;
