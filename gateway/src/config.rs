@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     /// A client that reads nothing of its response (stream included) for this
     /// long is disconnected and its generation cancelled. 0 = no limit.
     pub write_stall_timeout_secs: u64,
+    /// How long a stored response of the Responses API (`store: true`) is kept for `GET /v1/responses/{id}` and
+    /// `previous_response_id`.
+    pub responses_ttl_secs: u64,
     pub playground: PlaygroundConfig,
     pub feedback: FeedbackConfig,
     pub rollout: crate::rollout::RolloutConfig,
@@ -189,6 +192,7 @@ impl Default for GatewayConfig {
             body_timeout_secs: 30,
             idle_timeout_secs: 60,
             write_stall_timeout_secs: 30,
+            responses_ttl_secs: 30 * 24 * 3600,
             playground: PlaygroundConfig::default(),
             feedback: FeedbackConfig::default(),
             rollout: crate::rollout::RolloutConfig::default(),

@@ -21,49 +21,57 @@ use inference::engine::{Completion, Engine, Event, Generation};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::admission::{admit, insert_headers};
+use crate::admission::{Ticket, admit, insert_headers};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::openai::common::PreparedRequest;
 use crate::openai::response::{Format, ResponseMeta, Usage};
+use crate::rate_limit::RateLimitHeaders;
 use crate::state::AppState;
 
-/// Admits a prepared request and answers it, streamed or whole, with the
-/// key's rate-limit headers. `engine` is the one the request was validated
+/// A generation request past every check (shape, rate limit, tokenization, use-case policy), charged to the
+/// key's tenant: what is left is running it and shaping the answer. `engine` is the one the request was validated
 /// on; it serves the request to the end even if a new one is swapped in.
-/// The whole of a generation route after authentication: the cheap checks, then the rate limit, and only then
-/// tokenization (a limited key cannot burn CPU on huge prompts); a request refused after admission gets its
-/// token charge back.
-pub async fn generate<B: crate::openai::GenerationBody>(
+pub struct Admitted {
+    pub engine: Arc<Engine>,
+    pub prepared: PreparedRequest,
+    pub ticket: Ticket,
+}
+
+impl Admitted {
+    /// The `on_finish` that settles the key's token charge with the request's real usage, and the rate-limit
+    /// headers to send.
+    pub fn settle(self) -> (Arc<Engine>, PreparedRequest, OnFinish, RateLimitHeaders) {
+        let Admitted { engine, prepared, ticket } = self;
+        let headers = ticket.admission.headers().clone();
+        let admission = ticket.admission;
+        let on_finish: OnFinish = Box::new(move |usage: Usage| {
+            tokio::spawn(admission.finish(usage.total_tokens as u64));
+        });
+        (engine, prepared, on_finish, headers)
+    }
+}
+
+/// The checks of a generation route after authentication: the cheap ones, then the rate limit, and only then
+/// tokenization (a limited key cannot burn CPU on huge prompts) and the use-case policy; a request refused after
+/// admission gets its token charge back.
+pub async fn admit_body<B: crate::openai::GenerationBody>(
     state: &AppState,
     caller: &Caller,
     headers: &HeaderMap,
     body: B,
-    format: Format,
-) -> Result<Response, ApiError> {
+) -> Result<Admitted, ApiError> {
     let engine = crate::openai::common::engine_for(state, caller, body.model())?;
     let estimate = body.precheck(&engine, state.config.max_prompt_bytes)?;
     let admission = crate::admission::rate_limit_early(state, caller, estimate).await?;
-    let prepared = match body.prepare(&engine) {
+    let mut prepared = match body.prepare(&engine) {
         Ok(prepared) => prepared,
         Err(error) => {
             crate::admission::refund(admission).await;
             return Err(error);
         }
     };
-    respond(state, caller, headers, engine, prepared, format, admission).await
-}
-
-pub async fn respond(
-    state: &AppState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    engine: Arc<Engine>,
-    mut prepared: PreparedRequest,
-    format: Format,
-    admission: crate::rate_limit::Admission,
-) -> Result<Response, ApiError> {
     let ticket = admit(state, caller, headers, &prepared, admission).await?;
     prepared.charge_to(&caller.key().tenant());
     tracing::info!(
@@ -73,13 +81,21 @@ pub async fn respond(
         stream = prepared.stream,
         "admitted"
     );
+    Ok(Admitted { engine, prepared, ticket })
+}
+
+/// The whole of a completions or chat route after authentication: [`admit_body`], then the answer, streamed or
+/// whole, with the key's rate-limit headers.
+pub async fn generate<B: crate::openai::GenerationBody>(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: B,
+    format: Format,
+) -> Result<Response, ApiError> {
+    let (engine, prepared, on_finish, limit_headers) = admit_body(state, caller, headers, body).await?.settle();
     let info = engine.info();
     let meta = ResponseMeta::new(format, &info.name, &info.checkpoint, prepared.logprobs);
-    let limit_headers = ticket.admission.headers().clone();
-    let admission = ticket.admission;
-    let on_finish: OnFinish = Box::new(move |usage: Usage| {
-        tokio::spawn(admission.finish(usage.total_tokens as u64));
-    });
     let mut response = if prepared.stream {
         stream(engine, prepared, meta, on_finish)?.into_response()
     } else {
@@ -183,7 +199,7 @@ pub async fn collect_all(engine: &Engine, prepared: &PreparedRequest) -> Result<
     completions.into_iter().map(|c| c.map_err(ApiError::from)).collect()
 }
 
-fn submit(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Generation>, ApiError> {
+pub fn submit(engine: &Engine, prepared: &PreparedRequest) -> Result<Vec<Generation>, ApiError> {
     // All prompts are queued, or none (a full queue, the tenant's share).
     engine.submit_all(prepared.requests.clone(), prepared.stream).map_err(ApiError::from)
 }

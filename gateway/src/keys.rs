@@ -47,6 +47,8 @@ pub enum Scope {
     /// Pin a request to a checkpoint other than the serving one (`model@ckpt`):
     /// the canary or a verified candidate. Admin keys have it implicitly.
     PinCheckpoints,
+    /// Score completions with the serving reward model (`POST /v1/rewards`).
+    Scoring,
 }
 
 impl Scope {
@@ -57,6 +59,7 @@ impl Scope {
             Scope::Labeler => "labeler",
             Scope::Admin => "admin",
             Scope::PinCheckpoints => "pin_checkpoints",
+            Scope::Scoring => "scoring",
         }
     }
 }

@@ -39,6 +39,7 @@ fn endpoint(format: Format) -> &'static str {
     match format {
         Format::Completion => "completions",
         Format::Chat => "chat",
+        Format::Responses => "responses",
     }
 }
 

@@ -121,6 +121,8 @@ pub struct Rollout {
     /// a rollback can return to it: (checkpoint id, directory).
     initial: Option<(String, PathBuf)>,
     state: Mutex<State>,
+    /// The reward model `POST /v1/rewards` scores with: the newest reward-model checkpoint published.
+    reward_models: Arc<crate::reward_model::RewardModels>,
 }
 
 impl Rollout {
@@ -139,6 +141,7 @@ impl Rollout {
             dtype: dtype.to_string(),
             initial: None,
             state: Mutex::new(State::default()),
+            reward_models: Arc::default(),
         }
     }
 
@@ -150,6 +153,60 @@ impl Rollout {
 
     pub fn config(&self) -> &RolloutConfig {
         &self.config
+    }
+
+    pub fn reward_models(&self) -> &Arc<crate::reward_model::RewardModels> {
+        &self.reward_models
+    }
+
+    /// Loads reward-model checkpoint `id` (fetched first with `fetch = "http"`, then verified) and serves it for
+    /// scoring unless a newer one is served already. A failure leaves the serving reward model in place.
+    pub async fn consider_reward_model(self: &Arc<Self>, announcement: &CheckpointAnnouncement) {
+        if let Some(source) = &announcement.source {
+            self.lock().sources.insert(announcement.id.clone(), source.clone());
+        }
+        let this = self.clone();
+        let id = announcement.id.clone();
+        let loaded = tokio::task::spawn_blocking(move || this.load_reward_model(&id)).await;
+        let id = &announcement.id;
+        match loaded {
+            Ok(Ok(model)) => {
+                if self.reward_models.offer(model) {
+                    tracing::info!(checkpoint = %id, "reward model loaded for scoring");
+                } else {
+                    tracing::info!(checkpoint = %id, "reward model not served: a newer one is");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(checkpoint = %id, error = %e, "reward model refused; scoring stays as it was")
+            }
+            Err(e) => tracing::error!(checkpoint = %id, error = %e, "reward model loader panicked"),
+        }
+    }
+
+    fn load_reward_model(&self, id: &str) -> Result<crate::reward_model::ServingRewardModel, RolloutError> {
+        let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
+        self.fetch_if_missing(id)?;
+        let manifest = self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
+        if manifest.stage != inference::checkpoint::Stage::RewardModel {
+            return Err(invalid(format!("stage {:?} is not a reward model", manifest.stage)));
+        }
+        crate::reward_model::ServingRewardModel::load(id, manifest.created_at_ms, &self.store.path(id)).map_err(invalid)
+    }
+
+    /// The newest reward-model checkpoint in the store, to score with from start-up.
+    pub fn newest_reward_model(&self) -> Option<CheckpointAnnouncement> {
+        let (manifests, _) = self.store.list();
+        let newest = manifests
+            .into_iter()
+            .filter(|m| m.stage == inference::checkpoint::Stage::RewardModel)
+            .max_by_key(|m| m.created_at_ms)?;
+        Some(CheckpointAnnouncement {
+            id: newest.id,
+            stage: Some("reward_model".into()),
+            parent: newest.parent,
+            source: None,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -438,8 +495,14 @@ fn check_servable(manifest: &Manifest, force: bool) -> Result<(), RolloutError> 
 pub const WATCH_BLOCK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Follows `instructd:checkpoints` from now on and considers each announced
-/// checkpoint. `link` must be its own (made with `RedisLink::for_blocking_reads`).
+/// checkpoint: policies for serving, reward models for scoring (starting with
+/// the newest reward model already in the store). `link` must be its own
+/// (made with `RedisLink::for_blocking_reads`).
 pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<feedback::RedisLink>) {
+    if let Some(newest) = rollout.newest_reward_model() {
+        let rollout = rollout.clone();
+        tokio::spawn(async move { rollout.consider_reward_model(&newest).await });
+    }
     let mut last = "$".to_string();
     loop {
         let from = last.clone();
@@ -460,12 +523,14 @@ pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<f
                 for key in reply.keys {
                     for entry in key.ids {
                         last = entry.id.clone();
-                        // Reward models are published too, but never served.
-                        let Some(announced) =
-                            CheckpointAnnouncement::from_entry(&entry).filter(CheckpointAnnouncement::is_servable)
-                        else {
+                        let Some(announced) = CheckpointAnnouncement::from_entry(&entry) else { continue };
+                        // Reward models are published too: never served, but scored with.
+                        if !announced.is_servable() {
+                            tracing::info!(checkpoint = %announced.id, "reward model announced");
+                            let rollout = rollout.clone();
+                            tokio::spawn(async move { rollout.consider_reward_model(&announced).await });
                             continue;
-                        };
+                        }
                         tracing::info!(checkpoint = %announced.id, source = ?announced.source, "checkpoint announced");
                         let (rollout, handle) = (rollout.clone(), handle.clone());
                         tokio::spawn(async move { rollout.consider_announced(&handle, &announced).await });

@@ -15,8 +15,8 @@ use crate::error::ApiError;
 use crate::json::{BodyLimit, BodyTimeout};
 use crate::observe::observe;
 use crate::routes::{
-    admin_checkpoints, admin_keys, admin_leaderboard, admin_training, arena, chat, completions, feedback, health, labeling, models, playground,
-    playground_page,
+    admin_checkpoints, admin_keys, admin_leaderboard, admin_training, arena, chat, completions, feedback, health,
+    labeling, models, playground, playground_page, responses, rewards,
 };
 use crate::state::SharedState;
 
@@ -27,6 +27,10 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
     vec![
         ("post", "/v1/completions", post(completions::create)),
         ("post", "/v1/chat/completions", post(chat::create)),
+        ("post", "/v1/responses", post(responses::create)),
+        ("get", "/v1/responses/{id}", get(responses::get)),
+        ("delete", "/v1/responses/{id}", delete(responses::delete)),
+        ("post", "/v1/rewards", post(rewards::score)),
         ("get", "/v1/models", get(models::list)),
         ("get", "/v1/models/{id}", get(models::get)),
         ("post", "/admin/keys", post(admin_keys::create)),

@@ -37,6 +37,8 @@ pub struct AppState {
     pub rollout: Arc<crate::rollout::Rollout>,
     /// Blind side-by-side battles between loaded checkpoints and their votes.
     pub arena: crate::arena::Arena,
+    /// Stored responses of the Responses API.
+    pub responses: crate::responses_store::ResponseStore,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -101,6 +103,11 @@ impl AppState {
                 link.clone(),
                 &prefix,
                 std::time::Duration::from_secs(config.arena.battle_ttl_secs),
+            ),
+            responses: crate::responses_store::ResponseStore::new(
+                link.clone(),
+                &prefix,
+                std::time::Duration::from_secs(config.responses_ttl_secs),
             ),
             notice_text,
             rollout,

@@ -74,7 +74,19 @@ pub struct ChatTokens {
 /// extra special tokens (the template carries them), then the response, then the first end-of-sequence id when
 /// `append_eos` (so the model learns to stop, and the reward model reads a fixed final token).
 pub fn encode_chat(tokenizer: &Tokenizer, prompt: &str, response: &str, append_eos: bool) -> TrainResult<ChatTokens> {
-    let mut ids = encode_prompt(tokenizer, prompt)?;
+    encode_conversation(tokenizer, &[ChatMessage::new("user", prompt)], response, append_eos)
+}
+
+/// [`encode_chat`] of a whole conversation (system, user and assistant turns) before the response: the gateway's
+/// reward scoring of chat traffic.
+pub fn encode_conversation(
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    response: &str,
+    append_eos: bool,
+) -> TrainResult<ChatTokens> {
+    let text = tokenizer.apply_chat_template(messages, true)?;
+    let mut ids = tokenizer.encode(&text, false)?;
     let prompt_len = ids.len();
     ids.extend(tokenizer.encode(response, false)?);
     if append_eos {

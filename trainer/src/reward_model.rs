@@ -1,10 +1,10 @@
 //! The reward model (paper section 3.5, "Reward modeling"): the SFT model with its unembedding replaced by a
 //! scalar head, trained on labelers' rankings.
 //!
-//! - Input: the prompt through the chat template, the response, then EOS (see [`encode_chat`]); the reward is
-//!   `head(hidden state at the last token)`, the final-norm hidden state of the EOS token, which attends to the
-//!   whole prompt and response. Sequences longer than `max_seq_len` keep their last `max_seq_len` tokens (the
-//!   response and EOS matter most).
+//! - Input: the prompt through the chat template, the response, then EOS (see
+//!   [`encode_chat`](crate::policy_model::encode_chat)); the reward is `head(hidden state at the last token)`, the
+//!   final-norm hidden state of the EOS token, which attends to the whole prompt and response. Sequences longer
+//!   than `max_seq_len` keep their last `max_seq_len` tokens (the response and EOS matter most).
 //! - Loss ([`ranking_loss_batch`]): each prompt's K completions are forwarded once, in one batch, and all its
 //!   C(K,2) comparisons (ties dropped) form one batch element; a step averages over prompts.
 //! - One epoch by default (the paper: more overfit), Adam β = (0.9, 0.95), cosine decay to 10% of the peak
@@ -22,6 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarMap};
 use feedback::split::Split;
+use inference::tokenizer::ChatMessage;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::losses::{ranking_loss_batch, ranking_loss_weighted, ranking_pairs};
 use crate::optim::{Adam, AdamConfig, Decay, Gradients, LrSchedule, PAPER_FINAL_LR_RATIO};
 use crate::policy_model::{
-    PolicyModel, TrainError, TrainResult, encode_chat, io_err, write_file_atomic, write_safetensors_atomic,
+    PolicyModel, TrainError, TrainResult, encode_conversation, io_err, write_file_atomic, write_safetensors_atomic,
 };
 use crate::snapshot::{RankedExample, SftExample};
 use crate::step_timing::{Phase, StepTiming};
@@ -365,7 +366,13 @@ impl RewardModel {
 
     /// The token ids the RM scores for a (prompt, response) pair, and whether they were cut to `max_seq_len`.
     pub fn encode(&self, prompt: &str, response: &str) -> TrainResult<(Vec<u32>, bool)> {
-        let mut ids = encode_chat(self.trunk.tokenizer(), prompt, response, self.meta.append_eos)?.ids;
+        self.encode_conversation(&[ChatMessage::new("user", prompt)], response)
+    }
+
+    /// [`RewardModel::encode`] of a response to a whole conversation (the gateway's `POST /v1/rewards` with
+    /// `messages`).
+    pub fn encode_conversation(&self, messages: &[ChatMessage], response: &str) -> TrainResult<(Vec<u32>, bool)> {
+        let mut ids = encode_conversation(self.trunk.tokenizer(), messages, response, self.meta.append_eos)?.ids;
         let max = self.meta.max_seq_len;
         let cut = ids.len() > max;
         if cut {

@@ -219,7 +219,7 @@ fn rename_prompt_param(mut error: ApiError) -> ApiError {
     error
 }
 
-fn to_chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn to_chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_request(Some("messages"), "'messages' must contain at least one message."));
     }

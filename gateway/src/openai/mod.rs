@@ -8,6 +8,8 @@ pub mod chat;
 pub mod common;
 pub mod completions;
 pub mod response;
+pub mod responses;
+pub mod responses_output;
 
 use inference::engine::Engine;
 

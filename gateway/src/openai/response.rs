@@ -28,6 +28,9 @@ impl Usage {
 pub enum Format {
     Completion,
     Chat,
+    /// The Responses API: its bodies and events are built in `openai::responses_output`; the variant names the
+    /// endpoint in metrics.
+    Responses,
 }
 
 /// What every body and chunk of one response repeats.
@@ -47,6 +50,7 @@ impl ResponseMeta {
         let prefix = match format {
             Format::Completion => "cmpl",
             Format::Chat => "chatcmpl",
+            Format::Responses => "resp",
         };
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Self {
@@ -64,6 +68,7 @@ impl ResponseMeta {
             (Format::Completion, _) => "text_completion",
             (Format::Chat, false) => "chat.completion",
             (Format::Chat, true) => "chat.completion.chunk",
+            (Format::Responses, _) => "response",
         }
     }
 
@@ -100,7 +105,7 @@ impl ResponseMeta {
             Format::Completion => {
                 json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason})
             }
-            Format::Chat => json!({
+            Format::Chat | Format::Responses => json!({
                 "index": index,
                 "message": {"role": "assistant", "content": text, "refusal": null},
                 "logprobs": logprobs,
@@ -122,7 +127,7 @@ impl ResponseMeta {
             Format::Completion => {
                 json!({"text": text.unwrap_or(""), "index": index, "logprobs": logprobs, "finish_reason": finish})
             }
-            Format::Chat => {
+            Format::Chat | Format::Responses => {
                 let mut delta = serde_json::Map::new();
                 if role {
                     delta.insert("role".into(), json!("assistant"));

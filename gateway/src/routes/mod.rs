@@ -13,3 +13,5 @@ pub mod labeling;
 pub mod models;
 pub mod playground;
 pub mod playground_page;
+pub mod responses;
+pub mod rewards;

@@ -1,0 +1,137 @@
+//! End-to-end tests of issue 15 against the real `instructd serve` and a
+//! private `redis-server`: OpenAI's Responses API through the unmodified
+//! `openai` client (`tests/e2e/responses_api.py`), and `POST /v1/rewards`
+//! scoring with tiny reward models the way the trainer publishes them
+//! (written to the checkpoint store, announced on `instructd:checkpoints`),
+//! hot-swapped when a newer one is announced and loaded at start-up.
+
+#[path = "support/gateway.rs"]
+#[allow(dead_code)]
+mod gateway;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use feedback::RedisLink;
+use feedback::announcement::CheckpointAnnouncement;
+use inference::checkpoint::{CheckpointStore, Manifest, Stage};
+use serde_json::{Value, json};
+use trainer::reward_model::RewardModel;
+
+use gateway::{ADMIN_KEY, Gateway, RedisServer, python, run_script, tiny_model};
+
+#[test]
+fn responses_api_through_the_openai_client() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
+    run_script(&python, "responses_api.py", &[("INSTRUCTD_URL", &gateway.url)]);
+}
+
+/// Writes a reward model on the tiny policy `policy` (its head seeded by `seed`) into `store` as checkpoint `id`.
+fn publish_reward_model(store: &CheckpointStore, policy: &Path, scratch: &Path, id: &str, seed: u64) {
+    let dir = scratch.join(format!("src-{id}"));
+    let model =
+        RewardModel::from_policy(policy, &inference::load::default_device(), seed, 4096).expect("a reward model");
+    model.save(&dir).expect("reward model saved");
+    store.import_dir(&dir, Manifest::new(id, None, Stage::RewardModel)).expect("checkpoint imported");
+}
+
+fn announce(redis_url: &str, id: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let link = RedisLink::new(redis_url).unwrap();
+        let announcement =
+            CheckpointAnnouncement { id: id.into(), stage: Some("reward_model".into()), parent: None, source: None };
+        announcement.publish(&link).await.expect("announced");
+    });
+}
+
+/// Scores until the gateway answers with reward model `id` (it loads in the background).
+fn scores_with(gateway: &Gateway, key: &str, body: &Value, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, answer, _) = gateway.call("POST", "/v1/rewards", key, Some(body));
+        if status == 200 && answer["model"] == id {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "reward model {id} never served: {status} {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rewards(answer: &Value) -> Vec<f64> {
+    answer["data"].as_array().expect("data").iter().map(|d| d["reward"].as_f64().expect("a reward")).collect()
+}
+
+fn assert_close(got: &[f64], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - f64::from(*w)).abs() < 1e-3, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn rewards_score_with_the_published_reward_model_and_swap_to_a_newer_one() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny_model(tmp.path());
+    let store = CheckpointStore::open(&tmp.path().join("checkpoints")).unwrap();
+    let checkpoints = [("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", store.root().to_str().unwrap())];
+    let gateway = Gateway::start(&redis.url(), &policy, &checkpoints);
+
+    let (status, key, _) =
+        gateway.call("POST", "/admin/keys", ADMIN_KEY, Some(&json!({"user": "scorer", "scopes": ["scoring"]})));
+    assert_eq!(status, 201, "{key}");
+    let scorer = key["secret"].as_str().unwrap().to_string();
+    let (_, key, _) =
+        gateway.call("POST", "/admin/keys", ADMIN_KEY, Some(&json!({"user": "u", "scopes": ["completions"]})));
+    let plain = key["secret"].as_str().unwrap().to_string();
+
+    let completions = ["Paris.", "I do not know.", "The capital of France is Paris."];
+    let body = json!({"prompt": "What is the capital of France?", "completions": completions});
+    let (status, answer, _) = gateway.call("POST", "/v1/rewards", &plain, Some(&body));
+    assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("insufficient_scope")), "{answer}");
+    let (status, answer, _) = gateway.call("POST", "/v1/rewards", &scorer, Some(&body));
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("reward_model_unavailable")), "{answer}");
+
+    // The trainer publishes a reward model and announces it: the gateway loads it and scores with it, exactly as
+    // the trainer's own RewardModel scores the same pairs.
+    publish_reward_model(&store, &policy, tmp.path(), "rm-a", 1);
+    announce(&redis.url(), "rm-a");
+    let answer = scores_with(&gateway, &scorer, &body, "rm-a");
+    let pairs: Vec<(&str, &str)> = completions.iter().map(|c| ("What is the capital of France?", *c)).collect();
+    let want_a = RewardModel::load(store.path("rm-a")).unwrap().score(&pairs).unwrap();
+    assert_close(&rewards(&answer), &want_a);
+    assert_eq!(answer["data"][2]["index"], 2, "{answer}");
+    assert_eq!(answer["data"][0]["truncated"], false, "{answer}");
+    assert!(answer["usage"]["total_tokens"].as_u64().unwrap() > 0, "{answer}");
+
+    // A prompt as messages is the same single user turn.
+    let as_messages = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "completions": completions, "model": "rm-a"});
+    let (status, answer, headers) = gateway.call("POST", "/v1/rewards", &scorer, Some(&as_messages));
+    assert_eq!(status, 200, "{answer}");
+    assert_close(&rewards(&answer), &want_a);
+    assert!(headers.contains_key("x-ratelimit-limit-requests"), "{headers:?}");
+    let wrong_model = json!({"prompt": "p", "completions": ["a"], "model": "rm-zzz"});
+    let (status, answer, _) = gateway.call("POST", "/v1/rewards", &scorer, Some(&wrong_model));
+    assert_eq!((status, answer["error"]["code"].as_str()), (404, Some("model_not_found")), "{answer}");
+    let (status, answer, _) =
+        gateway.call("POST", "/v1/rewards", &scorer, Some(&json!({"prompt": "p", "completions": []})));
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("completions")), "{answer}");
+
+    // A newer reward model is swapped in when announced.
+    publish_reward_model(&store, &policy, tmp.path(), "rm-b", 2);
+    announce(&redis.url(), "rm-b");
+    let answer = scores_with(&gateway, &scorer, &body, "rm-b");
+    let want_b = RewardModel::load(store.path("rm-b")).unwrap().score(&pairs).unwrap();
+    assert_close(&rewards(&answer), &want_b);
+    assert_ne!(want_a, want_b, "two heads score differently");
+
+    // A gateway starting later scores with the newest reward model in the store.
+    let later = Gateway::start(&redis.url(), &policy, &checkpoints);
+    let answer = scores_with(&later, ADMIN_KEY, &body, "rm-b");
+    assert_close(&rewards(&answer), &want_b);
+}
