@@ -123,6 +123,8 @@ refused = [
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input[0].content[0].type"),
     ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "{}"}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "output_text", "text": "only assistants said this"}]}]},
+     "input[0].content[0].type"),
 ]
 for fields, param in refused:
     body = {"model": model, "input": "Hello", "max_output_tokens": 2, **fields}
