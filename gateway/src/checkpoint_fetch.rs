@@ -175,6 +175,73 @@ fn get(
 mod tests {
     use super::*;
 
+    /// Serves `files` (name -> bytes) under `/checkpoints/<id>/` on a free port, from a thread of its own.
+    fn serve(id: &str, files: Vec<(String, Vec<u8>)>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut app = axum::Router::new();
+        for (name, bytes) in files {
+            app = app.route(&format!("/checkpoints/{id}/{name}"), axum::routing::get(move || async move { bytes }));
+        }
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        url
+    }
+
+    fn manifest(id: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut manifest = Manifest::new(id, None, inference::checkpoint::Stage::Sft);
+        for (name, bytes) in files {
+            manifest.files.insert(name.to_string(), hex::encode(Sha256::digest(bytes)));
+        }
+        serde_json::to_vec(&manifest).unwrap()
+    }
+
+    const LIMITS: Limits = Limits { timeout: Duration::from_secs(10), max_bytes: 1 << 20 };
+
+    #[test]
+    fn a_matching_checkpoint_lands_whole_and_a_tampered_or_oversized_one_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let good = manifest("good", &[("config.json", b"{}"), ("weights.bin", b"0123")]);
+        let url = serve(
+            "good",
+            vec![
+                ("manifest.json".into(), good.clone()),
+                ("config.json".into(), b"{}".to_vec()),
+                ("weights.bin".into(), b"0123".to_vec()),
+            ],
+        );
+        fetch(root.path(), &url, "good", LIMITS).unwrap();
+        assert_eq!(std::fs::read(root.path().join("good/weights.bin")).unwrap(), b"0123");
+        assert_eq!(std::fs::read(root.path().join("good").join(MANIFEST)).unwrap(), good);
+
+        let tampered = manifest("bad", &[("weights.bin", b"0123")]);
+        let url = serve("bad", vec![("manifest.json".into(), tampered), ("weights.bin".into(), b"0124".to_vec())]);
+        assert!(matches!(fetch(root.path(), &url, "bad", LIMITS), Err(FetchError::Checksum { .. })));
+
+        let big = vec![7u8; 2 << 20];
+        let oversized = manifest("big", &[("weights.bin", &big)]);
+        let url = serve("big", vec![("manifest.json".into(), oversized), ("weights.bin".into(), big)]);
+        assert!(matches!(fetch(root.path(), &url, "big", LIMITS), Err(FetchError::TooLarge(_))));
+
+        let escaping = manifest("esc", &[("../outside", b"x")]);
+        let url = serve("esc", vec![("manifest.json".into(), escaping)]);
+        assert!(matches!(fetch(root.path(), &url, "esc", LIMITS), Err(FetchError::BadName(_))));
+
+        let other = manifest("someone-else", &[]);
+        let url = serve("named", vec![("manifest.json".into(), other)]);
+        assert!(matches!(fetch(root.path(), &url, "named", LIMITS), Err(FetchError::Manifest(_))));
+
+        let left: Vec<String> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(left, ["good"], "refused fetches leave no directory behind");
+    }
+
     #[test]
     fn names_that_could_leave_the_directory_are_refused() {
         let limits = Limits { timeout: Duration::from_secs(1), max_bytes: 1 };
