@@ -9,6 +9,7 @@ use std::sync::Arc;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use crate::event_log::ConsentGuard;
 use crate::events::now_ms;
 use crate::redis_link::{LinkError, RedisLink};
 
@@ -53,6 +54,11 @@ impl ConsentStore {
 
     fn key(&self, user: &str) -> String {
         format!("{}:consent:{user}", self.prefix)
+    }
+
+    /// The guard that makes an event-log write conditional on `user`'s consent to `notice_version`.
+    pub fn guard(&self, user: &str, notice_version: &str) -> ConsentGuard {
+        ConsentGuard { user: user.to_string(), key: self.key(user), notice_version: notice_version.to_string() }
     }
 
     pub async fn get(&self, user: &str) -> Result<Consent, LinkError> {

@@ -48,6 +48,20 @@ pub struct Entry {
     pub stream: String,
     pub event_id: String,
     pub fields: Vec<(String, String)>,
+    /// When set, the entry is written only while this consent holds, checked
+    /// atomically with the write (now, or at replay from the spill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<ConsentGuard>,
+}
+
+/// The consent a logged prompt depends on: the user's consent record (its Redis
+/// key, from [`crate::consent::ConsentStore::guard`]) must say `accepted` for
+/// `notice_version` when the entry is written.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ConsentGuard {
+    pub user: String,
+    pub key: String,
+    pub notice_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +73,9 @@ pub enum Appended {
     /// Redis is away (or older entries still wait): the entry is durably in the
     /// spill file and will be replayed.
     Spilled,
+    /// The entry's consent guard no longer holds (withdrawn, or another notice):
+    /// nothing was written, and a spilled copy is dropped at replay.
+    NoConsent,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +216,14 @@ impl EventLog {
         })
     }
 
+    /// Drops `user`'s entries waiting in the spill (their consent was withdrawn);
+    /// one at a time with replay, so a replay in flight cannot write them after.
+    pub async fn drop_user(&self, user: &str) -> Result<usize, AppendError> {
+        let _one_at_a_time = self.replaying.lock().await;
+        let (spill, user) = (self.spill.clone(), user.to_string());
+        Ok(tokio::task::spawn_blocking(move || spill.remove_user(&user)).await.map_err(join_error)??)
+    }
+
     /// Entries currently waiting in the spill.
     pub fn spilled(&self) -> usize {
         self.spill.len()
@@ -214,11 +239,27 @@ impl EventLog {
         let stream = entry.stream.clone();
         let fields: Vec<&str> = entry.fields.iter().flat_map(|(f, v)| [f.as_str(), v.as_str()]).collect();
         let (script, ttl) = (self.script.clone(), self.ttl_secs);
+        let consent = entry.consent.as_ref().map(|c| (c.key.clone(), c.notice_version.clone()));
         let (fresh, stream_id): (i64, String) = self
             .link
-            .run(|mut c| async move { script.key(marker).key(stream).arg(ttl).arg(fields).invoke_async(&mut c).await })
+            .run(|mut c| async move {
+                let mut invocation = script.key(marker);
+                invocation.key(stream);
+                let notice = match &consent {
+                    Some((key, notice)) => {
+                        invocation.key(key);
+                        notice.as_str()
+                    }
+                    None => "",
+                };
+                invocation.arg(ttl).arg(notice).arg(fields).invoke_async(&mut c).await
+            })
             .await?;
-        Ok(if fresh == 1 { Appended::Written { stream_id } } else { Appended::Duplicate { stream_id } })
+        Ok(match fresh {
+            1 => Appended::Written { stream_id },
+            2 => Appended::NoConsent,
+            _ => Appended::Duplicate { stream_id },
+        })
     }
 
     async fn spill_entry(&self, entry: Entry) -> Result<(), AppendError> {
@@ -269,6 +310,7 @@ mod tests {
             stream: STREAM.to_string(),
             event_id: id.to_string(),
             fields: vec![("event_id".to_string(), id.to_string()), ("kind".to_string(), "rating".to_string())],
+            consent: None,
         }
     }
 
@@ -415,6 +457,46 @@ mod tests {
         assert_eq!(stream_events(&link).await, ["e1", "e2"]);
         drop(log);
         tokio::time::timeout(Duration::from_secs(2), replayer).await.unwrap().unwrap();
+    }
+
+    /// Consent is checked in the same atomic step as the write, at append and at replay, and a withdrawal
+    /// takes the user's entries out of the spill.
+    #[tokio::test]
+    async fn a_guarded_entry_is_written_only_while_its_consent_holds() {
+        let mut server = RedisServer::start().unwrap();
+        let link = Arc::new(RedisLink::new(&server.url()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(&link, Spill::open(&dir.path().join("spill"), 1 << 20).unwrap());
+        let consent = crate::consent::ConsentStore::new(link.clone(), "t");
+        let guarded = |id: &str, user: &str| Entry { consent: Some(consent.guard(user, "v1")), ..entry(id) };
+
+        assert_eq!(log.append(guarded("e1", "ann")).await.unwrap(), Appended::NoConsent, "never accepted");
+        consent.accept("ann", "v1").await.unwrap();
+        consent.accept("bob", "v1").await.unwrap();
+        assert!(matches!(log.append(guarded("e2", "ann")).await.unwrap(), Appended::Written { .. }));
+        consent.withdraw("ann").await.unwrap();
+        assert_eq!(log.append(guarded("e3", "ann")).await.unwrap(), Appended::NoConsent);
+        assert!(matches!(log.append(entry("e4")).await.unwrap(), Appended::Written { .. }), "unguarded: as before");
+
+        // Spilled while Redis is away: ann's entries leave the spill on withdrawal, and one that is still there
+        // when ann's consent no longer holds is dropped at replay instead of written.
+        consent.accept("ann", "v1").await.unwrap();
+        server.stop();
+        for (id, user) in [("e5", "ann"), ("e6", "bob"), ("e7", "ann")] {
+            assert_eq!(log.append(guarded(id, user)).await.unwrap(), Appended::Spilled);
+        }
+        assert_eq!(log.drop_user("ann").await.unwrap(), 2);
+        let left: Vec<String> = log.spill().pending().into_iter().map(|e| e.event_id).collect();
+        assert_eq!(left, ["e6"]);
+        assert!(!std::fs::read_to_string(dir.path().join("spill")).unwrap().contains("\"e5\""), "gone from disk");
+        assert_eq!(log.append(guarded("e8", "ann")).await.unwrap(), Appended::Spilled);
+        server.restart().unwrap();
+        wait_reachable(&link).await;
+        // The restarted test Redis forgot every consent: only bob's is given again.
+        consent.accept("bob", "v1").await.unwrap();
+        assert_eq!(log.replay().await.unwrap(), 1);
+        assert_eq!(log.spilled(), 0);
+        assert_eq!(stream_events(&link).await, ["e6"]);
     }
 
     #[tokio::test]

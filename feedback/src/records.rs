@@ -95,7 +95,7 @@ impl Record {
         let mut fields = vec![(KIND.to_string(), self.kind().to_string())];
         fields.extend(readable.into_iter().map(|(name, value)| (name.to_string(), value)));
         fields.push((EVENT.to_string(), json));
-        Ok(Entry { stream: self.stream().to_string(), event_id: event_id.to_string(), fields })
+        Ok(Entry { stream: self.stream().to_string(), event_id: event_id.to_string(), fields, consent: None })
     }
 
     /// Reads an entry of `stream` back (its fields as Redis returns them).

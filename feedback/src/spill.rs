@@ -192,8 +192,21 @@ impl Spill {
     /// if it fails after (syncing the directory, reopening), the entries are
     /// gone here and the error says their removal may not survive a crash.
     pub fn remove_first(&self, n: usize) -> io::Result<usize> {
+        self.remove_where(|i, _| i < n)
+    }
+
+    /// Removes, durably, every waiting entry logged under `user`'s consent (a
+    /// withdrawal reaches what is still on this disk); returns how many went.
+    pub fn remove_user(&self, user: &str) -> io::Result<usize> {
+        self.remove_where(|_, entry| entry.consent.as_ref().is_some_and(|c| c.user == user))
+    }
+
+    /// Removes the entries `doomed(position, entry)` picks, rewriting the file
+    /// (see the module docs); the same failure semantics as [`remove_first`](Self::remove_first).
+    fn remove_where(&self, doomed: impl Fn(usize, &Entry) -> bool) -> io::Result<usize> {
         let mut inner = self.lock();
-        let n = n.min(inner.records.len());
+        let keep: Vec<bool> = inner.records.iter().enumerate().map(|(i, e)| !doomed(i, e)).collect();
+        let n = keep.iter().filter(|k| !**k).count();
         if n == 0 {
             return Ok(0);
         }
@@ -209,7 +222,7 @@ impl Spill {
 
         let mut tmp = OpenOptions::new().create(true).write(true).truncate(true).open(&self.tmp_path)?;
         let mut kept = 0u64;
-        for entry in inner.records.iter().skip(n) {
+        for (entry, _) in inner.records.iter().zip(&keep).filter(|(_, k)| **k) {
             let line = encode(entry)?;
             tmp.write_all(&line)?;
             kept += line.len() as u64;
@@ -220,7 +233,8 @@ impl Spill {
 
         // The file is replaced: the old handle points at the unlinked inode.
         inner.file = None;
-        inner.records.drain(..n);
+        let mut keep = keep.into_iter();
+        inner.records.retain(|_| keep.next().unwrap_or(true));
         inner.bytes = kept;
         inner.dirty = false;
         sync_dir(&self.path)?;
@@ -337,6 +351,7 @@ mod tests {
             stream: "s".to_string(),
             event_id: format!("e{i}"),
             fields: vec![("event".to_string(), format!("{{\"n\":{i},\"text\":\"line\\nbreak\"}}"))],
+            consent: None,
         }
     }
 

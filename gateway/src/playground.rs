@@ -4,11 +4,12 @@
 //! to a training stream.
 
 use feedback::consent::Consent;
-use feedback::event_log::Appended;
-use feedback::events::{PromptEvent, SCHEMA_VERSION, Sample, new_id, now_ms};
+use feedback::event_log::{Appended, Entry};
+use feedback::events::{PromptEvent, SCHEMA_VERSION, Sample, WithdrawalEvent, new_id, now_ms};
 use feedback::logged_prompts::PromptRecord;
 use feedback::records::Record;
 use feedback::split::{DEDUPE_PREFIX_CHARS, dedupe_key, split_for};
+use feedback::streams;
 use inference::engine::{Completion, Engine};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -252,15 +253,22 @@ pub async fn log_samples(
         logged.not_logged = Some(NotLogged::StoreUnavailable);
         return logged;
     };
+    let entry = Entry { consent: Some(state.consent.guard(&key.user, &config.notice_version)), ..entry };
     let stream_id = match state.events.append(entry).await {
         Ok(Appended::Written { stream_id } | Appended::Duplicate { stream_id }) => Some(stream_id),
         Ok(Appended::Spilled) => None,
+        // Withdrawn while the completion ran: the write was refused atomically.
+        Ok(Appended::NoConsent) => {
+            logged.not_logged = Some(NotLogged::NoConsent);
+            return logged;
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not log a playground prompt");
             logged.not_logged = Some(NotLogged::StoreUnavailable);
             return logged;
         }
     };
+    let written = stream_id.is_some();
     let record = PromptRecord {
         prompt_id: prompt_id.clone(),
         user: key.user.clone(),
@@ -282,6 +290,54 @@ pub async fn log_samples(
     if let Err(e) = state.labeling.push(&prompt_id).await {
         tracing::warn!(error = %e, prompt = %prompt_id, "prompt not queued for labeling");
     }
+    // A withdrawal between the write and the record above found no record of this prompt to delete; whichever of
+    // the two comes second sees the other (the withdrawal reads the records after it changes the consent, this
+    // reads the consent after it stored the record), so the prompt never outlives the withdrawal.
+    if written && matches!(state.consent.get(&key.user).await, Ok(c) if !c.allows_logging(&config.notice_version)) {
+        if let Err(e) = forget_user(state, &key.user).await {
+            tracing::error!(error = %e.message, prompt = %prompt_id, "withdrawn during logging: not yet forgotten");
+        }
+        logged.not_logged = Some(NotLogged::NoConsent);
+        return logged;
+    }
     logged.logged = true;
     logged
+}
+
+/// Forgets `user`'s logged prompts after their consent was withdrawn: deletes their entries still in
+/// `instructd:prompts` and this replica's spill (other replicas' spilled ones are refused at replay, their consent
+/// being gone), their prompt records and labeling tasks, and tells the trainer (through the same stream) to drop
+/// whatever of theirs it stored. Returns how many stream entries were deleted.
+pub async fn forget_user(state: &AppState, user: &str) -> Result<u64, ApiError> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::unavailable(format!("Consent cannot be read or changed right now: {e}. Retry shortly."))
+    };
+    let spilled = state.events.drop_user(user).await.map_err(|e| unavailable(&e))?;
+    let records = state.prompts.user_records(user).await.map_err(|e| unavailable(&e))?;
+    let ids: Vec<String> = records.iter().filter_map(|r| r.stream_id.clone()).collect();
+    let removed: u64 = if ids.is_empty() {
+        0
+    } else {
+        state
+            .redis
+            .run(|mut c| async move { redis::cmd("XDEL").arg(streams::PROMPTS).arg(ids).query_async(&mut c).await })
+            .await
+            .map_err(|e| unavailable(&e))?
+    };
+    // Only now forget the records: a failure above can be retried and still finds the entries.
+    state.prompts.take_user(user).await.map_err(|e| unavailable(&e))?;
+    let prompt_ids: Vec<String> = records.iter().map(|r| r.prompt_id.clone()).collect();
+    if let Err(e) = state.labeling.remove(&prompt_ids).await {
+        tracing::warn!(error = %e, "withdrawn prompts left in the labeling queue");
+    }
+    let event = WithdrawalEvent {
+        schema_version: SCHEMA_VERSION,
+        user: user.to_string(),
+        removed_from_stream: removed,
+        created_at_ms: now_ms(),
+    };
+    let entry = Record::Withdrawal(event).to_entry(&new_id("wdr")).map_err(|e| ApiError::internal(e.to_string()))?;
+    state.events.append(entry).await.map_err(|e| ApiError::unavailable(format!("Withdrawal not recorded: {e}")))?;
+    tracing::info!(user, removed, spilled, "consent withdrawn: the user's logged data forgotten");
+    Ok(removed)
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use feedback::records::Record;
 use feedback::{LinkError, RedisLink, streams};
 use redis::Value;
 
@@ -27,6 +28,8 @@ pub enum IngestError {
     Redis(#[from] LinkError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 pub struct Ingestor {
@@ -109,6 +112,14 @@ impl Ingestor {
                 })
                 .collect();
             done.stored += store.append(&stream, &stored)?;
+            // A withdrawal reaches everything of the user's the trainer holds before it is acknowledged.
+            for entry in &stored {
+                if let Ok(Record::Withdrawal(w)) = entry.record() {
+                    let prompts = store.forget_user(&w.user, w.created_at_ms)?;
+                    let rows = crate::snapshot::forget_user(&self.config.data_dir, &w.user, &prompts)?;
+                    tracing::info!(user = %w.user, prompts = prompts.len(), snapshot_rows = rows, "consent withdrawal applied");
+                }
+            }
             let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
             let group = self.config.group.clone();
             let count = ids.len();

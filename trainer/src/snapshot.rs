@@ -358,6 +358,65 @@ pub fn write(
     Ok(manifest)
 }
 
+/// Takes a user's data out of every snapshot already written (a consent withdrawal reaches the old ones too):
+/// rows whose `user` or `labeler_id` is `user` or whose `prompt_id` is one of `prompt_ids` leave each file, and the
+/// manifest's counts and hashes follow. Returns how many rows went.
+pub fn forget_user(data_dir: &Path, user: &str, prompt_ids: &[String]) -> Result<usize, SnapshotError> {
+    let root = data_dir.join("snapshots");
+    let Ok(dirs) = std::fs::read_dir(&root) else { return Ok(0) };
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    };
+    let prompts: HashSet<&str> = prompt_ids.iter().map(String::as_str).collect();
+    let is_theirs = |row: &serde_json::Value| {
+        let field = |name: &str| row.get(name).and_then(|v| v.as_str());
+        field("user") == Some(user)
+            || field("labeler_id") == Some(user)
+            || field("prompt_id").is_some_and(|p| prompts.contains(p))
+    };
+    let mut removed = 0;
+    for dir in dirs.flatten().map(|d| d.path()) {
+        let manifest_path = dir.join("manifest.json");
+        let Ok(text) = std::fs::read_to_string(&manifest_path) else { continue };
+        let Ok(mut manifest) = serde_json::from_str::<SnapshotManifest>(&text) else { continue };
+        let mut changed = false;
+        for name in manifest.files.keys().cloned().collect::<Vec<_>>() {
+            let path = dir.join(&name);
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            let mut kept = Vec::new();
+            let mut rows = 0;
+            for line in text.lines() {
+                if serde_json::from_str::<serde_json::Value>(line).is_ok_and(|row| is_theirs(&row)) {
+                    removed += 1;
+                    changed = true;
+                    continue;
+                }
+                kept.extend_from_slice(line.as_bytes());
+                kept.push(b'\n');
+                rows += 1;
+            }
+            if kept.len() != text.len() {
+                crate::store::write_replacing(&path, &kept).map_err(|e| SnapshotError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                manifest.files.insert(name.clone(), hex::encode(Sha256::digest(&kept)));
+                manifest.counts.insert(name.trim_end_matches(".jsonl").to_string(), rows);
+            }
+        }
+        if changed {
+            let text = serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| SnapshotError::Io { path: manifest_path.clone(), source: std::io::Error::other(e) })?;
+            crate::store::write_replacing(&manifest_path, &text).map_err(|e| SnapshotError::Io {
+                path: manifest_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+    }
+    Ok(removed)
+}
+
 fn write_jsonl<T: Serialize>(
     dir: &Path,
     name: &str,

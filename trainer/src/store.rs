@@ -19,6 +19,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use feedback::records::{Record, RecordError};
+use feedback::streams;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,31 @@ pub struct DatasetStore {
     ids: HashMap<String, HashSet<StreamId>>,
     /// Complete lines that did not parse, per stream file (skipped).
     corrupt: usize,
+    /// Consent withdrawals applied so far (persisted in `withdrawn.json`): whatever of these users' data arrives
+    /// late (an entry claimed from another consumer, a redelivery) is not stored.
+    withdrawn: Withdrawn,
+}
+
+/// Users who withdrew consent (with when) and the prompt ids of theirs that were forgotten.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Withdrawn {
+    users: HashMap<String, u64>,
+    prompts: HashSet<String>,
+}
+
+impl Withdrawn {
+    /// Whether `record` is the data of a user who withdrew after it was made (their prompts, their judgments,
+    /// anyone's judgments of their prompts). Withdrawal records themselves are kept: they are the tombstones.
+    fn covers(&self, record: &Record) -> bool {
+        let before = |user: &str, at: u64| self.users.get(user).is_some_and(|w| at <= *w);
+        match record {
+            Record::Prompt(p) => before(&p.user, p.created_at_ms) || self.prompts.contains(&p.prompt_id),
+            Record::Feedback(f) => {
+                before(&f.labeler_id, f.created_at_ms) || f.prompt_id.as_ref().is_some_and(|p| self.prompts.contains(p))
+            }
+            Record::Withdrawal(_) => false,
+        }
+    }
 }
 
 impl DatasetStore {
@@ -76,7 +102,15 @@ impl DatasetStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let dir = data_dir.join("store");
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
-        let mut store = Self { dir, files: HashMap::new(), last: HashMap::new(), ids: HashMap::new(), corrupt: 0 };
+        let withdrawn_path = dir.join(WITHDRAWN_FILE);
+        let withdrawn = match std::fs::read(&withdrawn_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Io { path: withdrawn_path.clone(), source: std::io::Error::other(e) })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Withdrawn::default(),
+            Err(source) => return Err(StoreError::Io { path: withdrawn_path, source }),
+        };
+        let mut store =
+            Self { dir, files: HashMap::new(), last: HashMap::new(), ids: HashMap::new(), corrupt: 0, withdrawn };
         let entries =
             std::fs::read_dir(&store.dir).map_err(|source| StoreError::Io { path: store.dir.clone(), source })?;
         for entry in entries.flatten() {
@@ -169,6 +203,9 @@ impl DatasetStore {
             if known.is_some_and(|ids| ids.contains(&id)) || fresh.contains(&id) {
                 continue;
             }
+            if entry.record().is_ok_and(|r| self.withdrawn.covers(&r)) {
+                continue;
+            }
             last = last.max(id);
             fresh.push(id);
             serde_json::to_writer(&mut buffer, entry).map_err(|e| io(std::io::Error::other(e)))?;
@@ -191,6 +228,63 @@ impl DatasetStore {
         Ok(new)
     }
 
+    /// Applies `user`'s consent withdrawal made at `withdrawn_at_ms`: every record of theirs made until then, and
+    /// every judgment of their prompts, leaves the store files (rewritten, fsynced and renamed), whatever its
+    /// stream position, and is refused if it arrives later. Returns the prompt ids forgotten (for the snapshots).
+    pub fn forget_user(&mut self, user: &str, withdrawn_at_ms: u64) -> Result<Vec<String>, StoreError> {
+        let at = self.withdrawn.users.entry(user.to_string()).or_default();
+        *at = (*at).max(withdrawn_at_ms);
+        let mut forgotten = Vec::new();
+        for entry in self.read(streams::PROMPTS)? {
+            if let Ok(record @ Record::Prompt(_)) = entry.record()
+                && self.withdrawn.covers(&record)
+                && let Record::Prompt(p) = record
+            {
+                forgotten.push(p.prompt_id.clone());
+                self.withdrawn.prompts.insert(p.prompt_id);
+            }
+        }
+        let path = self.dir.join(WITHDRAWN_FILE);
+        let json = serde_json::to_vec(&self.withdrawn)
+            .map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+        write_replacing(&path, &json)?;
+        for stream in [streams::PROMPTS, streams::FEEDBACK] {
+            self.rewrite_without(stream)?;
+        }
+        Ok(forgotten)
+    }
+
+    /// Rewrites `stream`'s file without the entries withdrawals cover.
+    fn rewrite_without(&mut self, stream: &str) -> Result<(), StoreError> {
+        let entries = self.read(stream)?;
+        let (kept, gone): (Vec<StoredEntry>, Vec<StoredEntry>) =
+            entries.into_iter().partition(|e| !e.record().is_ok_and(|r| self.withdrawn.covers(&r)));
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let path = self.file_path(stream);
+        let mut text = Vec::new();
+        for entry in &kept {
+            serde_json::to_writer(&mut text, entry)
+                .map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+            text.push(b'\n');
+        }
+        write_replacing(&path, &text)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        self.files.insert(stream.to_string(), file);
+        if let Some(ids) = self.ids.get_mut(stream) {
+            for entry in &gone {
+                if let Some(id) = StreamId::parse(&entry.id) {
+                    ids.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every stored entry of `stream`, in order.
     pub fn read(&self, stream: &str) -> Result<Vec<StoredEntry>, StoreError> {
         let path = self.file_path(stream);
@@ -211,6 +305,22 @@ impl DatasetStore {
         out.sort_by_key(|(id, _)| *id);
         Ok(out.into_iter().map(|(_, e)| e).collect())
     }
+}
+
+const WITHDRAWN_FILE: &str = "withdrawn.json";
+
+/// Replaces `path` with `bytes` atomically: a temporary file, fsynced, renamed over it, the directory fsynced.
+pub(crate) fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub async fn submit(
         Ok(Appended::Written { stream_id }) => ("recorded", Some(stream_id)),
         Ok(Appended::Duplicate { stream_id }) => ("duplicate", Some(stream_id)),
         Ok(Appended::Spilled) => ("queued", None),
+        // Judgments carry no consent guard: a refusal here is a bug, and nothing was written.
+        Ok(Appended::NoConsent) => return Err(ApiError::internal("a judgment was refused for consent")),
         Err(AppendError::SpillFull { capacity_bytes }) => {
             return Err(ApiError::unavailable(format!(
                 "Feedback cannot be stored right now: Redis is unreachable and the local spill ({capacity_bytes} \

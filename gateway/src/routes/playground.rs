@@ -5,9 +5,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use feedback::consent::ConsentStatus;
-use feedback::events::{SCHEMA_VERSION, WithdrawalEvent, now_ms};
-use feedback::records::Record;
-use feedback::streams;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -17,7 +14,7 @@ use crate::error::ApiError;
 use crate::generation::collect_all;
 use crate::json::ApiJson;
 use crate::keys::Scope;
-use crate::playground::{PlaygroundRequest, log_samples};
+use crate::playground::{PlaygroundRequest, forget_user, log_samples};
 use crate::state::SharedState;
 use axum::response::{IntoResponse, Response};
 
@@ -85,46 +82,12 @@ pub async fn post_consent(
         ConsentChange::Withdraw => {
             // Stop logging first, then remove what is still waiting in the stream.
             let consent = state.consent.withdraw(&user).await.map_err(store_error)?;
-            let removed = withdraw_entries(&state, &user).await?;
+            let removed = forget_user(&state, &user).await?;
             let mut body = consent_body(&state, &user, &consent);
             body["removed"] = json!(removed);
             Ok(Json(body))
         }
     }
-}
-
-/// Deletes the user's entries still in `instructd:prompts` and tells the
-/// trainer (through the same stream) to drop any it already stored.
-async fn withdraw_entries(state: &SharedState, user: &str) -> Result<u64, ApiError> {
-    let records = state.prompts.user_records(user).await.map_err(store_error)?;
-    let ids: Vec<String> = records.iter().filter_map(|r| r.stream_id.clone()).collect();
-    let removed: u64 = if ids.is_empty() {
-        0
-    } else {
-        state
-            .redis
-            .run(|mut c| async move { redis::cmd("XDEL").arg(streams::PROMPTS).arg(ids).query_async(&mut c).await })
-            .await
-            .map_err(store_error)?
-    };
-    // Only now forget the records: a failure above can be retried and still finds the entries.
-    state.prompts.take_user(user).await.map_err(store_error)?;
-    let prompt_ids: Vec<String> = records.iter().map(|r| r.prompt_id.clone()).collect();
-    if let Err(e) = state.labeling.remove(&prompt_ids).await {
-        tracing::warn!(error = %e, "withdrawn prompts left in the labeling queue");
-    }
-    let event = WithdrawalEvent {
-        schema_version: SCHEMA_VERSION,
-        user: user.to_string(),
-        removed_from_stream: removed,
-        created_at_ms: now_ms(),
-    };
-    let entry = Record::Withdrawal(event)
-        .to_entry(&feedback::events::new_id("wdr"))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    state.events.append(entry).await.map_err(|e| ApiError::unavailable(format!("Withdrawal not recorded: {e}")))?;
-    tracing::info!(user, removed, "consent withdrawn");
-    Ok(removed)
 }
 
 pub async fn completions(

@@ -243,3 +243,60 @@ fn quality_control_drops_a_labeler_who_disagrees_with_everyone() {
     };
     assert_eq!(build(&store, &filters(flag_only)).unwrap().rm.len(), 30);
 }
+
+/// A withdrawal reaches the store and the snapshots already written, by user id whatever the stream order: the
+/// user's prompts, their judgments, others' judgments of their prompts; an older entry of theirs arriving later
+/// (claimed from another consumer) is refused, across a restart; what they log after consenting again is kept.
+#[test]
+fn a_withdrawal_forgets_the_user_in_the_store_and_in_old_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_prompts(dir.path(), 10);
+    append_feedback(
+        &mut store,
+        &[by("lena", "p0", [0, 1, 2, 3]), by("user0", "p1", [3, 2, 1, 0]), by("lena", "p1", [0, 1, 2, 3])],
+    );
+    let filters = filters(Default::default());
+    let old = write(&store, dir.path(), &build(&store, &filters).unwrap(), &filters).unwrap();
+    let rows = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.path().join("snapshots").join(&old.id).join(name)).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let theirs = |row: &serde_json::Value| {
+        row["user"] == "user0" || row["labeler_id"] == "user0" || row["prompt_id"] == "p0" || row["prompt_id"] == "p5"
+    };
+    assert!(rows("prompts.jsonl").iter().any(theirs) && rows("rm.jsonl").iter().any(theirs), "the user is in it");
+
+    let mut forgotten = store.forget_user("user0", 5).unwrap();
+    forgotten.sort();
+    assert_eq!(forgotten, ["p0", "p5"]);
+    assert!(forget_user(dir.path(), "user0", &forgotten).unwrap() >= 3);
+    for name in ["prompts.jsonl", "rm.jsonl", "sft.jsonl", "ratings.jsonl"] {
+        assert!(!rows(name).iter().any(theirs), "{name} still holds the user's rows");
+    }
+    let manifest: SnapshotManifest = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("snapshots").join(&old.id).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest.counts["prompts"], 8);
+    assert_eq!(manifest.counts["rm"], rows("rm.jsonl").len());
+    let records = |store: &DatasetStore, stream| -> Vec<Record> {
+        store.read(stream).unwrap().iter().map(|e| e.record().unwrap()).collect()
+    };
+    let held = [records(&store, streams::PROMPTS), records(&store, streams::FEEDBACK)].concat();
+    assert_eq!(held.len(), 8 + 1, "8 prompts and lena's ranking of p1 are left");
+    assert!(held.iter().all(|r| r.user() != "user0"));
+
+    // An older prompt of theirs claimed late, then one logged after they consented again.
+    let mut late = prompt("p90", "user0", "Claimed late.", false);
+    late.created_at_ms = 4;
+    let mut again = prompt("p91", "user0", "After consenting again.", false);
+    again.created_at_ms = 9;
+    assert_eq!(store.append(streams::PROMPTS, &[entry(0, Record::Prompt(late.clone()))]).unwrap(), 0);
+    drop(store);
+    let mut store = DatasetStore::open(dir.path()).unwrap();
+    let mut late_again = entry(0, Record::Prompt(late));
+    late_again.id = "0-1".into();
+    assert_eq!(store.append(streams::PROMPTS, &[late_again, entry(50, Record::Prompt(again))]).unwrap(), 1);
+    let prompts: Vec<String> = build(&store, &filters).unwrap().prompts.into_iter().map(|p| p.prompt_id).collect();
+    assert!(prompts.contains(&"p91".to_string()) && !prompts.contains(&"p90".to_string()), "{prompts:?}");
+}
