@@ -88,6 +88,11 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// A well-formed request that the resource's current state refuses (409).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", Some(code), message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found"), message)
     }

@@ -76,7 +76,17 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+    let mut value: serde_json::Value = serde::Deserialize::deserialize(&mut deserializer).map_err(|e| {
+        ApiError::invalid_request(
+            None,
+            format!("We could not parse the JSON body of your request ({e}). The body must be a JSON object."),
+        )
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid_request(None, format!("Unexpected data after the JSON body: {e}")))?;
+    integral_numbers_as_integers(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
@@ -97,11 +107,29 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 format!("We could not parse the JSON body of your request ({inner}). The body must be a JSON object."),
             ),
         }
-    })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::invalid_request(None, format!("Unexpected data after the JSON body: {e}")))?;
-    Ok(value)
+    })
+}
+
+/// JSON has one number type: `28.0` is the integer 28 to JSON Schema (and so
+/// to openapi.yaml) and to OpenAI's API, so integer fields take it. Floats
+/// with a fractional part, or beyond what an integer type holds, stay floats
+/// (and are refused by integer fields, naming them).
+fn integral_numbers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(number) => {
+            // Within ±2^53 every integral f64 is exact, so the cast loses nothing.
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64())
+                && float.fract() == 0.0
+                && float.abs() <= 9_007_199_254_740_992.0
+            {
+                *number = serde_json::Number::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers_as_integers),
+        _ => {}
+    }
 }
 
 fn unknown_field(message: &str) -> Option<String> {
@@ -136,6 +164,14 @@ mod tests {
     fn wrong_type_names_the_field() {
         assert_eq!(error(br#"{"n": "two"}"#).param.as_deref(), Some("n"));
         assert_eq!(error(br#"{"messages": [{"content": 3}]}"#).param.as_deref(), Some("messages[0].content"));
+    }
+
+    #[test]
+    fn integral_floats_fill_integer_fields() {
+        let sample: Sample = parse(br#"{"n": 28.0}"#).unwrap();
+        assert_eq!(sample.n, Some(28));
+        assert_eq!(error(br#"{"n": 2.5}"#).param.as_deref(), Some("n"));
+        assert_eq!(error(br#"{"n": 1e20}"#).param.as_deref(), Some("n"));
     }
 
     #[test]

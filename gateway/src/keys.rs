@@ -162,6 +162,9 @@ pub enum KeyError {
     Corrupt { id: String, message: String },
     #[error("invalid key request: {message}")]
     Invalid { param: Option<&'static str>, message: String },
+    /// The change conflicts with the key's state (a revoked key's status is final).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<LinkError> for KeyError {
@@ -436,10 +439,7 @@ impl KeyStore {
     pub async fn set_status(&self, id: &str, status: KeyStatus, reason: Option<String>) -> Result<ApiKey, KeyError> {
         let mut key = self.get(id).await?;
         if key.status == KeyStatus::Revoked && status != KeyStatus::Revoked {
-            return Err(KeyError::Invalid {
-                param: None,
-                message: format!("key {id} is revoked; its status cannot change"),
-            });
+            return Err(KeyError::Conflict(format!("Key {id} is revoked; its status cannot change.")));
         }
         key.status = status;
         key.status_reason = reason;
@@ -600,7 +600,7 @@ mod tests {
         assert_eq!(other.authenticate(&secret).await.unwrap().status, KeyStatus::Suspended);
 
         store.set_status(&key.id, KeyStatus::Revoked, None).await.unwrap();
-        assert!(matches!(store.set_status(&key.id, KeyStatus::Active, None).await, Err(KeyError::Invalid { .. })));
+        assert!(matches!(store.set_status(&key.id, KeyStatus::Active, None).await, Err(KeyError::Conflict(_))));
         assert_eq!(store.list().await.unwrap().len(), 1);
         // The secret is not stored anywhere in Redis.
         let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();

@@ -33,6 +33,7 @@ pub struct PlaygroundRequest {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
     #[serde(default, deserialize_with = "crate::openai::common::top_p")]
+    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,

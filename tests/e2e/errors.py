@@ -123,6 +123,9 @@ assert r.status_code == 200 and r.json()["deleted"] is True, r.text
 time.sleep(0.6)
 expect_error(post(C, victim["secret"], {"model": model, "prompt": "hi", "max_tokens": 1}), 401,
              "invalid_request_error", "invalid_api_key")
+# A revoked key's status is final: changing it conflicts with its state.
+expect_error(httpx.post(f"{BASE}/admin/keys/{victim['id']}/reinstate", headers=admin_headers()), 409,
+             "invalid_request_error", "key_revoked")
 expect_error(httpx.post(f"{BASE}/admin/keys/key_missing/suspend", headers=admin_headers()), 404,
              "invalid_request_error", "not_found")
 ok("suspend, reinstate, revoke")

@@ -16,8 +16,8 @@ r = redis_client()
 assert get("/v1/playground/consent", alice).json()["status"] == "none"
 before = playground(alice, model, "Write a haiku about autumn.")
 assert before["logged"] is False and before["not_logged_reason"] == "no_consent", before
-expect_error(post("/v1/playground/consent", alice, {"action": "accept", "notice_version": "1999"}), 400,
-             "invalid_request_error", None, "notice_version")
+expect_error(post("/v1/playground/consent", alice, {"action": "accept", "notice_version": "1999"}), 409,
+             "invalid_request_error", "notice_version_not_current", "notice_version")
 expect_error(post("/v1/playground/completions", api, {"model": model, "prompt": "x"}), 403, "permission_error",
              "insufficient_scope")
 ok("nothing logged without consent")

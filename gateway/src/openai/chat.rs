@@ -68,6 +68,7 @@ pub struct ChatCompletionRequest {
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     pub temperature: Option<f32>,
+    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
@@ -100,6 +101,18 @@ impl ChatCompletionRequest {
     /// bytes, stop sequences, counts. Returns an estimate of the tokens the request
     /// will be charged, so it can be rate limited before its messages are rendered
     /// and tokenized (the charge is settled with the real usage when it ends).
+    /// `max_completion_tokens`, else `max_tokens` (OpenAI's older name); each must be at least 1 when
+    /// sent, even the one that loses, so a request is never half valid.
+    fn explicit_max_tokens(&self) -> Result<Option<usize>, ApiError> {
+        let at_least_one = |value: Option<i64>, param: &'static str| match check_max_tokens(value, param)? {
+            Some(0) => Err(ApiError::invalid_request(Some(param), format!("{param} must be at least 1."))),
+            other => Ok(other),
+        };
+        let completion = at_least_one(self.max_completion_tokens, "max_completion_tokens")?;
+        let legacy = at_least_one(self.max_tokens, "max_tokens")?;
+        Ok(completion.or(legacy))
+    }
+
     pub fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
         check_model(engine, &self.model)?;
         if self.messages.is_empty() {
@@ -109,10 +122,7 @@ impl ChatCompletionRequest {
         check_prompt_bytes(bytes, max_prompt_bytes, "messages")?;
         Stop::check(&self.stop)?;
         let n = check_count(self.n, "n", 1)?;
-        let explicit_max = match check_max_tokens(self.max_completion_tokens, "max_completion_tokens")? {
-            Some(v) => Some(v),
-            None => check_max_tokens(self.max_tokens, "max_tokens")?,
-        };
+        let explicit_max = self.explicit_max_tokens()?;
         let max_positions = engine.info().max_positions;
         let prompt =
             bytes.saturating_add(self.messages.len().saturating_mul(TEMPLATE_TOKENS_PER_MESSAGE)).min(max_positions);
@@ -140,6 +150,7 @@ impl ChatCompletionRequest {
         ])?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = check_stream_options(stream, &self.stream_options)?;
+        let explicit_max = self.explicit_max_tokens()?;
         let messages = to_chat_messages(self.messages)?;
         let top_logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, None) => None,
@@ -159,13 +170,6 @@ impl ChatCompletionRequest {
             }
         };
         let n = check_count(self.n, "n", 1)?;
-        let explicit_max = match check_max_tokens(self.max_completion_tokens, "max_completion_tokens")? {
-            Some(v) => Some(v),
-            None => check_max_tokens(self.max_tokens, "max_tokens")?,
-        };
-        if explicit_max == Some(0) {
-            return Err(ApiError::invalid_request(Some("max_tokens"), "max_tokens must be at least 1."));
-        }
 
         let stop = Stop::into_shared(self.stop)?;
 

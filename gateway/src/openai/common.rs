@@ -75,6 +75,13 @@ impl SamplingFields {
     }
 }
 
+/// Reads `top_p`, whose range excludes 0: a positive value too small for f32 (`1e-60`) would
+/// round to 0 and be refused, so it becomes the smallest positive f32, which samples alike.
+pub fn top_p<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<f32>, D::Error> {
+    let value = Option::<f64>::deserialize(deserializer)?;
+    Ok(value.map(|p| if p > 0.0 { (p as f32).max(f32::MIN_POSITIVE) } else { p as f32 }))
+}
+
 /// Refuses fields we parse but do not implement, naming the first one set.
 /// `null`, `{}` and `[]` count as not set, as clients send them for defaults.
 pub fn reject_unsupported(fields: &[(&str, &Option<Value>)]) -> Result<(), ApiError> {
@@ -235,6 +242,20 @@ pub fn check_count(value: Option<i64>, param: &'static str, default: usize) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_positive_top_p_stays_positive() {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default, deserialize_with = "top_p")]
+            top_p: Option<f32>,
+        }
+        let parse = |json: &str| serde_json::from_str::<Body>(json).map(|b| b.top_p).ok().flatten();
+        assert_eq!(parse(r#"{"top_p": 7.4e-117}"#), Some(f32::MIN_POSITIVE));
+        assert_eq!(parse(r#"{"top_p": 0}"#), Some(0.0));
+        assert_eq!(parse(r#"{"top_p": 0.5}"#), Some(0.5));
+        assert_eq!(parse(r#"{"top_p": null}"#), None);
+    }
 
     #[test]
     fn stop_sequences_are_capped_in_length_and_shared() {

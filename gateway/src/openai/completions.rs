@@ -31,6 +31,7 @@ pub struct CompletionRequest {
     pub prompt: Option<Prompt>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
+    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub n: Option<i64>,
     pub best_of: Option<i64>,

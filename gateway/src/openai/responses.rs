@@ -27,6 +27,7 @@ pub struct ResponsesRequest {
     pub instructions: Option<String>,
     pub max_output_tokens: Option<i64>,
     pub temperature: Option<f32>,
+    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub stream: Option<bool>,
     pub user: Option<String>,

@@ -18,9 +18,7 @@ fn rollout_error(error: RolloutError) -> ApiError {
     match error {
         RolloutError::Unknown(_) => ApiError::not_found(error.to_string()).with_param("id"),
         RolloutError::NotReady(..) | RolloutError::NoPrevious => {
-            let mut e = ApiError::invalid_request(None, error.to_string());
-            e.status = axum::http::StatusCode::CONFLICT;
-            e.with_code("checkpoint_not_ready")
+            ApiError::conflict("checkpoint_not_ready", error.to_string())
         }
         RolloutError::Invalid { .. } => {
             ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_invalid")
@@ -29,9 +27,7 @@ fn rollout_error(error: RolloutError) -> ApiError {
             ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_not_servable")
         }
         RolloutError::GateFailed(_) => {
-            let mut e = ApiError::invalid_request(Some("force"), error.to_string());
-            e.status = axum::http::StatusCode::CONFLICT;
-            e.with_code("checkpoint_gate_failed")
+            ApiError::conflict("checkpoint_gate_failed", error.to_string()).with_param("force")
         }
     }
 }

@@ -24,6 +24,7 @@ fn key_error(error: KeyError, id: &str) -> ApiError {
     match error {
         KeyError::NotFound => ApiError::not_found(format!("No API key with id '{id}'.")).with_param("id"),
         KeyError::Invalid { param, message } => ApiError::invalid_request(param, message),
+        KeyError::Conflict(message) => ApiError::conflict("key_revoked", message),
         KeyError::Unavailable(message) => ApiError::unavailable(format!("The key store is unavailable: {message}")),
         KeyError::Corrupt { .. } => ApiError::internal(error.to_string()),
     }

@@ -52,10 +52,9 @@ pub async fn get_consent(State(state): State<SharedState>, caller: Caller) -> Re
 #[serde(rename_all = "snake_case", tag = "action", deny_unknown_fields)]
 pub enum ConsentChange {
     /// Accept the notice; `notice_version` must be the current one (the user read that text).
-    Accept {
-        notice_version: String,
-    },
-    Withdraw,
+    Accept { notice_version: String },
+    /// A struct variant, not a unit one: serde lets a tagged unit variant ignore unknown fields.
+    Withdraw {},
 }
 
 pub async fn post_consent(
@@ -67,19 +66,22 @@ pub async fn post_consent(
     let user = caller.key().user.clone();
     match change {
         ConsentChange::Accept { notice_version } => {
+            // A well-formed acceptance of a notice that is no longer current: a conflict with the
+            // notice's state (the client read an older one), not a malformed request.
             if notice_version != state.config.playground.notice_version {
-                return Err(ApiError::invalid_request(
-                    Some("notice_version"),
+                return Err(ApiError::conflict(
+                    "notice_version_not_current",
                     format!(
                         "The current notice is version {}; read it (GET /v1/playground/notice) and accept that version.",
                         state.config.playground.notice_version
                     ),
-                ));
+                )
+                .with_param("notice_version"));
             }
             let consent = state.consent.accept(&user, &notice_version).await.map_err(store_error)?;
             Ok(Json(consent_body(&state, &user, &consent)))
         }
-        ConsentChange::Withdraw => {
+        ConsentChange::Withdraw {} => {
             // Stop logging first, then remove what is still waiting in the stream.
             let consent = state.consent.withdraw(&user).await.map_err(store_error)?;
             let removed = forget_user(&state, &user).await?;
@@ -152,4 +154,20 @@ pub async fn completions(
     insert_headers(response.headers_mut(), &limit_headers);
     let _ = ConsentStatus::None;
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConsentChange;
+
+    #[test]
+    fn consent_changes_refuse_unknown_fields() {
+        assert!(crate::json::parse::<ConsentChange>(br#"{"action": "withdraw"}"#).is_ok());
+        for body in
+            [&br#"{"action": "withdraw", "extra": 1}"#[..], br#"{"action": "accept", "notice_version": "1", "x": 0}"#]
+        {
+            let error = crate::json::parse::<ConsentChange>(body).err().map(|e| e.status.as_u16());
+            assert_eq!(error, Some(400), "{}", String::from_utf8_lossy(body));
+        }
+    }
 }
