@@ -9,6 +9,10 @@
 //! and `chromium-driver`; or INSTRUCTD_CHROMIUM / INSTRUCTD_CHROMEDRIVER),
 //! `redis-cli`, and `selenium` in the test Python (`make test-venv`). Without
 //! them the test prints SKIPPED and passes, unless INSTRUCTD_REQUIRE_BROWSER=1.
+//!
+//! A second test (`tests/e2e/arena_browser.py`) walks the playground's arena
+//! (a blind battle between two loaded checkpoints and a vote) and the admin
+//! page's leaderboard and labeler quality table.
 
 // Each test binary uses only part of the shared helpers.
 #[allow(dead_code)]
@@ -18,7 +22,9 @@ mod gateway;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use gateway::{Gateway, RedisServer, python, run_script, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, RedisServer, python, run_script, tiny_model};
+use inference::checkpoint::{CheckpointStore, Manifest, Stage};
+use inference::tiny_model::{TinySpec, init_tiny};
 
 fn required() -> bool {
     std::env::var("INSTRUCTD_REQUIRE_BROWSER").is_ok_and(|v| v == "1")
@@ -69,5 +75,44 @@ fn playground_page_in_a_browser() {
         &python,
         "playground_browser.py",
         &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_REDIS_URL", &redis.url())],
+    );
+}
+
+#[test]
+fn arena_and_admin_pages_in_a_browser() {
+    let python = python();
+    if let Some(reason) = missing(python.as_deref()) {
+        assert!(!required(), "INSTRUCTD_REQUIRE_BROWSER=1 but {reason}");
+        return;
+    }
+    let python = python.unwrap();
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = |seed| TinySpec { seed, tie_word_embeddings: false, ..Default::default() };
+    let base = tmp.path().join("base");
+    init_tiny(&base, &spec(1)).unwrap();
+    let store = CheckpointStore::open(&tmp.path().join("checkpoints")).unwrap();
+    let candidate = tmp.path().join("candidate");
+    init_tiny(&candidate, &spec(2)).unwrap();
+    store.import_dir(&candidate, Manifest::new("sft-candidate", None, Stage::Sft)).unwrap();
+    // A refresh whose manifest carries labeler quality figures, as the trainer writes them.
+    let mut measured = Manifest::new("sft-measured", None, Stage::Sft);
+    measured.metrics = serde_json::json!({"data": {"labeler_agreement": 0.7, "labelers_flagged": ["eve"], "labelers": [
+        {"labeler_id": "ann", "rankings": 40, "comparisons": 90, "agreement": 0.78,
+         "gold_comparisons": 0, "gold_agreement": null, "gold": false, "flagged": false},
+        {"labeler_id": "eve", "rankings": 30, "comparisons": 70, "agreement": 0.31,
+         "gold_comparisons": 12, "gold_agreement": 0.25, "gold": false, "flagged": true}]}});
+    store.import_dir(&candidate, measured).unwrap();
+    let gateway = Gateway::start(
+        &redis.url(),
+        &base,
+        &[("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", store.root().to_str().unwrap())],
+    );
+    let (status, body, _) = gateway.call("POST", "/admin/checkpoints/sft-candidate/load", ADMIN_KEY, None);
+    assert_eq!(status, 200, "{body}");
+    run_script(
+        &python,
+        "arena_browser.py",
+        &[("INSTRUCTD_URL", &gateway.url), ("INSTRUCTD_ARENA_CANDIDATE", "sft-candidate")],
     );
 }

@@ -111,6 +111,10 @@ pub struct TrainingReport {
     pub charts: Vec<Chart>,
     /// Every checkpoint, oldest first (by `created_at_ms`, then id).
     pub table: Vec<Row>,
+    /// The newest checkpoint whose manifest has per-labeler quality figures, and those figures (the trainer's
+    /// own type, read back from `metrics.data.labelers`).
+    pub labelers_from: Option<String>,
+    pub labelers: Vec<trainer::labeler_quality::LabelerQuality>,
 }
 
 /// A finite number under `key`, if `value` is an object that has one.
@@ -296,8 +300,16 @@ pub fn report(manifests: &[Manifest]) -> TrainingReport {
         })
         .collect();
 
+    let labelers = sorted.iter().rev().find_map(|m| {
+        let rows = m.metrics.get("data")?.get("labelers")?.clone();
+        let rows: Vec<trainer::labeler_quality::LabelerQuality> = serde_json::from_value(rows).ok()?;
+        (!rows.is_empty()).then(|| (m.id.clone(), rows))
+    });
+    let (labelers_from, labelers) = labelers.map_or((None, vec![]), |(id, rows)| (Some(id), rows));
     TrainingReport {
         object: "training_report",
+        labelers_from,
+        labelers,
         policy_refreshes: policy.len(),
         reward_model_refreshes: reward_models.len(),
         newest_ppo: newest_ppo.map(|m| m.id.clone()),
@@ -719,7 +731,12 @@ mod tests {
                 json!({"val_accuracy": 0.71,
                      "val_accuracy_before": 0.66, "wall_secs": 20.0,
                      "data": {"newest_judgment_age_secs": 42.5, "labeler_agreement": 0.74,
-                              "labelers_flagged": ["eve"]}}),
+                              "labelers_flagged": ["eve"],
+                              "labelers": [
+                                  {"labeler_id": "ann", "rankings": 40, "comparisons": 90, "agreement": 0.78,
+                                   "gold_comparisons": 0, "gold_agreement": null, "gold": false, "flagged": false},
+                                  {"labeler_id": "eve", "rankings": 30, "comparisons": 70, "agreement": 0.31,
+                                   "gold_comparisons": 12, "gold_agreement": 0.25, "gold": false, "flagged": true}]}}),
             ),
             manifest(
                 "sft-1",
@@ -806,6 +823,11 @@ mod tests {
         let rm2 = report.table.iter().find(|r| r.id == "rm-2").unwrap();
         assert_eq!(rm2.headline.feedback_age_secs, Some(42.5));
         assert_eq!((rm2.headline.labeler_agreement, rm2.headline.labelers_flagged), (Some(0.74), Some(1)));
+        // The quality table comes from the newest manifest that has per-labeler figures.
+        assert_eq!(report.labelers_from.as_deref(), Some("rm-2"));
+        let flagged: Vec<(&str, bool)> = report.labelers.iter().map(|l| (l.labeler_id.as_str(), l.flagged)).collect();
+        assert_eq!(flagged, [("ann", false), ("eve", true)]);
+        assert_eq!(report.labelers[1].gold_agreement, Some(0.25));
         let sft = &report.table[1];
         assert_eq!((sft.headline.val_loss, sft.headline.best_epoch, sft.passed), (Some(1.8), Some(3), Some(true)));
         assert_eq!(report.table[2].headline.val_accuracy, Some(0.68));

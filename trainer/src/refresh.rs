@@ -499,6 +499,8 @@ fn data_summary(data: &Dataset) -> serde_json::Value {
         "labeler_agreement": qc.overall_agreement,
         "labeler_comparisons": qc.comparisons,
         "labelers_flagged": qc.flagged().map(|l| l.labeler_id.clone()).collect::<Vec<_>>(),
+        // Every labeler's figures, for the admin page's quality table.
+        "labelers": qc.labelers.values().collect::<Vec<_>>(),
         "rankings_excluded_by_qc": data.excluded.low_agreement_labeler,
         "judgments_superseded": data.excluded.superseded,
     })
