@@ -68,6 +68,9 @@ pub struct PlaygroundConfig {
     pub default_max_tokens: usize,
     /// Replace personal data found in logged prompts by placeholders (else only flag it).
     pub redact_pii: bool,
+    /// Serve labelers tasks with the personal data the PII screen finds replaced by placeholders (prompts the
+    /// screen flagged are never queued for labeling either way).
+    pub redact_for_labelers: bool,
     /// How long a labeler holds a task before it returns to the queue.
     pub labeling_lease_secs: u64,
     /// Judgments a prompt needs before it leaves the labeling queue.
@@ -162,6 +165,7 @@ impl Default for PlaygroundConfig {
             max_samples: 9,
             default_max_tokens: 128,
             redact_pii: false,
+            redact_for_labelers: true,
             labeling_lease_secs: 600,
             labels_per_prompt: 1,
             spill_dir: ".cache/spill".into(),

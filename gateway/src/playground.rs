@@ -33,7 +33,6 @@ pub struct PlaygroundRequest {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
     #[serde(default, deserialize_with = "crate::openai::common::top_p")]
-    #[serde(default, deserialize_with = "crate::openai::common::top_p")]
     pub top_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -288,7 +287,10 @@ pub async fn log_samples(
     if let Err(e) = state.prompts.insert(&record).await {
         tracing::warn!(error = %e, prompt = %prompt_id, "prompt record kept in memory only");
     }
-    if let Err(e) = state.labeling.push(&prompt_id).await {
+    // A prompt with personal data in it is never shown to labelers (nor trained on: the snapshot drops it).
+    if !record.has_pii
+        && let Err(e) = state.labeling.push(&prompt_id).await
+    {
         tracing::warn!(error = %e, prompt = %prompt_id, "prompt not queued for labeling");
     }
     // A withdrawal between the write and the record above found no record of this prompt to delete; whichever of

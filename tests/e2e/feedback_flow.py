@@ -99,10 +99,11 @@ while True:
     ids = [s["generation_id"] for s in t["samples"]]
     body = {"type": "demonstration", "prompt_id": t["prompt_id"], "response": "An ideal answer."}
     assert post("/v1/feedback", labeler, body).status_code == 201
-assert pid in seen and pii["prompt_id"] in seen, (seen, pid)
+# A prompt the PII screen flagged is never served to labelers (issue 13).
+assert pid in seen and pii["prompt_id"] not in seen, (seen, pid)
 res = post("/v1/feedback", labeler, {"type": "demonstration", "prompt": "Explain tides.", "response": "The moon..."})
 assert res.status_code == 201 and res.json()["prompt_id"] is None, res.text
-ok("labeling queue leases each logged prompt once per labeler")
+ok("labeling queue leases each logged prompt once per labeler, never one with personal data")
 
 # The consent-leak check: every entry of every stream.
 prompts = stream_events(r, "instructd:prompts")
