@@ -4,7 +4,9 @@
 //! labeler claims the first available prompt they have not labeled; the
 //! claim leases it (its score moves to now + lease), so two labelers do not
 //! get the same task at once, and an abandoned lease simply expires. A
-//! prompt leaves the queue once enough labelers have judged it.
+//! prompt leaves the queue once enough labelers have judged it: one, or for
+//! a configured fraction of prompts (chosen by a hash of the prompt id, so
+//! every replica agrees) several, whose judgments quality control compares.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,11 +28,36 @@ end
 return false
 ";
 
+/// How many labelers judge each prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overlap {
+    /// Judgments every prompt needs.
+    pub labels_per_prompt: u32,
+    /// The share of prompts that go to `overlap_labels` labelers instead.
+    pub fraction: f64,
+    pub overlap_labels: u32,
+}
+
+/// Keeps the overlap choice independent of the train/validation split's hash.
+const OVERLAP_SALT: &[u8] = b"instructd/labeling-overlap/v1\0";
+
+impl Overlap {
+    /// Judgments `prompt_id` needs before it leaves the queue.
+    pub fn needed(&self, prompt_id: &str) -> u32 {
+        let base = self.labels_per_prompt.max(1);
+        if self.fraction > 0.0 && crate::split::salted_unit_hash(OVERLAP_SALT, prompt_id) < self.fraction {
+            base.max(self.overlap_labels)
+        } else {
+            base
+        }
+    }
+}
+
 pub struct LabelingQueue {
     link: Arc<RedisLink>,
     prefix: String,
     lease: Duration,
-    labels_per_prompt: u32,
+    overlap: Overlap,
     claim: redis::Script,
 }
 
@@ -42,14 +69,8 @@ pub struct Lease {
 }
 
 impl LabelingQueue {
-    pub fn new(link: Arc<RedisLink>, prefix: &str, lease: Duration, labels_per_prompt: u32) -> Self {
-        Self {
-            link,
-            prefix: prefix.to_string(),
-            lease,
-            labels_per_prompt: labels_per_prompt.max(1),
-            claim: redis::Script::new(CLAIM),
-        }
+    pub fn new(link: Arc<RedisLink>, prefix: &str, lease: Duration, overlap: Overlap) -> Self {
+        Self { link, prefix: prefix.to_string(), lease, overlap, claim: redis::Script::new(CLAIM) }
     }
 
     fn queue_key(&self) -> String {
@@ -89,8 +110,8 @@ impl LabelingQueue {
     /// once it has enough, else its lease is released for the next labeler.
     pub async fn mark_labeled(&self, prompt_id: &str, labeler: &str) -> Result<(), LinkError> {
         let done = format!("{}{prompt_id}", self.labeled_prefix());
-        let (queue, prompt_id, labeler, needed) =
-            (self.queue_key(), prompt_id.to_string(), labeler.to_string(), self.labels_per_prompt);
+        let needed = self.overlap.needed(prompt_id);
+        let (queue, prompt_id, labeler) = (self.queue_key(), prompt_id.to_string(), labeler.to_string());
         self.link
             .run(|mut c| async move {
                 let (_, count): ((), u32) =
@@ -131,7 +152,8 @@ mod tests {
     async fn leases_skip_judged_prompts_and_expire() {
         let server = RedisServer::start().unwrap();
         let link = Arc::new(RedisLink::new(&server.url()).unwrap());
-        let queue = LabelingQueue::new(link, "t", Duration::from_millis(300), 2);
+        let overlap = Overlap { labels_per_prompt: 2, fraction: 0.0, overlap_labels: 0 };
+        let queue = LabelingQueue::new(link, "t", Duration::from_millis(300), overlap);
         queue.push("p1").await.unwrap();
         queue.push("p2").await.unwrap();
         let a = queue.claim("ann").await.unwrap().unwrap();
@@ -151,5 +173,35 @@ mod tests {
         queue.remove(std::slice::from_ref(&b.prompt_id)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(queue.claim("zed").await.unwrap().is_none(), "two labels took p1 out; p2 was removed");
+    }
+
+    #[test]
+    fn the_overlap_fraction_picks_that_share_of_prompts_and_every_replica_agrees() {
+        let overlap = Overlap { labels_per_prompt: 1, fraction: 0.25, overlap_labels: 3 };
+        let needs: Vec<u32> = (0..4000).map(|i| overlap.needed(&format!("prm_{i:024x}"))).collect();
+        let shared = needs.iter().filter(|&&n| n == 3).count();
+        assert!(needs.iter().all(|&n| n == 1 || n == 3));
+        assert!((900..1100).contains(&shared), "{shared} of 4000 prompts overlap; expected about 1000");
+        // The same prompt, the same answer (a pure function of its id).
+        assert_eq!(overlap.needed("prm_7"), overlap.needed("prm_7"));
+        // Never fewer than the base, and no overlap when the fraction is 0.
+        let none = Overlap { fraction: 0.0, ..overlap };
+        assert!((0..100).all(|i| none.needed(&i.to_string()) == 1));
+        let small = Overlap { labels_per_prompt: 4, fraction: 1.0, overlap_labels: 2 };
+        assert_eq!(small.needed("x"), 4);
+    }
+
+    #[tokio::test]
+    async fn an_overlapping_prompt_stays_queued_until_enough_labelers_judged_it() {
+        let server = RedisServer::start().unwrap();
+        let link = Arc::new(RedisLink::new(&server.url()).unwrap());
+        let overlap = Overlap { labels_per_prompt: 1, fraction: 1.0, overlap_labels: 2 };
+        let queue = LabelingQueue::new(link, "t", Duration::from_secs(60), overlap);
+        queue.push("p").await.unwrap();
+        let first = queue.claim("ann").await.unwrap().unwrap();
+        queue.mark_labeled(&first.prompt_id, "ann").await.unwrap();
+        assert_eq!(queue.claim("bob").await.unwrap().unwrap().prompt_id, "p", "a second labeler gets it");
+        queue.mark_labeled("p", "bob").await.unwrap();
+        assert!(queue.claim("cid").await.unwrap().is_none(), "two judgments took it out");
     }
 }

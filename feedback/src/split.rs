@@ -88,10 +88,15 @@ pub fn split_for(id: &str, config: &SplitConfig) -> Split {
     }
 }
 
-/// The id's hash as a number in [0, 1). Only the top 53 bits are kept so the
-/// conversion to f64 is exact, and therefore identical on every platform.
 fn unit_hash(id: &str) -> f64 {
-    let digest = Sha256::new().chain_update(SPLIT_SALT).chain_update(id.as_bytes()).finalize();
+    salted_unit_hash(SPLIT_SALT, id)
+}
+
+/// SHA-256 of `salt` then `id` as a number in [0, 1): the same on every
+/// replica and platform, independent across salts. Only the top 53 bits are
+/// kept so the conversion to f64 is exact.
+pub fn salted_unit_hash(salt: &[u8], id: &str) -> f64 {
+    let digest = Sha256::new().chain_update(salt).chain_update(id.as_bytes()).finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     let bits = u64::from_be_bytes(first) >> 11;

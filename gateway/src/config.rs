@@ -75,6 +75,10 @@ pub struct PlaygroundConfig {
     pub labeling_lease_secs: u64,
     /// Judgments a prompt needs before it leaves the labeling queue.
     pub labels_per_prompt: u32,
+    /// The share of prompts (0..=1, chosen by a hash of the prompt id) that go to
+    /// `overlap_labels` labelers instead, so quality control can compare them.
+    pub overlap_fraction: f64,
+    pub overlap_labels: u32,
     /// Where feedback waits while Redis is away (one file per listening port).
     pub spill_dir: PathBuf,
     pub spill_capacity_bytes: u64,
@@ -119,6 +123,8 @@ pub enum ConfigError {
     NoConnections,
     #[error("[gateway.arena]: {0}")]
     Arena(String),
+    #[error("[gateway.playground]: {0}")]
+    Overlap(String),
 }
 
 /// Shortest bootstrap admin secret accepted.
@@ -137,6 +143,19 @@ impl GatewayConfig {
             return Err(ConfigError::NoConnections);
         }
         self.arena.validate().map_err(ConfigError::Arena)?;
+        let playground = &self.playground;
+        if !(0.0..=1.0).contains(&playground.overlap_fraction) {
+            return Err(ConfigError::Overlap(format!(
+                "overlap_fraction must be in [0, 1], got {}",
+                playground.overlap_fraction
+            )));
+        }
+        if playground.overlap_fraction > 0.0 && playground.overlap_labels < 2 {
+            return Err(ConfigError::Overlap(format!(
+                "overlap_labels must be at least 2 when overlap_fraction > 0, got {}",
+                playground.overlap_labels
+            )));
+        }
         Ok(())
     }
 
@@ -168,6 +187,8 @@ impl Default for PlaygroundConfig {
             redact_for_labelers: true,
             labeling_lease_secs: 600,
             labels_per_prompt: 1,
+            overlap_fraction: 0.2,
+            overlap_labels: 2,
             spill_dir: ".cache/spill".into(),
             spill_capacity_bytes: 64 << 20,
             idempotency_ttl_secs: 7 * 24 * 3600,

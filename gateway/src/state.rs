@@ -90,7 +90,11 @@ impl AppState {
                 link.clone(),
                 &prefix,
                 std::time::Duration::from_secs(playground.labeling_lease_secs),
-                playground.labels_per_prompt,
+                feedback::labeling::Overlap {
+                    labels_per_prompt: playground.labels_per_prompt,
+                    fraction: playground.overlap_fraction,
+                    overlap_labels: playground.overlap_labels,
+                },
             ),
             events: Arc::new(EventLog::new(
                 link.clone(),
