@@ -114,7 +114,7 @@ fn start_haproxy(dir: &Path, port: u16, replicas: &[&Gateway]) -> KillOnDrop {
          retries 3\n  option redispatch 1\n\
          frontend api\n  bind 127.0.0.1:{port}\n  default_backend gateways\n\
          backend gateways\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  \
-         default-server inter 250ms fall 2 rise 1\n  http-reuse never\n  http-response set-header x-served-by %s\n{servers}"
+         default-server inter 250ms fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down\n  http-reuse never\n  http-response set-header x-served-by %s\n{servers}"
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
@@ -458,11 +458,9 @@ fn a_fleet_behind_a_balancer_shares_limits_checkpoints_and_survives_losses() {
     let victim_pid = replicas[1].pid();
     let killed_at = Instant::now();
     let _ = Command::new("kill").args(["-9", &victim_pid.to_string()]).status();
-    // Dead once the kernel has made it a zombie (the test's Gateway reaps it later): until then it may still accept.
-    let dead = || {
-        std::fs::read_to_string(format!("/proc/{victim_pid}/stat"))
-            .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    };
+    // Gone once its port refuses connections (its threads may still hold the sockets briefly after the kill).
+    let victim_addr = replicas[1].url.trim_start_matches("http://").to_string();
+    let dead = || std::net::TcpStream::connect(&victim_addr).is_err();
     wait_for("the killed replica gone", Duration::from_secs(5), dead);
     let dead_at = Instant::now();
     std::thread::sleep(Duration::from_millis(4000));
