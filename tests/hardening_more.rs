@@ -99,6 +99,42 @@ fn pinning_needs_a_scope_and_load_refuses_what_must_not_serve() {
     let (status, body) = complete(&gateway, &pinner, &format!("{name}@rm"));
     assert_eq!(status, 404, "{body}");
 
+    // An announced gate-failed policy is not loaded by the watcher (only an operator's forced /load may).
+    let announcement = feedback::announcement::CheckpointAnnouncement {
+        id: "gated".into(),
+        stage: Some("ppo_ptx".into()),
+        parent: None,
+        source: None,
+    };
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(feedback::streams::CHECKPOINTS).arg("*");
+    for (field, value) in announcement.fields() {
+        xadd.arg(field).arg(value);
+    }
+    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let _: String = xadd.query(&mut connection).unwrap();
+    let role = |id: &str| {
+        let (_, list) = call(&gateway, "GET", "/admin/checkpoints", ADMIN_KEY, None);
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .map(|c| (c["role"].clone(), c["failure"].clone()))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (state, failure) = loop {
+        match role("gated") {
+            Some((state, failure)) if state == "failed" => break (state, failure),
+            _ if std::time::Instant::now() > deadline => {
+                panic!("the announced gate-failed policy: {:?}", role("gated"))
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    assert!(failure.as_str().unwrap_or("").contains("evaluation gate"), "{state} {failure}");
+    assert_eq!(complete(&gateway, &pinner, &format!("{name}@gated")).0, 404);
+
     // A gate-failed policy loads only when an operator forces it.
     let (status, body) = call(&gateway, "POST", "/admin/checkpoints/gated/load", ADMIN_KEY, None);
     assert_eq!(status, 409, "{body}");

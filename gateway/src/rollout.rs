@@ -214,8 +214,10 @@ impl Rollout {
     }
 
     /// Verifies, loads and smoke-tests checkpoint `id` (blocking work on a
-    /// blocking thread), then promotes it when the policy says so.
-    pub async fn consider(self: &Arc<Self>, handle: &EngineHandle, id: &str) {
+    /// blocking thread), then promotes it when the policy says so. A policy
+    /// that failed its evaluation gate is refused unless `force` (an
+    /// operator's `/load` with `{"force": true}`); a reward model always.
+    pub async fn consider(self: &Arc<Self>, handle: &EngineHandle, id: &str, force: bool) {
         {
             let mut state = self.lock();
             // A candidate that failed may be tried again (its files may have been fixed).
@@ -227,7 +229,7 @@ impl Rollout {
         }
         let this = self.clone();
         let owned = id.to_string();
-        let loaded = tokio::task::spawn_blocking(move || this.load(&owned)).await;
+        let loaded = tokio::task::spawn_blocking(move || this.load(&owned, force)).await;
         let result = match loaded {
             Ok(result) => result,
             Err(e) => Err(RolloutError::Invalid { id: id.to_string(), message: format!("loader panicked: {e}") }),
@@ -254,7 +256,8 @@ impl Rollout {
         if let Some(source) = &announcement.source {
             self.lock().sources.insert(announcement.id.clone(), source.clone());
         }
-        self.consider(handle, &announcement.id).await;
+        // An announcement never forces: a gate-failed policy waits for an operator.
+        self.consider(handle, &announcement.id, false).await;
     }
 
     /// With `fetch = "http"`, downloads checkpoint `id` into the store unless it is there already.
@@ -290,7 +293,7 @@ impl Rollout {
         if let Some(manifest) = self.manifest(id) {
             check_servable(&manifest, force)?;
         }
-        self.consider(handle, id).await;
+        self.consider(handle, id, force).await;
         Ok(())
     }
 
@@ -300,7 +303,7 @@ impl Rollout {
         serde_json::from_slice(&bytes).ok()
     }
 
-    fn load(&self, id: &str) -> Result<Engine, RolloutError> {
+    fn load(&self, id: &str, force: bool) -> Result<Engine, RolloutError> {
         let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
         // The start-up model is not in the store (nothing to verify against): load it from its directory.
         let dir = match &self.initial {
@@ -308,6 +311,10 @@ impl Rollout {
             _ => {
                 self.fetch_if_missing(id)?;
                 self.store.verify(id).map_err(|e| invalid(e.to_string()))?;
+                // Checked again here, on the verified manifest: an announced (or fetched) checkpoint arrives
+                // without the check `/load` makes first.
+                let manifest = self.manifest(id).ok_or_else(|| invalid("its manifest does not parse".into()))?;
+                check_servable(&manifest, force)?;
                 self.store.path(id)
             }
         };
@@ -379,7 +386,8 @@ impl Rollout {
         handle.clear_canary();
         let this = self.clone();
         let id = previous.clone();
-        let engine = tokio::task::spawn_blocking(move || this.load(&id))
+        // It served before: an operator's rollback may return to it whatever its gate said.
+        let engine = tokio::task::spawn_blocking(move || this.load(&id, true))
             .await
             .map_err(|e| RolloutError::Invalid { id: previous.clone(), message: e.to_string() })??;
         handle.swap(engine);
