@@ -108,6 +108,64 @@ pub async fn generate<B: crate::openai::GenerationBody>(
 /// Called once with the request's real usage when it ends (normally or not).
 pub type OnFinish = Box<dyn FnOnce(Usage) + Send>;
 
+/// What every streamed generation settles however it ends (finished, failed, or the client hung up): its
+/// metrics (time to first token, duration, usage) and the key's token charge (`on_finish`, exactly once).
+pub struct StreamAccounting {
+    format: Format,
+    usage: Usage,
+    started: Instant,
+    first_token: Option<Instant>,
+    on_finish: Option<OnFinish>,
+}
+
+impl StreamAccounting {
+    pub fn new(format: Format, prompt_tokens: usize, on_finish: OnFinish) -> Self {
+        Self {
+            format,
+            usage: Usage::new(prompt_tokens, 0),
+            started: Instant::now(),
+            first_token: None,
+            on_finish: Some(on_finish),
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// A token arrived: the first one records the time to first token.
+    pub fn token(&mut self) {
+        if self.first_token.is_none() {
+            let now = Instant::now();
+            self.first_token = Some(now);
+            m::record_time_to_first_token(self.format, now - self.started);
+        }
+    }
+
+    /// A sequence finished with `completion_tokens`.
+    pub fn add_completion_tokens(&mut self, completion_tokens: usize) {
+        self.usage = Usage::new(self.usage.prompt_tokens, self.usage.completion_tokens + completion_tokens);
+    }
+
+    /// Records the generation's metrics and settles the charge (if not settled yet).
+    pub fn finish(&mut self) {
+        let ttft = self.first_token.map(|t| t - self.started);
+        m::record_generation(self.format, self.usage, self.started.elapsed(), ttft);
+        if let Some(on_finish) = self.on_finish.take() {
+            on_finish(self.usage);
+        }
+    }
+}
+
+impl Drop for StreamAccounting {
+    /// A client that hangs up still settles its rate-limit charge.
+    fn drop(&mut self) {
+        if let Some(on_finish) = self.on_finish.take() {
+            on_finish(self.usage);
+        }
+    }
+}
+
 /// Generates every choice and returns the whole body.
 pub async fn complete(
     engine: &Engine,
@@ -171,18 +229,15 @@ pub fn stream(
     let state = StreamState {
         _engine: engine,
         receiver,
+        accounting: StreamAccounting::new(meta.format, prompt_tokens, on_finish),
         meta,
         n: prepared.n,
         echo_texts: prepared.prompt_texts,
         include_usage: prepared.include_usage,
-        usage: Usage::new(prompt_tokens, 0),
         offsets: vec![0; samples],
         opened: vec![false; samples],
         remaining: samples,
         pending: std::collections::VecDeque::new(),
-        started: Instant::now(),
-        first_token: None,
-        on_finish: Some(on_finish),
         done: false,
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
@@ -222,16 +277,13 @@ struct StreamState {
     n: usize,
     echo_texts: Vec<String>,
     include_usage: bool,
-    usage: Usage,
+    accounting: StreamAccounting,
     /// Character offset per choice, for completions' `text_offset`.
     offsets: Vec<usize>,
     /// Whether a chat choice has sent its opening `role` delta.
     opened: Vec<bool>,
     remaining: usize,
     pending: std::collections::VecDeque<SseEvent>,
-    started: Instant,
-    first_token: Option<Instant>,
-    on_finish: Option<OnFinish>,
     done: bool,
 }
 
@@ -247,7 +299,7 @@ impl StreamState {
             if self.remaining == 0 {
                 self.finish();
                 if self.include_usage {
-                    let chunk = self.meta.chunk(Vec::new(), Some(self.usage), true);
+                    let chunk = self.meta.chunk(Vec::new(), Some(self.accounting.usage()), true);
                     self.pending.push_back(data(&chunk));
                 }
                 self.pending.push_back(SseEvent::default().data("[DONE]"));
@@ -270,11 +322,7 @@ impl StreamState {
                 }
                 Event::Token { index, text, token } => {
                     let index = prompt * self.n + index;
-                    if self.first_token.is_none() {
-                        let now = Instant::now();
-                        self.first_token = Some(now);
-                        m::record_time_to_first_token(self.meta.format, now - self.started);
-                    }
+                    self.accounting.token();
                     let mut offset = self.offsets.get(index).copied().unwrap_or(0);
                     let logprobs =
                         token.as_ref().and_then(|t| self.meta.logprobs(std::slice::from_ref(t), &mut offset));
@@ -291,7 +339,7 @@ impl StreamState {
                 }
                 Event::Finished { index, reason, completion_tokens, .. } => {
                     let index = prompt * self.n + index;
-                    self.usage = Usage::new(self.usage.prompt_tokens, self.usage.completion_tokens + completion_tokens);
+                    self.accounting.add_completion_tokens(completion_tokens);
                     self.remaining -= 1;
                     self.push_choice(self.meta.delta(index, None, false, None, Some(reason.as_str())));
                 }
@@ -315,20 +363,7 @@ impl StreamState {
 
     fn finish(&mut self) {
         self.done = true;
-        let ttft = self.first_token.map(|t| t - self.started);
-        m::record_generation(self.meta.format, self.usage, self.started.elapsed(), ttft);
-        if let Some(on_finish) = self.on_finish.take() {
-            on_finish(self.usage);
-        }
-    }
-}
-
-impl Drop for StreamState {
-    /// A client that hangs up still settles its rate-limit charge.
-    fn drop(&mut self) {
-        if let Some(on_finish) = self.on_finish.take() {
-            on_finish(self.usage);
-        }
+        self.accounting.finish();
     }
 }
 

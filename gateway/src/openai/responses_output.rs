@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::time::Instant;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
@@ -18,8 +17,7 @@ use serde_json::{Value, json};
 
 use super::responses::ResponsesCall;
 use crate::error::ApiError;
-use crate::generation::OnFinish;
-use crate::metrics as m;
+use crate::generation::{OnFinish, StreamAccounting};
 use crate::openai::response::{Format, Usage};
 
 /// What every body and event of one response repeats.
@@ -171,11 +169,8 @@ pub fn stream(
         shell,
         sequence: 0,
         text: String::new(),
-        usage: Usage::new(prompt_tokens, 0),
+        accounting: StreamAccounting::new(Format::Responses, prompt_tokens, on_finish),
         pending: std::collections::VecDeque::new(),
-        started: Instant::now(),
-        first_token: None,
-        on_finish: Some(on_finish),
         on_complete,
         done: false,
     };
@@ -194,11 +189,8 @@ struct StreamState {
     shell: ResponseShell,
     sequence: u64,
     text: String,
-    usage: Usage,
+    accounting: StreamAccounting,
     pending: std::collections::VecDeque<SseEvent>,
-    started: Instant,
-    first_token: Option<Instant>,
-    on_finish: Option<OnFinish>,
     on_complete: Option<OnComplete>,
     done: bool,
 }
@@ -250,11 +242,7 @@ impl StreamState {
             match event {
                 Event::Prompt { .. } => {}
                 Event::Token { text, .. } => {
-                    if self.first_token.is_none() {
-                        let now = Instant::now();
-                        self.first_token = Some(now);
-                        m::record_time_to_first_token(Format::Responses, now - self.started);
-                    }
+                    self.accounting.token();
                     if text.is_empty() {
                         continue;
                     }
@@ -263,7 +251,7 @@ impl StreamState {
                     self.push("response.output_text.delta", fields);
                 }
                 Event::Finished { reason, completion_tokens, .. } => {
-                    self.usage = Usage::new(self.usage.prompt_tokens, completion_tokens);
+                    self.accounting.add_completion_tokens(completion_tokens);
                     self.close(Ending::of(Some(reason)));
                 }
                 Event::Failed { message } => {
@@ -282,7 +270,7 @@ impl StreamState {
         self.push("response.content_part.done", fields);
         let item = self.shell.message(ending.status(), Some(&text));
         self.push("response.output_item.done", json!({"output_index": 0, "item": item}));
-        let response = self.shell.finished(&text, ending, self.usage);
+        let response = self.shell.finished(&text, ending, self.accounting.usage());
         let kind = match ending {
             Ending::Completed => "response.completed",
             Ending::Incomplete => "response.incomplete",
@@ -303,20 +291,7 @@ impl StreamState {
 
     fn finish(&mut self) {
         self.done = true;
-        let ttft = self.first_token.map(|t| t - self.started);
-        m::record_generation(Format::Responses, self.usage, self.started.elapsed(), ttft);
-        if let Some(on_finish) = self.on_finish.take() {
-            on_finish(self.usage);
-        }
-    }
-}
-
-impl Drop for StreamState {
-    /// A client that hangs up still settles its rate-limit charge.
-    fn drop(&mut self) {
-        if let Some(on_finish) = self.on_finish.take() {
-            on_finish(self.usage);
-        }
+        self.accounting.finish();
     }
 }
 
