@@ -14,6 +14,8 @@ use inference::engine::{Completion, Engine};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::admission::{Ticket, admit, rate_limit_early, refund};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::keys::ApiKey;
 use crate::openai::chat::{ChatCompletionRequest, Message};
@@ -79,6 +81,32 @@ enum DraftRequest {
 }
 
 impl PlaygroundDraft {
+    /// Every check, in the playground's order: the cheap shape checks, the rate limit (charged for `runs` runs
+    /// of the request: the arena runs it on two checkpoints), tokenization on `engine`, then the use-case
+    /// policy; the plan is charged to the key's tenant for fair sharing. A refusal after the rate limit gives
+    /// its charge back.
+    pub async fn admit(
+        self,
+        state: &AppState,
+        caller: &Caller,
+        headers: &axum::http::HeaderMap,
+        engine: &Engine,
+        runs: u64,
+    ) -> Result<(PlaygroundPlan, Ticket), ApiError> {
+        let estimate = self.precheck(engine, state.config.max_prompt_bytes)?;
+        let admission = rate_limit_early(state, caller, estimate.saturating_mul(runs)).await?;
+        let mut plan = match self.prepare(engine) {
+            Ok(plan) => plan,
+            Err(error) => {
+                refund(admission).await;
+                return Err(error);
+            }
+        };
+        let ticket = admit(state, caller, headers, &plan.prepared, admission).await?;
+        plan.prepared.charge_to(&caller.key().tenant());
+        Ok((plan, ticket))
+    }
+
     /// The checks that need no tokenizer; returns the estimated token charge (see `CompletionRequest::precheck`).
     pub fn precheck(&self, engine: &Engine, max_prompt_bytes: usize) -> Result<u64, ApiError> {
         match &self.inner {

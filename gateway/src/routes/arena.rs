@@ -16,7 +16,7 @@ use inference::engine::Engine;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::admission::{admit, insert_headers, rate_limit_early, refund};
+use crate::admission::insert_headers;
 use crate::arena::ArenaError;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -99,21 +99,9 @@ pub async fn battle(
         seed: body.seed,
         stop: body.stop,
     };
-    // The playground's order: cheap checks, the rate limit (two answers' worth), tokenization, policy.
-    let draft = request.draft(&state)?;
-    let estimate = draft.precheck(&engine_a, state.config.max_prompt_bytes)?;
-    let admission = rate_limit_early(&state, &caller, estimate.saturating_mul(2)).await?;
-    // Checkpoints of one model share its tokenizer, so one tokenization serves both.
-    let plan = match draft.prepare(&engine_a) {
-        Ok(plan) => plan,
-        Err(error) => {
-            refund(admission).await;
-            return Err(error);
-        }
-    };
-    let mut prepared = plan.prepared;
-    let ticket = admit(&state, &caller, &headers, &prepared, admission).await?;
-    prepared.charge_to(&caller.key().tenant());
+    // Charged for two answers; checkpoints of one model share its tokenizer, so one tokenization serves both.
+    let (plan, ticket) = request.draft(&state)?.admit(&state, &caller, &headers, &engine_a, 2).await?;
+    let prepared = plan.prepared;
     let limit_headers = ticket.admission.headers().clone();
     let (a, b) = tokio::join!(collect_all(&engine_a, &prepared), collect_all(&engine_b, &prepared));
     let tokens = |r: &Result<Vec<inference::engine::Completion>, ApiError>| {

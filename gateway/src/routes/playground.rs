@@ -8,7 +8,7 @@ use feedback::consent::ConsentStatus;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admission::{admit, insert_headers, rate_limit_early, refund};
+use crate::admission::insert_headers;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::generation::collect_all;
@@ -100,19 +100,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Playground)?;
     let engine = crate::openai::common::engine_for(&state, &caller, &body.model)?;
-    // Cheap shape checks, then the rate limit, and only then tokenization.
-    let draft = body.draft(&state)?;
-    let estimate = draft.precheck(&engine, state.config.max_prompt_bytes)?;
-    let admission = rate_limit_early(&state, &caller, estimate).await?;
-    let mut plan = match draft.prepare(&engine) {
-        Ok(plan) => plan,
-        Err(error) => {
-            refund(admission).await;
-            return Err(error);
-        }
-    };
-    let ticket = admit(&state, &caller, &headers, &plan.prepared, admission).await?;
-    plan.prepared.charge_to(&caller.key().tenant());
+    let (plan, ticket) = body.draft(&state)?.admit(&state, &caller, &headers, &engine, 1).await?;
     let limit_headers = ticket.admission.headers().clone();
     let result = collect_all(&engine, &plan.prepared).await;
     let usage_tokens = result.as_ref().map_or(0, |c| c.iter().map(|c| c.completion_tokens).sum::<usize>());
