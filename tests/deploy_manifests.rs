@@ -7,28 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+// Each test binary uses only part of the shared helpers.
+#[allow(dead_code, unused_imports)]
+#[path = "support/gateway.rs"]
+mod gateway;
 
-/// `INSTRUCTD_TEST_PYTHON` (the venv `make test` builds), else `python3`; `None` without `kubernetes_validate`.
+use gateway::{python_with, repo_root};
+
 fn python_with_validator() -> Option<PathBuf> {
-    let python = std::env::var_os("INSTRUCTD_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import kubernetes_validate, yaml"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(
-        std::env::var_os("INSTRUCTD_TEST_PYTHON").is_none(),
-        "INSTRUCTD_TEST_PYTHON={} lacks kubernetes-validate (tests/e2e/requirements.txt)",
-        python.display()
-    );
-    eprintln!("SKIPPED: no Python with kubernetes-validate; `make test` installs it into .cache/test-venv");
-    None
+    python_with("kubernetes_validate, yaml", "kubernetes-validate")
 }
 
 #[test]

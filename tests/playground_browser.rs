@@ -60,14 +60,21 @@ fn missing(python: Option<&Path>) -> Option<String> {
     None
 }
 
-#[test]
-fn playground_page_in_a_browser() {
+/// The test Python when everything the browser tests need is here; `None` (the test passes as skipped) when
+/// something is missing, which fails instead under INSTRUCTD_REQUIRE_BROWSER=1.
+fn browser_python() -> Option<PathBuf> {
     let python = python();
     if let Some(reason) = missing(python.as_deref()) {
         assert!(!required(), "INSTRUCTD_REQUIRE_BROWSER=1 but {reason}");
-        return;
+        eprintln!("SKIPPED: {reason}");
+        return None;
     }
-    let python = python.unwrap();
+    python
+}
+
+#[test]
+fn playground_page_in_a_browser() {
+    let Some(python) = browser_python() else { return };
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
@@ -80,12 +87,7 @@ fn playground_page_in_a_browser() {
 
 #[test]
 fn arena_and_admin_pages_in_a_browser() {
-    let python = python();
-    if let Some(reason) = missing(python.as_deref()) {
-        assert!(!required(), "INSTRUCTD_REQUIRE_BROWSER=1 but {reason}");
-        return;
-    }
-    let python = python.unwrap();
+    let Some(python) = browser_python() else { return };
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let spec = |seed| TinySpec { seed, tie_word_embeddings: false, ..Default::default() };

@@ -8,14 +8,13 @@ second loaded checkpoint's id); Chromium and chromedriver as
 playground_browser.py."""
 
 import os
-import shutil
 import time
 
 import httpx
 from selenium.webdriver.common.by import By
 
 from common import BASE, admin_headers, create_key, ok
-from playground_browser import PROFILE, Page, browser, console_errors
+from playground_browser import drive
 
 CANDIDATE = os.environ["INSTRUCTD_ARENA_CANDIDATE"]
 
@@ -59,26 +58,14 @@ def admin_flow(page):
 
 def main():
     user = create_key(user="arena-user", scopes=["playground"])
-    driver = browser()
-    try:
-        page = Page(driver)
+
+    def flows(page):
         arena_flow(page, user["secret"])
         board = httpx.get(f"{BASE}/admin/leaderboard", headers=admin_headers(), timeout=30).json()
         assert board["votes"] == 1, board
         admin_flow(page)
-        errors = console_errors(driver)
-        assert not errors, f"browser console errors (CSP violations?): {errors}"
-        ok("no console errors and no CSP violations")
-    except Exception:
-        try:
-            Page(driver).shot("failure")
-            print("console:", driver.get_log("browser"))
-        except Exception:  # noqa: BLE001 - the original failure matters more
-            pass
-        raise
-    finally:
-        driver.quit()
-        shutil.rmtree(PROFILE, ignore_errors=True)
+
+    drive(flows)
 
 
 if __name__ == "__main__":

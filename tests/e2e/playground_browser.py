@@ -368,15 +368,12 @@ def withdrawal_flow(page, user_secret):
     ok("without consent the samples are shown, marked 'not logged', and cannot be judged")
 
 
-def main():
-    user = create_key(user="browser-user", scopes=["playground"])
-    labeler = create_key(user="browser-labeler", scopes=["labeler"])
+def drive(flows):
+    """Runs `flows(page)` in a fresh headless browser, then checks the console stayed clean; on a failure takes a
+    screenshot and prints the console before re-raising."""
     driver = browser()
     try:
-        page = Page(driver)
-        prompt_id, gen = playground_flow(page, user["secret"])
-        labeler_flow(page, labeler["secret"], prompt_id, gen)
-        withdrawal_flow(page, user["secret"])
+        flows(Page(driver))
         errors = console_errors(driver)
         assert not errors, f"browser console errors (CSP violations?): {errors}"
         ok("no console errors and no CSP violations")
@@ -390,6 +387,18 @@ def main():
     finally:
         driver.quit()
         shutil.rmtree(PROFILE, ignore_errors=True)
+
+
+def main():
+    user = create_key(user="browser-user", scopes=["playground"])
+    labeler = create_key(user="browser-labeler", scopes=["labeler"])
+
+    def flows(page):
+        prompt_id, gen = playground_flow(page, user["secret"])
+        labeler_flow(page, labeler["secret"], prompt_id, gen)
+        withdrawal_flow(page, user["secret"])
+
+    drive(flows)
 
 
 if __name__ == "__main__":

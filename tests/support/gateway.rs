@@ -158,9 +158,15 @@ impl Drop for Gateway {
 /// The Python with the `openai` package: `INSTRUCTD_TEST_PYTHON` (the venv
 /// `make test` builds), else `python3`. `None` when it lacks the package.
 pub fn python() -> Option<PathBuf> {
+    python_with("openai, httpx", "the `openai` package")
+}
+
+/// `INSTRUCTD_TEST_PYTHON` (the venv `make test` builds), else `python3`, when it imports `modules` (a Python
+/// import list); `None` (the test skips) when `python3` lacks them, a failure when the test venv does.
+pub fn python_with(modules: &str, what: &str) -> Option<PathBuf> {
     let python = std::env::var_os("INSTRUCTD_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
     let ok = Command::new(&python)
-        .args(["-c", "import openai, httpx"])
+        .args(["-c", &format!("import {modules}")])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
@@ -169,10 +175,10 @@ pub fn python() -> Option<PathBuf> {
     }
     assert!(
         std::env::var_os("INSTRUCTD_TEST_PYTHON").is_none(),
-        "INSTRUCTD_TEST_PYTHON={} lacks the openai package",
+        "INSTRUCTD_TEST_PYTHON={} lacks {what} (tests/e2e/requirements.txt)",
         python.display()
     );
-    eprintln!("SKIPPED: no Python with the `openai` package; `make test` installs one into .cache/test-venv");
+    eprintln!("SKIPPED: no Python with {what}; `make test` installs it into .cache/test-venv");
     None
 }
 
