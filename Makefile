@@ -7,8 +7,10 @@ MODEL_DIR := $(MODELS_DIR)/smollm2-135m-instruct
 RELEASE_BIN := target/release/instructd
 DEBUG_BIN := target/debug/instructd
 TEST_VENV := .cache/test-venv
+# The PyTorch training job's packages (deploy/trainer-job): its own venv, so the test venv stays small.
+JOB_VENV := .cache/trainer-job-venv
 
-.PHONY: run demo test test-venv model chat bench bench-compare lint fmt build-release build-debug
+.PHONY: run demo test test-venv trainer-job-venv model chat bench bench-compare lint fmt build-release build-debug
 
 ## run: Redis (started if none answers), the default model and the pre-training corpus (fetched once),
 ## the trainer and the gateway.
@@ -25,20 +27,29 @@ demo: build-release
 
 ## test: every unit and end-to-end test (fetches the real model once into models/,
 ## and the Python `openai` client the end-to-end tests drive the gateway with).
-test: build-debug test-venv
+test: build-debug test-venv trainer-job-venv
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy)
 	$(DEBUG_BIN) model fetch-default --models-dir $(MODELS_DIR)
 	$(DEBUG_BIN) model fetch-corpus
-	INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 INSTRUCTD_REQUIRE_FLEET=1 \
+	bash scripts/build-llama-server.sh
+	INSTRUCTD_REQUIRE_LLAMA_SERVER=1 INSTRUCTD_TEST_MODEL=$(abspath $(MODEL_DIR)) INSTRUCTD_TEST_PYTHON=$(abspath $(TEST_VENV))/bin/python INSTRUCTD_REQUIRE_BROWSER=1 INSTRUCTD_REQUIRE_FLEET=1 \
+		INSTRUCTD_TRAINER_JOB_PYTHON=$(abspath $(JOB_VENV))/bin/python INSTRUCTD_REQUIRE_TRAINER_JOB=1 \
 		$(CARGO) test --workspace --all-targets
 
 test-venv: $(TEST_VENV)/.installed
 $(TEST_VENV)/.installed: tests/e2e/requirements.txt
 	test -x $(TEST_VENV)/bin/python || python3 -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q -r tests/e2e/requirements.txt
+	touch $@
+
+## trainer-job-venv: torch, transformers and accelerate for deploy/trainer-job (CPU use; the wheels are large).
+trainer-job-venv: $(JOB_VENV)/.installed
+$(JOB_VENV)/.installed: deploy/trainer-job/requirements.txt
+	test -x $(JOB_VENV)/bin/python || python3 -m venv $(JOB_VENV)
+	$(JOB_VENV)/bin/pip install -q -r deploy/trainer-job/requirements.txt
 	touch $@
 
 ## chat: talk to the default model interactively.
@@ -77,3 +88,14 @@ bench-gateway:
 .PHONY: bench-feedback
 bench-feedback:
 	bash bench/feedback/run.sh
+
+## check-cuda: type-check the CUDA build (`cargo check --features cuda --all-targets`) with nvcc and the
+## CUDA 13 headers from PyPI wheels (cached in .cache/cuda-venv, target dir .cache/cuda-target); no GPU needed.
+.PHONY: check-cuda
+check-cuda:
+	bash scripts/check-cuda.sh
+
+## bench-external: the gateway's overhead in front of llama-server (requests/s, p50/p99 added), alternating with direct calls.
+.PHONY: bench-external
+bench-external:
+	bash bench/external/run.sh

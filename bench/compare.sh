@@ -10,7 +10,12 @@
 # bench/compare_summary.py reports each row's ratio per round and the median:
 # a ratio from one round compares two runs a minute apart, not two sittings.
 #
-#   ROUNDS=3 bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
+# FORMAT picks the weight format on both sides (default f32): instructd
+# serves with `--serve-dtype FORMAT` (packed at load from the same F32 model),
+# llama.cpp runs a GGUF its own quantizer wrote from the F32 GGUF
+# (bench/llamacpp/quantize.py: bf16, or q8_0; f16 for llama.cpp's F16 path).
+#
+#   ROUNDS=3 FORMAT=q8_0 bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +26,15 @@ C="${3:-1,4,16}"
 BIN=target/release/instructd
 MODEL=models/smollm2-135m-instruct
 F32_GGUF=.cache/smollm2-135m-instruct.f32.gguf
+FORMAT="${FORMAT:-f32}"
+case "$FORMAT" in
+    f32) SERVE_DTYPE=f32 ;;
+    bf16|q8_0) SERVE_DTYPE="$FORMAT" ;;
+    # llama.cpp's F16 against our BF16: the nearest 16-bit format we serve.
+    f16) SERVE_DTYPE=bf16 ;;
+    *) echo "compare.sh: FORMAT must be f32, bf16, f16 or q8_0" >&2; exit 2 ;;
+esac
+GGUF="$F32_GGUF"
 
 cargo build --release --bin instructd
 "$BIN" model fetch-default
@@ -31,6 +45,10 @@ fi
 if [[ ! -f "$F32_GGUF" ]]; then
     "$BIN" model dequantize-gguf .cache/SmolLM2-135M-Instruct.Q4_1.gguf "$F32_GGUF" --dtype f32
 fi
+if [[ "$FORMAT" != f32 ]]; then
+    GGUF=".cache/smollm2-135m-instruct.$FORMAT.gguf"
+    [[ -f "$GGUF" ]] || .cache/bench-venv/bin/python bench/llamacpp/quantize.py "$F32_GGUF" "$GGUF" "$FORMAT"
+fi
 
 ROUNDS="${ROUNDS:-3}"
 OUT="$(mktemp -d)"
@@ -38,13 +56,13 @@ trap 'rm -rf "$OUT"' EXIT
 
 run_instructd() {
     echo "== instructd (round $1) =="
-    "$BIN" bench --model "$MODEL" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --json | tee "$OUT/raw"
+    "$BIN" bench --model "$MODEL" --serve-dtype "$SERVE_DTYPE" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --json | tee "$OUT/raw"
     tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
 }
 
 run_llamacpp() {
     echo "== llama.cpp, llama-cpp-python (round $1) =="
-    .cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$F32_GGUF" \
+    .cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$GGUF" \
         --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --threads "$(nproc)" --json | tee "$OUT/raw"
     tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
 }

@@ -64,13 +64,21 @@ pub struct ModelConfig {
     /// The serving model directory (Hugging Face layout).
     pub dir: PathBuf,
     pub dtype: String,
+    /// The format the projection weights are served in on the CPU (`f32`, `bf16` or `q8_0`), converted at load
+    /// from the checkpoint's F32 or BF16; hot-swapped checkpoints are converted the same way.
+    pub serve_dtype: inference::quant::ServeDtype,
     /// The model id clients send; the directory name when absent.
     pub name: Option<String>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { dir: "models/smollm2-135m-instruct".into(), dtype: "f32".into(), name: None }
+        Self {
+            dir: "models/smollm2-135m-instruct".into(),
+            dtype: "f32".into(),
+            serve_dtype: Default::default(),
+            name: None,
+        }
     }
 }
 
@@ -174,6 +182,16 @@ mod tests {
         assert_eq!(config.engine.max_running, 7);
         assert_eq!(config.gateway.default_limits.requests_per_minute, 5);
         assert_eq!(config.redis.url, "redis://127.0.0.1:7000");
+    }
+
+    #[test]
+    fn serve_dtype_comes_from_file_or_environment() {
+        use inference::quant::ServeDtype;
+        assert_eq!(load("", &[]).unwrap().model.serve_dtype, ServeDtype::F32);
+        assert_eq!(load("[model]\nserve_dtype = \"bf16\"\n", &[]).unwrap().model.serve_dtype, ServeDtype::Bf16);
+        let env = load("[model]\nserve_dtype = \"bf16\"\n", &[("INSTRUCTD__MODEL__SERVE_DTYPE", "q8_0")]).unwrap();
+        assert_eq!(env.model.serve_dtype, ServeDtype::Q8_0);
+        assert!(load("[model]\nserve_dtype = \"q4\"\n", &[]).is_err());
     }
 
     #[test]

@@ -64,6 +64,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prefill, decode and latency of the engine on a model.
     Bench(cmd::bench::BenchArgs),
+    /// Quality of the BF16 and Q8_0 serving formats against F32: held-out NLL and greedy agreement.
+    BenchQuality(cmd::bench_quality::BenchQualityArgs),
     /// Time the trainer's SFT step, reward-model step and PPO-ptx iteration on a model.
     BenchTrain(cmd::bench_train::BenchTrainArgs),
     /// Run the OpenAI-compatible gateway.
@@ -95,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model(command) => cmd::model::run(command),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::BenchQuality(args) => cmd::bench_quality::run(args),
         Command::BenchTrain(args) => {
             keep_freed_memory();
             cmd::bench_train::run(args)

@@ -341,13 +341,24 @@ fn a_fleet_behind_a_balancer_shares_limits_checkpoints_and_survives_losses() {
          {:.1} s after the demonstrations",
         published_at.elapsed().as_secs_f64()
     );
+    // One fleet-wide rollback through the balancer reaches every replica.
+    let rolled_back_at = Instant::now();
+    let (status, body, _) = call(&lb, "POST", "/admin/checkpoints/rollback", ADMIN_KEY, Some(&json!({"fleet": true})));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["restored"].as_str(), body["fleet"]["announced"].as_bool()), (Some(initial.as_str()), Some(true)));
     for replica in &replicas {
-        let (status, body, _) = call(&replica.url, "POST", "/admin/checkpoints/rollback", ADMIN_KEY, None);
-        assert_eq!(status, 200, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while serving(replica) != initial {
+            assert!(Instant::now() < deadline, "the fleet-wide rollback never reached {}", replica.url);
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let (_, c, _) = completion(&replica.url, &users[0].0, &model_id, 2);
         assert_eq!(c["system_fingerprint"], initial.as_str(), "{c}");
     }
-    println!("fleet (2): rolled back to {initial} on every replica");
+    println!(
+        "fleet (2): one fleet-wide rollback returned all {REPLICAS} replicas to {initial} in {:.1} s",
+        rolled_back_at.elapsed().as_secs_f64()
+    );
 
     // (4) Redis killed and restarted from its AOF under feedback load.
     let (feeder_id, feeder) = create_key(&lb, "fleet-feeder", unlimited());

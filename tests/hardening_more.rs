@@ -93,7 +93,7 @@ fn pinning_needs_a_scope_and_load_refuses_what_must_not_serve() {
     // A reward model is never loaded, forced or not.
     for force in [None, Some(json!({"force": true}))] {
         let (status, body) = call(&gateway, "POST", "/admin/checkpoints/rm/load", ADMIN_KEY, force.as_ref());
-        assert_eq!(status, 400, "{body}");
+        assert_eq!(status, 409, "{body}");
         assert_eq!(body["error"]["code"], "checkpoint_not_servable", "{body}");
     }
     let (status, body) = complete(&gateway, &pinner, &format!("{name}@rm"));

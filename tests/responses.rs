@@ -9,16 +9,15 @@
 #[allow(dead_code)]
 mod gateway;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use feedback::RedisLink;
 use feedback::announcement::CheckpointAnnouncement;
-use inference::checkpoint::{CheckpointStore, Manifest, Stage};
+use inference::checkpoint::CheckpointStore;
 use serde_json::{Value, json};
 use trainer::reward_model::RewardModel;
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, python, run_script, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, RedisServer, publish_reward_model, python, run_script, tiny_model};
 
 #[test]
 fn responses_api_through_the_openai_client() {
@@ -27,15 +26,6 @@ fn responses_api_through_the_openai_client() {
     let tmp = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(&redis.url(), &tiny_model(tmp.path()), &[]);
     run_script(&python, "responses_api.py", &[("INSTRUCTD_URL", &gateway.url)]);
-}
-
-/// Writes a reward model on the tiny policy `policy` (its head seeded by `seed`) into `store` as checkpoint `id`.
-fn publish_reward_model(store: &CheckpointStore, policy: &Path, scratch: &Path, id: &str, seed: u64) {
-    let dir = scratch.join(format!("src-{id}"));
-    let model =
-        RewardModel::from_policy(policy, &inference::load::default_device(), seed, 4096).expect("a reward model");
-    model.save(&dir).expect("reward model saved");
-    store.import_dir(&dir, Manifest::new(id, None, Stage::RewardModel)).expect("checkpoint imported");
 }
 
 fn announce(redis_url: &str, id: &str) {
@@ -59,6 +49,12 @@ fn scores_with(gateway: &Gateway, key: &str, body: &Value, id: &str) -> Value {
         assert!(Instant::now() < deadline, "reward model {id} never served: {status} {answer}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A completions body whose `best_of` samples (seeded, so repeatable) are ranked by the reward model.
+fn best_of_by_reward(model: &str, best_of: u32) -> Value {
+    json!({"model": model, "prompt": "Say something.", "max_tokens": 6, "temperature": 1.0, "seed": 11,
+        "n": 1, "best_of": best_of, "rank_by": "reward"})
 }
 
 fn rewards(answer: &Value) -> Vec<f64> {
@@ -88,12 +84,17 @@ fn rewards_score_with_the_published_reward_model_and_swap_to_a_newer_one() {
     let (_, key, _) =
         gateway.call("POST", "/admin/keys", ADMIN_KEY, Some(&json!({"user": "u", "scopes": ["completions"]})));
     let plain = key["secret"].as_str().unwrap().to_string();
+    let (_, models, _) = gateway.call("GET", "/v1/models", &plain, None);
+    let model = models["data"][0]["id"].as_str().expect("a model id").to_string();
 
     let completions = ["Paris.", "I do not know.", "The capital of France is Paris."];
     let body = json!({"prompt": "What is the capital of France?", "completions": completions});
     let (status, answer, _) = gateway.call("POST", "/v1/rewards", &plain, Some(&body));
     assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("insufficient_scope")), "{answer}");
     let (status, answer, _) = gateway.call("POST", "/v1/rewards", &scorer, Some(&body));
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("reward_model_unavailable")), "{answer}");
+    // best_of ranked by reward needs a reward model: refused, not ranked by log-probability instead.
+    let (status, answer, _) = gateway.call("POST", "/v1/completions", &plain, Some(&best_of_by_reward(&model, 4)));
     assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("reward_model_unavailable")), "{answer}");
 
     // The trainer publishes a reward model and announces it: the gateway loads it and scores with it, exactly as
@@ -121,6 +122,22 @@ fn rewards_score_with_the_published_reward_model_and_swap_to_a_newer_one() {
     let (status, answer, _) =
         gateway.call("POST", "/v1/rewards", &scorer, Some(&json!({"prompt": "p", "completions": []})));
     assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("completions")), "{answer}");
+
+    // best_of ranked by reward returns, of the samples the same seed draws, the one rm-a scores highest.
+    let mut all = best_of_by_reward(&model, 4);
+    all["n"] = json!(4);
+    let (status, answer, _) = gateway.call("POST", "/v1/completions", &plain, Some(&all));
+    assert_eq!(status, 200, "{answer}");
+    let samples: Vec<String> =
+        answer["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let scored: Vec<(&str, &str)> = samples.iter().map(|s| ("Say something.", s.as_str())).collect();
+    let scores = RewardModel::load(store.path("rm-a")).unwrap().score(&scored).unwrap();
+    let best = (0..samples.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+    let (status, answer, _) = gateway.call("POST", "/v1/completions", &plain, Some(&best_of_by_reward(&model, 4)));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 1, "{answer}");
+    assert_eq!(answer["choices"][0]["text"], samples[best].as_str(), "samples {samples:?} scored {scores:?}");
+    assert_eq!(answer["choices"][0]["index"], 0, "{answer}");
 
     // A newer reward model is swapped in when announced.
     publish_reward_model(&store, &policy, tmp.path(), "rm-b", 2);

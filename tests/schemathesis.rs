@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::{ADMIN_KEY, Gateway, RedisServer, repo_root, tiny_model};
+use gateway::{ADMIN_KEY, Gateway, RedisServer, publish_reward_model, repo_root, tiny_model};
+use inference::checkpoint::CheckpointStore;
 
 /// Far more than the run needs (it takes a few minutes on two cores); a hung
 /// run fails here instead of holding up `make test`.
@@ -41,7 +42,12 @@ fn the_server_keeps_the_openapi_contract() {
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    let gateway = Gateway::start(&redis.url(), &model, &[]);
+    // A reward model in the gateway's checkpoint store, loaded at start-up, so `POST /v1/rewards` scores.
+    let store = CheckpointStore::open(&tmp.path().join("checkpoints")).expect("checkpoint store");
+    publish_reward_model(&store, &model, tmp.path(), "rm-contract", 3);
+    let checkpoints = store.root().to_str().expect("a UTF-8 path").to_string();
+    let gateway =
+        Gateway::start(&redis.url(), &model, &[("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", &checkpoints)]);
 
     // Every scope the spec names but `admin`, read with the venv's PyYAML (a schemathesis dependency).
     let scopes = Command::new(&python)

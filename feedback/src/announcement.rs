@@ -1,6 +1,9 @@
-//! A checkpoint announcement on `instructd:checkpoints`: the one definition the
-//! trainer writes and every gateway reads. `source` says where a gateway that
-//! does not share the trainer's disk fetches the checkpoint's files from.
+//! What travels on `instructd:checkpoints`, one definition for writers and
+//! readers: a checkpoint announcement (the trainer writes it, every gateway
+//! reads it; `source` says where a gateway that does not share the trainer's
+//! disk fetches the files from), and a fleet-wide rollback (one gateway
+//! writes it, every gateway serves the checkpoint it names). Each entry has a
+//! `kind`; a reader skips kinds it does not know.
 
 use redis::streams::StreamId;
 
@@ -8,6 +11,45 @@ use crate::{LinkError, RedisLink, streams};
 
 /// The `kind` field of a checkpoint announcement.
 pub const KIND: &str = "checkpoint";
+/// The `kind` field of a fleet-wide rollback.
+pub const ROLLBACK_KIND: &str = "rollback";
+
+/// An operator rolled the fleet back: every gateway serves `to` again and
+/// never promotes `from` on its own afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackAnnouncement {
+    /// The checkpoint to serve.
+    pub to: String,
+    /// The checkpoint rolled back from.
+    pub from: String,
+}
+
+impl RollbackAnnouncement {
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![("kind", ROLLBACK_KIND.to_string()), ("to", self.to.clone()), ("from", self.from.clone())]
+    }
+
+    /// Reads an entry of the stream; `None` when it is not a rollback.
+    pub fn from_entry(entry: &StreamId) -> Option<Self> {
+        let text = |name: &str| entry.get::<String>(name).filter(|v| !v.is_empty());
+        if text("kind")? != ROLLBACK_KIND {
+            return None;
+        }
+        Some(Self { to: text("to")?, from: text("from")? })
+    }
+
+    /// Appends the rollback to `instructd:checkpoints`; returns the entry id.
+    pub async fn publish(&self, link: &RedisLink) -> Result<String, LinkError> {
+        xadd(link, self.fields()).await
+    }
+}
+
+async fn xadd(link: &RedisLink, fields: Vec<(&'static str, String)>) -> Result<String, LinkError> {
+    link.run(|mut c| async move {
+        redis::cmd("XADD").arg(streams::CHECKPOINTS).arg("*").arg(&fields[..]).query_async::<String>(&mut c).await
+    })
+    .await
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointAnnouncement {
@@ -45,11 +87,7 @@ impl CheckpointAnnouncement {
 
     /// Appends the announcement to `instructd:checkpoints`; returns the entry id.
     pub async fn publish(&self, link: &RedisLink) -> Result<String, LinkError> {
-        let fields = self.fields();
-        link.run(|mut c| async move {
-            redis::cmd("XADD").arg(streams::CHECKPOINTS).arg("*").arg(&fields[..]).query_async::<String>(&mut c).await
-        })
-        .await
+        xadd(link, self.fields()).await
     }
 }
 
@@ -63,6 +101,17 @@ mod tests {
             map: fields.iter().map(|(k, v)| (k.to_string(), redis::Value::BulkString(v.as_bytes().to_vec()))).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_rollback_reads_back_and_is_not_a_checkpoint() {
+        let rollback = RollbackAnnouncement { to: "sft-1".into(), from: "sft-2".into() };
+        let fields = rollback.fields();
+        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(RollbackAnnouncement::from_entry(&entry(&pairs)), Some(rollback));
+        assert_eq!(CheckpointAnnouncement::from_entry(&entry(&pairs)), None, "old readers skip it");
+        assert_eq!(RollbackAnnouncement::from_entry(&entry(&[("kind", "checkpoint"), ("id", "x")])), None);
+        assert_eq!(RollbackAnnouncement::from_entry(&entry(&[("kind", "rollback"), ("to", "x")])), None);
     }
 
     #[test]

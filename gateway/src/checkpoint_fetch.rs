@@ -96,9 +96,8 @@ pub fn fetch(root: &Path, source: &str, id: &str, limits: Limits) -> Result<(), 
         return Err(FetchError::BadName(bad.clone()));
     }
 
-    // A `.tmp-` directory is what the store removes when it opens after a crash.
-    let tmp = root.join(format!(".tmp-fetch-{id}"));
-    let _ = std::fs::remove_dir_all(&tmp);
+    // This fetch's own directory (replicas may fetch into one shared volume); the store removes it once stale.
+    let tmp = inference::checkpoint::temporary_dir(root, &format!("fetch-{id}"));
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| {
         let mut budget = limits.max_bytes;

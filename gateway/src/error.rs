@@ -180,6 +180,9 @@ impl From<inference::Error> for ApiError {
                     .with_code("engine_queue_share_exceeded")
             }
             E::EngineStopped => ApiError::unavailable("The model is restarting or shutting down. Retry shortly."),
+            E::UpstreamUnavailable(why) => {
+                ApiError::unavailable(format!("The model's servers are unavailable ({why}). Retry shortly."))
+            }
             E::Tokenizer(message) => {
                 ApiError::invalid_request(None, format!("Could not tokenize the input: {message}"))
             }

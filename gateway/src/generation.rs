@@ -28,6 +28,7 @@ use crate::metrics as m;
 use crate::openai::common::PreparedRequest;
 use crate::openai::response::{Format, ResponseMeta, Usage};
 use crate::rate_limit::RateLimitHeaders;
+use crate::reward_ranking::RewardRanker;
 use crate::state::AppState;
 
 /// A generation request past every check (shape, rate limit, tokenization, use-case policy), charged to the
@@ -94,12 +95,19 @@ pub async fn generate<B: crate::openai::GenerationBody>(
     format: Format,
 ) -> Result<Response, ApiError> {
     let (engine, prepared, on_finish, limit_headers) = admit_body(state, caller, headers, body).await?.settle();
+    let ranker = match RewardRanker::for_request(state.rollout.reward_models(), &prepared) {
+        Ok(ranker) => ranker,
+        Err(e) => {
+            on_finish(Usage::default());
+            return Err(e);
+        }
+    };
     let info = engine.info();
     let meta = ResponseMeta::new(format, &info.name, &info.checkpoint, prepared.logprobs);
     let mut response = if prepared.stream {
         stream(engine, prepared, meta, on_finish)?.into_response()
     } else {
-        Json(complete(&engine, prepared, meta, on_finish).await?).into_response()
+        Json(complete(&engine, prepared, meta, on_finish, ranker).await?).into_response()
     };
     insert_headers(response.headers_mut(), &limit_headers);
     Ok(response)
@@ -166,15 +174,25 @@ impl Drop for StreamAccounting {
     }
 }
 
-/// Generates every choice and returns the whole body.
+/// Generates every choice and returns the whole body; `best_of` keeps the
+/// samples with the highest mean log-probability, or the highest reward with
+/// a `ranker`.
 pub async fn complete(
     engine: &Engine,
     prepared: PreparedRequest,
     meta: ResponseMeta,
     on_finish: OnFinish,
+    ranker: Option<RewardRanker<'_>>,
 ) -> Result<Value, ApiError> {
     let started = Instant::now();
-    let completions = match collect_all(engine, &prepared).await {
+    let collected = match &ranker {
+        Some(ranker) => match submit(engine, &prepared) {
+            Ok(generations) => ranker.collect(generations, &prepared).await,
+            Err(e) => Err(e),
+        },
+        None => collect_all(engine, &prepared).await,
+    };
+    let completions = match collected {
         Ok(completions) => completions,
         Err(e) => {
             on_finish(Usage::new(prepared.prompt_tokens(), 0));

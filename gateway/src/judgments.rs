@@ -158,11 +158,14 @@ pub fn check_sizes(payload: &FeedbackPayload, caps: &FeedbackConfig) -> Result<(
         }
         FeedbackPayload::Ranking { prompt_id, ranking } => {
             id("prompt_id", prompt_id)?;
-            let named: usize = ranking.iter().map(Vec::len).sum();
-            if ranking.len() > MAX_RANKED || named > MAX_RANKED {
+            // The schema's bounds (at most 9 groups of at most 9 ids) cap the
+            // work before the prompt is looked up; that the ranking names each
+            // of the prompt's 4 to 9 samples once is checked against the prompt
+            // (a well-formed ranking of an unknown prompt is 404, not 400).
+            if ranking.len() > MAX_RANKED || ranking.iter().any(|group| group.len() > MAX_RANKED) {
                 return Err(ApiError::invalid_request(
                     Some("ranking"),
-                    format!("Rankings cover {MIN_RANKED} to {MAX_RANKED} samples; this one names {named}."),
+                    format!("A ranking has at most {MAX_RANKED} groups of at most {MAX_RANKED} samples."),
                 ));
             }
             for generation_id in ranking.iter().flatten() {
@@ -262,5 +265,10 @@ mod tests {
         assert_eq!(param(comparison).as_deref(), Some("better"));
         let ranking = FeedbackPayload::Ranking { prompt_id: "p".into(), ranking: vec![vec!["g".into()]; 10] };
         assert_eq!(param(ranking).as_deref(), Some("ranking"));
+        let ranking = FeedbackPayload::Ranking { prompt_id: "p".into(), ranking: vec![vec!["g".into(); 10]] };
+        assert_eq!(param(ranking).as_deref(), Some("ranking"));
+        // Ten ids in schema-valid groups wait for the prompt (404 or the coverage check), not a size refusal.
+        let ranking = FeedbackPayload::Ranking { prompt_id: "p".into(), ranking: vec![vec!["g".into(); 5]; 2] };
+        assert_eq!(param(ranking), None);
     }
 }

@@ -25,12 +25,14 @@ pub mod policy;
 pub mod rate_limit;
 pub mod responses_store;
 pub mod reward_model;
+pub mod reward_ranking;
 pub mod rollout;
 pub mod routes;
 pub mod scoring;
 pub mod server;
 pub mod state;
 pub mod training_curves;
+pub mod upstream;
 pub mod vote_gate;
 
 pub use config::GatewayConfig;

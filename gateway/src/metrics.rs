@@ -107,6 +107,21 @@ pub fn set_engine_state(queue_depth: usize, running: usize, batch_size: usize) {
     gauge!("instructd_batch_size_last").set(batch_size as f64);
 }
 
+/// The serving engine's KV block pool (`state`: capacity, used by running
+/// sequences, held by the prefix cache) and its prefix-cache counters. The
+/// counters are the engine's own: they restart with a swapped-in engine,
+/// which Prometheus reads as a counter reset.
+pub fn set_kv_cache(kv: &inference::engine::KvStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    gauge!("instructd_kv_cache_blocks", "state" => "capacity").set(kv.blocks_total.load(Relaxed) as f64);
+    gauge!("instructd_kv_cache_blocks", "state" => "used").set(kv.blocks_used.load(Relaxed) as f64);
+    gauge!("instructd_kv_cache_blocks", "state" => "cached").set(kv.blocks_cached.load(Relaxed) as f64);
+    counter!("instructd_prefix_cache_hit_tokens_total").absolute(kv.prefix_hit_tokens.load(Relaxed));
+    counter!("instructd_prefix_cache_hit_blocks_total").absolute(kv.prefix_hit_blocks.load(Relaxed));
+    counter!("instructd_prefix_cache_lookup_tokens_total").absolute(kv.prefix_lookup_tokens.load(Relaxed));
+    counter!("instructd_kv_cache_preemptions_total").absolute(kv.preemptions.load(Relaxed));
+}
+
 pub fn set_serving_checkpoint(checkpoint: &str) {
     gauge!("instructd_serving_checkpoint", "checkpoint" => checkpoint.to_string()).set(1.0);
 }

@@ -54,6 +54,16 @@ impl ServingRewardModel {
     }
 }
 
+/// 503 `reward_model_unavailable`: what a request that needs the reward model
+/// gets before the trainer has published one.
+pub fn unavailable() -> crate::error::ApiError {
+    crate::error::ApiError::unavailable(
+        "No reward model is loaded on this gateway yet: the trainer publishes one after its first reward-model \
+         refresh, and the gateway loads it when it is announced (GET /admin/checkpoints lists them).",
+    )
+    .with_code("reward_model_unavailable")
+}
+
 /// The slot the serving reward model lives in (empty until one is loaded).
 pub struct RewardModels {
     current: ArcSwapOption<ServingRewardModel>,

@@ -18,11 +18,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use feedback::announcement::CheckpointAnnouncement;
+use feedback::announcement::{CheckpointAnnouncement, RollbackAnnouncement};
 use inference::checkpoint::{CheckpointStore, Manifest};
 use inference::engine::{Engine, EngineConfig, EngineHandle, GenerateRequest};
 use inference::load::{LoadedModel, default_device};
 use inference::model_files::parse_dtype;
+use inference::quant::ServeDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint_fetch;
@@ -117,6 +118,8 @@ pub struct Rollout {
     engine_config: EngineConfig,
     model_name: String,
     dtype: String,
+    /// The format the projections are packed in before a checkpoint serves (`[model] serve_dtype`).
+    serve_dtype: ServeDtype,
     /// The model the gateway started with (from `[model]`, not the store), so
     /// a rollback can return to it: (checkpoint id, directory).
     initial: Option<(String, PathBuf)>,
@@ -139,10 +142,17 @@ impl Rollout {
             engine_config,
             model_name: model_name.to_string(),
             dtype: dtype.to_string(),
+            serve_dtype: ServeDtype::F32,
             initial: None,
             state: Mutex::new(State::default()),
             reward_models: Arc::default(),
         }
+    }
+
+    /// Packs every checkpoint this rollout loads in `dtype`, as the start-up model was.
+    pub fn with_serve_dtype(mut self, dtype: ServeDtype) -> Self {
+        self.serve_dtype = dtype;
+        self
     }
 
     /// Records the model served at start-up (checkpoint id and directory).
@@ -236,8 +246,16 @@ impl Rollout {
         };
         match result {
             Ok(engine) => {
-                tracing::info!(checkpoint = id, "candidate verified and ready");
-                self.lock().candidates.insert(id.to_string(), (CandidateState::Ready, Some(Arc::new(engine))));
+                {
+                    let mut state = self.lock();
+                    // Refused while it loaded (a fleet-wide rollback from it, the arena's gate): it stays refused.
+                    if let Some((CandidateState::Failed(reason), _)) = state.candidates.get(id) {
+                        tracing::info!(checkpoint = id, reason = %reason, "candidate refused while it loaded");
+                        return;
+                    }
+                    tracing::info!(checkpoint = id, "candidate verified and ready");
+                    state.candidates.insert(id.to_string(), (CandidateState::Ready, Some(Arc::new(engine))));
+                }
                 if self.config.auto_promote
                     && let Err(e) = self.promote(handle, id)
                 {
@@ -305,6 +323,14 @@ impl Rollout {
 
     fn load(&self, id: &str, force: bool) -> Result<Engine, RolloutError> {
         let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
+        // Loading it here would serve it from this process, not from the configured upstreams.
+        if self.engine_config.kind == inference::engine::EngineKind::OpenaiHttp {
+            return Err(invalid(
+                "with [engine] kind = \"openai_http\" the upstreams serve the weights: convert the checkpoint \
+                 (`instructd model export-gguf` for llama-server) and start an upstream on it"
+                    .into(),
+            ));
+        }
         // The start-up model is not in the store (nothing to verify against): load it from its directory.
         let dir = match &self.initial {
             Some((initial, dir)) if initial == id && !self.store.path(id).exists() => dir.clone(),
@@ -319,7 +345,9 @@ impl Rollout {
             }
         };
         let dtype = parse_dtype(&self.dtype).map_err(|e| invalid(e.to_string()))?;
-        let loaded = LoadedModel::load(dir, dtype, &default_device()).map_err(|e| invalid(e.to_string()))?;
+        let loaded = LoadedModel::load(dir, dtype, &default_device())
+            .and_then(|loaded| loaded.with_serve_dtype(self.serve_dtype))
+            .map_err(|e| invalid(e.to_string()))?;
         let engine =
             loaded.into_engine(&self.model_name, id, self.engine_config.clone()).map_err(|e| invalid(e.to_string()))?;
         // Smoke generation: a few greedy tokens must come out.
@@ -394,6 +422,43 @@ impl Rollout {
         self.lock().history.pop();
         crate::metrics::set_serving_checkpoint(&previous);
         Ok(previous)
+    }
+
+    /// Applies a fleet-wide rollback another gateway (or this one) announced:
+    /// serves `to` unless it serves already, and refuses `from` so that a
+    /// replica still loading it, or a later announcement, never promotes it.
+    pub async fn rollback_to(
+        self: &Arc<Self>,
+        handle: &EngineHandle,
+        rollback: &RollbackAnnouncement,
+    ) -> Result<(), RolloutError> {
+        let serving = handle.current().info().checkpoint.clone();
+        if serving != rollback.from {
+            self.refuse(handle, &rollback.from, "rolled back fleet-wide");
+        }
+        if serving == rollback.to {
+            return Ok(());
+        }
+        handle.clear_canary();
+        let this = self.clone();
+        let id = rollback.to.clone();
+        // It served before on some replica: an operator's rollback may return to it whatever its gate said.
+        let engine = tokio::task::spawn_blocking(move || this.load(&id, true))
+            .await
+            .map_err(|e| RolloutError::Invalid { id: rollback.to.clone(), message: e.to_string() })??;
+        let old = handle.swap(engine);
+        let mut state = self.lock();
+        if state.history.last() == Some(&rollback.to) {
+            state.history.pop();
+        }
+        let old = old.info().checkpoint.clone();
+        if old == rollback.from {
+            state.candidates.insert(old, (CandidateState::Failed("rolled back fleet-wide".into()), None));
+        }
+        drop(state);
+        crate::metrics::set_serving_checkpoint(&rollback.to);
+        tracing::info!(to = %rollback.to, from = %rollback.from, "fleet-wide rollback applied");
+        Ok(())
     }
 
     /// The loaded engine serving checkpoint `id` for a request that pins it: the serving engine, the canary, or a
@@ -531,6 +596,15 @@ pub async fn watch(rollout: Arc<Rollout>, handle: Arc<EngineHandle>, link: Arc<f
                 for key in reply.keys {
                     for entry in key.ids {
                         last = entry.id.clone();
+                        if let Some(rollback) = RollbackAnnouncement::from_entry(&entry) {
+                            let (rollout, handle) = (rollout.clone(), handle.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = rollout.rollback_to(&handle, &rollback).await {
+                                    tracing::error!(to = %rollback.to, error = %e, "fleet-wide rollback failed here");
+                                }
+                            });
+                            continue;
+                        }
                         let Some(announced) = CheckpointAnnouncement::from_entry(&entry) else { continue };
                         // Reward models are published too: never served, but scored with.
                         if !announced.is_servable() {
@@ -570,5 +644,28 @@ mod tests {
         gated.metrics = serde_json::json!({"evaluation": {"passed": true}});
         assert!(check_servable(&gated, false).is_ok());
         assert!(check_servable(&Manifest::new("sft", None, Stage::Sft), false).is_ok());
+    }
+
+    /// Every checkpoint the rollout loads is packed in `[model] serve_dtype` before its smoke generation: a
+    /// checkpoint whose rows are not whole Q8_0 blocks is refused for that reason under q8_0 and served under f32;
+    /// one that packs serves.
+    #[test]
+    fn loaded_checkpoints_are_packed_in_the_serve_dtype() {
+        use inference::tiny_model::{TinySpec, init_tiny};
+        let root = tempfile::tempdir().unwrap();
+        let (odd, even) = (root.path().join("odd"), root.path().join("even"));
+        init_tiny(&odd, &TinySpec { hidden_size: 48, intermediate_size: 96, ..Default::default() }).unwrap();
+        init_tiny(&even, &TinySpec::default()).unwrap();
+        let rollout = |serve_dtype, dir: &std::path::Path| {
+            let store = CheckpointStore::open(&root.path().join("store")).unwrap();
+            Rollout::new(store, RolloutConfig::default(), EngineConfig::default(), "m", "f32")
+                .with_serve_dtype(serve_dtype)
+                .with_initial("start", dir)
+        };
+        let err = rollout(ServeDtype::Q8_0, &odd).load("start", false).err().expect("48-wide rows are not Q8_0");
+        assert!(err.to_string().contains("serve_dtype q8_0"), "{err}");
+        assert!(rollout(ServeDtype::F32, &odd).load("start", false).is_ok());
+        assert!(rollout(ServeDtype::Q8_0, &even).load("start", false).is_ok());
+        assert!(rollout(ServeDtype::Bf16, &even).load("start", false).is_ok());
     }
 }

@@ -18,10 +18,19 @@ pub struct RewardsRequest {
     /// The reward checkpoint's id, to be sure which model scores (404 when it is not the serving one).
     pub model: Option<String>,
     /// The prompt, as one user message through the chat template (as the trainer scores it).
+    #[serde(default, deserialize_with = "not_null")]
     pub prompt: Option<String>,
     /// Or a whole conversation, as for chat completions.
+    #[serde(default, deserialize_with = "not_null")]
     pub messages: Option<Vec<Message>>,
     pub completions: Vec<String>,
+}
+
+/// An optional field that, when sent, must hold a value: `prompt` and
+/// `messages` are exactly one of two, and `"messages": null` beside a
+/// prompt would otherwise pass as "not sent" where the spec says it is both.
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 /// A checked request.
@@ -68,6 +77,14 @@ mod tests {
 
     fn check(body: serde_json::Value) -> Result<Scoring, ApiError> {
         serde_json::from_value::<RewardsRequest>(body).unwrap().check(1000)
+    }
+
+    #[test]
+    fn a_null_prompt_or_messages_is_refused_not_ignored() {
+        let parse = |body: serde_json::Value| serde_json::from_value::<RewardsRequest>(body);
+        assert!(parse(json!({"prompt": "p", "messages": null, "completions": ["a"]})).is_err());
+        assert!(parse(json!({"prompt": null, "completions": ["a"]})).is_err());
+        assert!(parse(json!({"prompt": "p", "completions": ["a"]})).is_ok());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `cargo bench -p inference --bench cpu_linear`: throughput of the serving
 //! path's few-row matmul, on weights that sit in cache and on weights that
-//! stream from memory as they do in a real decode step.
+//! stream from memory as they do in a real decode step, and of the packed
+//! BF16 and Q8_0 kernels ([`inference::quant`]) against F32 on the same shapes.
 
 use std::time::Instant;
 
 use inference::cpu_linear::matmul_transposed;
+use inference::quant::{bf16, q8_0};
 
 fn main() {
     println!("| case | rows | ms | GFLOP/s | weight GB/s |");
@@ -42,6 +44,44 @@ fn main() {
             t.elapsed().as_secs_f64()
         });
         report("120 x 1536x576 streamed", m, seconds, n, k, ws.len());
+    }
+    formats();
+}
+
+/// F32, BF16 and Q8_0 on the same cached matrices, the formats timed in
+/// turn; the last columns are each format's speed relative to F32.
+fn formats() {
+    println!();
+    println!("| shape | rows | f32 ms | bf16 ms | q8_0 ms | bf16 / f32 | q8_0 / f32 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for &(n, k) in &[(1536usize, 576usize), (576, 1536), (8192, 576)] {
+        let w: Vec<f32> = (0..n * k).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
+        let wb: Vec<u16> = w.iter().map(|&v| bf16::to_bits(v)).collect();
+        let wq = q8_0::pack(&w, n, k).expect("k is a multiple of 32");
+        for m in [1usize, 16, 128] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 31) as f32 - 15.0) / 16.0).collect();
+            let time = |f: &dyn Fn() -> Vec<f32>| {
+                std::hint::black_box(f());
+                best_of(|| {
+                    let t = Instant::now();
+                    for _ in 0..10 {
+                        std::hint::black_box(f());
+                    }
+                    t.elapsed().as_secs_f64() / 10.0
+                })
+            };
+            let f = time(&|| matmul_transposed(&x, m, &w, n, k));
+            let b = time(&|| bf16::matmul(&x, m, &wb, n, k));
+            let q = time(&|| q8_0::matmul(&x, m, &wq, n, k));
+            println!(
+                "| {n}x{k} | {m} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x |",
+                f * 1e3,
+                b * 1e3,
+                q * 1e3,
+                f / b,
+                f / q
+            );
+        }
     }
 }
 

@@ -3,10 +3,16 @@
 //! metrics, the sha256 of every file, time). The trainer publishes them; the
 //! gateway verifies them before serving.
 //!
-//! Publishing writes into a temporary directory `.tmp-<id>`, hashes every
-//! file into the manifest, fsyncs files and directory, then renames the
+//! Publishing writes into a temporary directory `.tmp-<id>-<unique>`, hashes
+//! every file into the manifest, fsyncs files and directory, then renames the
 //! directory into place, so a reader never sees a partial checkpoint. A
 //! checkpoint whose files do not match their checksums is refused.
+//!
+//! Several processes may share one store (the trainer publishing, gateway
+//! replicas fetching over HTTP into a shared volume): a temporary directory
+//! is its writer's alone (a unique name), and opening the store removes only
+//! those untouched for [`STALE_TMP`], which a crash left, never one another
+//! process is still writing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,6 +24,8 @@ use sha2::{Digest, Sha256};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const SCHEMA_VERSION: u32 = 1;
+/// A temporary directory unmodified this long was left by a crashed writer.
+pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,16 +83,45 @@ pub struct CheckpointStore {
     root: PathBuf,
 }
 
+/// Whether the directory `path` and everything directly in it were last
+/// modified at least `age` ago (a writer touches its files as it goes).
+fn untouched_for(path: &Path, age: std::time::Duration) -> bool {
+    let recent = |p: &Path| {
+        std::fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_none_or(|e| e < age)
+    };
+    if recent(path) {
+        return false;
+    }
+    std::fs::read_dir(path).map(|entries| entries.flatten().all(|e| !recent(&e.path()))).unwrap_or(true)
+}
+
+/// A temporary directory under the store `root` for writing checkpoint
+/// `label` (`.tmp-<label>-<pid>-<nanos>-<n>`): no other writer, process or
+/// thread, uses the same name, and the store's open cleans it up only once
+/// it is stale.
+pub fn temporary_dir(root: &Path, label: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    root.join(format!(".tmp-{label}-{}-{nanos}-{n}", std::process::id()))
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
 impl CheckpointStore {
-    /// Opens (creating) the store and removes temporary directories a crash left.
+    /// Opens (creating) the store and removes temporary directories a crash
+    /// left (untouched for [`STALE_TMP`]).
     pub fn open(root: &Path) -> Result<Self, CheckpointError> {
+        Self::open_removing_stale(root, STALE_TMP)
+    }
+
+    fn open_removing_stale(root: &Path, stale: std::time::Duration) -> Result<Self, CheckpointError> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         for entry in std::fs::read_dir(root).map_err(io(root))?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") && untouched_for(&entry.path(), stale) {
+                tracing::info!(path = %entry.path().display(), "removing a checkpoint a crashed writer left");
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -118,8 +155,7 @@ impl CheckpointStore {
         if target.exists() {
             return Err(CheckpointError::Invalid { id: manifest.id, message: "already exists".into() });
         }
-        let tmp = self.root.join(format!(".tmp-{}", manifest.id));
-        let _ = std::fs::remove_dir_all(&tmp);
+        let tmp = temporary_dir(&self.root, &manifest.id);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let result = (|| {
             write_files(&tmp, &mut manifest)?;
@@ -312,6 +348,22 @@ mod tests {
         drop(tmp);
     }
 
+    /// Another process's publish in progress survives a store opened beside
+    /// it; a temporary directory left long ago is cleaned up.
+    #[test]
+    fn opening_the_store_keeps_a_live_writers_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("checkpoints");
+        let live = root.join(".tmp-sft-2-4242-1-0");
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::write(live.join("model.safetensors"), b"half written").unwrap();
+        CheckpointStore::open(&root).unwrap();
+        assert!(live.join("model.safetensors").is_file(), "a live writer's directory must survive");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        CheckpointStore::open_removing_stale(&root, std::time::Duration::from_millis(10)).unwrap();
+        assert!(!live.exists(), "a directory untouched past the limit is a crash's leftover");
+    }
+
     #[test]
     fn corrupt_partial_and_stray_files_are_refused() {
         let (_tmp, store) = store_with_base();
@@ -340,9 +392,13 @@ mod tests {
             Err(CheckpointError::Invalid { id: "broken".into(), message: "trainer died".into() })
         });
         assert!(failed.is_err() && !store.path("broken").exists());
-        std::fs::create_dir(store.root().join(".tmp-crashed")).unwrap();
-        let reopened = CheckpointStore::open(store.root()).unwrap();
-        assert!(!reopened.root().join(".tmp-crashed").exists());
+        assert!(
+            !std::fs::read_dir(store.root()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".tmp"))
+        );
         assert!(matches!(store.verify("../etc"), Err(CheckpointError::BadId(_))));
 
         // A manifest copied into another checkpoint's directory, or naming files outside it, is refused.

@@ -10,12 +10,15 @@
 //! Every output element is one dot product summed in the same order whatever
 //! the number of rows, so results do not depend on how requests were batched.
 //!
-//! The dot products are [`crate::simd`]'s (AVX-512 or AVX2 at run time).
+//! The dot products are [`crate::simd`]'s (AVX-512 or AVX2 at run time) for
+//! F32 weights, [`crate::quant`]'s for BF16 and Q8_0 ones; all share the
+//! tiling and threading here ([`run_tiled`]).
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::quant::{self, ServeDtype};
 use crate::simd;
 
 /// Input rows and weight rows per register tile: 5 × 5 accumulators plus
@@ -39,14 +42,15 @@ const ROW_TASKS_PER_THREAD: usize = 2;
 /// reads all weights, from cache: the multiply, not memory, is the bound).
 const ROW_SPLIT_MIN_ROWS: usize = 32;
 
-/// `x` `[m, k]` times `w` `[n, k]` transposed, plus `bias` `[n]`, when both are
-/// contiguous F32 on the CPU; `None` when this kernel does not apply.
+/// `x` `[m, k]` times `w` `[n, k]` transposed, plus `bias` `[n]`, when `x` is
+/// contiguous F32 on the CPU and `w` F32 or packed ([`crate::quant`]) in CPU
+/// memory; `None` when this kernel does not apply.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
-    if w.dims2()?.1 != k {
+    if w.dtype() == DType::F32 && w.dims2()?.1 != k {
         return Ok(None);
     }
     let out = with_host_f32(x, |x| linear_rows(x, m, w, bias))??;
@@ -57,13 +61,21 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Te
 }
 
 /// As [`linear`], for `m` input rows held in a slice; `None` when the
-/// weights are not contiguous F32 on the CPU.
+/// weights are neither contiguous F32 nor a packed format on the CPU.
 pub fn linear_rows(x: &[f32], m: usize, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
-    let (n, k) = w.dims2()?;
+    let (n, cols) = w.dims2()?;
+    // A packed weight's second dimension is its carrier's, not `k`: take `k` from the input.
+    let k = if w.dtype() == DType::F32 || m == 0 { cols } else { x.len() / m };
     if x.len() != m * k {
         return Err(candle_core::Error::Msg(format!("linear: {} inputs for {m} rows of {k}", x.len())).into());
     }
-    let Some(mut out) = with_host_f32(w, |w| matmul_transposed(x, m, w, n, k)).ok() else {
+    let out = match (w.dtype(), quant::packed_dtype(w, k)) {
+        (DType::F32, _) => with_host_f32(w, |w| matmul_transposed(x, m, w, n, k)).ok(),
+        (_, Some(ServeDtype::Bf16)) => with_host_bf16_bits(w, |w| quant::bf16::matmul(x, m, w, n, k)).ok(),
+        (_, Some(ServeDtype::Q8_0)) => with_host_u8(w, |w| quant::q8_0::matmul(x, m, w, n, k)).ok(),
+        _ => None,
+    };
+    let Some(mut out) = out else {
         return Ok(None);
     };
     if let Some(bias) = bias {
@@ -87,23 +99,100 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
+/// As [`with_host_f32`] for a U8 tensor (a packed Q8_0 matrix).
+fn with_host_u8<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(candle_core::Error::Msg("expected a contiguous tensor in CPU memory".into()).into());
+    };
+    Ok(f(&cpu.as_slice::<u8>()?[start..end]))
+}
+
+/// As [`with_host_f32`] for a BF16 tensor, whose values are handed over as
+/// their bit patterns.
+fn with_host_bf16_bits<R>(t: &Tensor, f: impl FnOnce(&[u16]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Err(candle_core::Error::Msg("expected a contiguous BF16 tensor in CPU memory".into()).into());
+    };
+    let values = &values[start..end];
+    // SAFETY: `half::bf16` is `repr(transparent)` over its `u16` bits, so the
+    // slice's memory is `values.len()` valid `u16`s for as long as `values` lives.
+    let bits = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u16>(), values.len()) };
+    Ok(f(bits))
+}
+
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]`, returned row-major `[m, n]`.
+pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    run_tiled(m, n, &F32Tiles { x, w, k })
+}
+
+/// One weight format's dot-product tiles, for [`run_tiled`]: the F32 kernel
+/// here, and the packed BF16 and 8-bit ones of [`crate::quant`]. Input row
+/// `i` and weight row `j` are indices into whatever the implementation
+/// holds (activations already converted to the format's input type).
+pub(crate) trait Tiles: Sync {
+    /// `out[r][c]` = dot of input row `i + r` with weight row `j + c`.
+    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize) -> [[f32; C]; R];
+
+    /// Input row `i` against weight rows `j..j + out.len()`: the single-row
+    /// (memory-bound) case. Must sum each entry as [`Tiles::tile`] does, so
+    /// a row's result does not depend on the batch it came in.
+    fn row(&self, i: usize, j: usize, out: &mut [f32]) {
+        let mut c = 0;
+        while c + TILE <= out.len() {
+            out[c..c + TILE].copy_from_slice(&self.tile::<1, TILE>(i, j + c)[0]);
+            c += TILE;
+        }
+        for (o, jj) in out[c..].iter_mut().zip(j + c..) {
+            *o = self.tile::<1, 1>(i, jj)[0][0];
+        }
+    }
+}
+
+struct F32Tiles<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    k: usize,
+}
+
+impl Tiles for F32Tiles<'_> {
+    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize) -> [[f32; C]; R] {
+        let k = self.k;
+        // Prefetch the next weight tile while this one is multiplied (rows
+        // are contiguous, so that is `C` rows ahead), keeping memory busy
+        // also while the tile is re-run for more input rows.
+        simd::dot_tile::<R, C>(&self.x[i * k..], k, &self.w[j * k..], k, k, C * k)
+    }
+
+    fn row(&self, i: usize, j: usize, out: &mut [f32]) {
+        // One weight row at a time, all rows in one call: the product is
+        // bound by memory, and one sequential stream per core reads fastest.
+        let k = self.k;
+        simd::dot_rows(&self.x[i * k..(i + 1) * k], &self.w[j * k..], k, out);
+    }
+}
+
+/// `[m, n]` row-major: every input row against every weight row, through
+/// `tiles`, on the current rayon pool.
 ///
 /// The work is cut into a few contiguous blocks per compute thread
 /// ([`TASKS_PER_THREAD`]): with a single input row the multiply is bound by
 /// memory bandwidth, and long sequential streams are what the hardware
 /// prefetchers serve best.
-pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub(crate) fn run_tiled(m: usize, n: usize, tiles: &impl Tiles) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let mut out = vec![0f32; m * n];
+    if n == 0 {
+        return out;
+    }
     if m >= ROW_SPLIT_MIN_ROWS {
         // Many rows (prefill): each task takes a block of input rows and all
         // the weights, writing its own rows of the output.
         let per_task = m.div_ceil(threads * ROW_TASKS_PER_THREAD).next_multiple_of(TILE);
         out.par_chunks_mut(per_task * n).enumerate().for_each(|(task, out_block)| {
-            let i0 = task * per_task;
             let mut rows: Vec<&mut [f32]> = out_block.chunks_exact_mut(n).collect();
-            kernel(&x[i0 * k..(i0 + rows.len()) * k], w, n, k, &mut rows);
+            kernel(tiles, task * per_task, 0, n, &mut rows);
         });
         return out;
     }
@@ -121,52 +210,43 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
         }
     }
     parts.into_par_iter().enumerate().for_each(|(task, mut rows)| {
-        let j0 = task * per_task;
         let cols = rows.first().map_or(0, |r| r.len());
-        kernel(x, &w[j0 * k..(j0 + cols) * k], cols, k, &mut rows);
+        kernel(tiles, 0, task * per_task, cols, &mut rows);
     });
     out
 }
 
-/// Computes `dot(x_i, w_j)` for `m` input rows and `rows` weight rows, in
-/// tiles of up to `TILE` input rows by `TILE` weight rows.
-/// `out[i]` receives row `i`'s products with these weight rows.
-fn kernel(x: &[f32], w: &[f32], rows: usize, k: usize, out: &mut [&mut [f32]]) {
+/// Computes the dots of input rows `i0..i0 + out.len()` with weight rows
+/// `j0..j0 + cols`, in tiles of up to `TILE` input rows by `TILE` weight
+/// rows. `out[i]` receives row `i0 + i`'s products with these weight rows.
+fn kernel(tiles: &impl Tiles, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
     let m = out.len();
     if m == 1 {
-        // One weight row at a time, all rows in one call: the product is
-        // bound by memory, and one sequential stream per core reads fastest.
-        simd::dot_rows(x, w, k, &mut out[0][..rows]);
+        tiles.row(i0, j0, &mut out[0][..cols]);
         return;
     }
     let mut j = 0;
-    while j < rows {
-        let cols = if rows - j >= TILE { TILE } else { 1 };
-        let wj = &w[j * k..];
-        // Prefetch the next weight tile while this one is multiplied (rows
-        // are contiguous, so that is `cols` rows ahead), keeping memory busy
-        // also while the tile is re-run for more input rows.
-        let prefetch = cols * k;
+    while j < cols {
+        let width = if cols - j >= TILE { TILE } else { 1 };
         let mut i = 0;
         while i < m {
             let block = row_block(m - i);
-            let xi = &x[i * k..];
-            let at = (i, j);
-            match (block, cols) {
-                (5, TILE) => store(out, at, &simd::dot_tile::<5, TILE>(xi, k, wj, k, k, prefetch)),
-                (4, TILE) => store(out, at, &simd::dot_tile::<4, TILE>(xi, k, wj, k, k, prefetch)),
-                (3, TILE) => store(out, at, &simd::dot_tile::<3, TILE>(xi, k, wj, k, k, prefetch)),
-                (2, TILE) => store(out, at, &simd::dot_tile::<2, TILE>(xi, k, wj, k, k, prefetch)),
-                (1, TILE) => store(out, at, &simd::dot_tile::<1, TILE>(xi, k, wj, k, k, prefetch)),
-                (5, _) => store(out, at, &simd::dot_tile::<5, 1>(xi, k, wj, k, k, prefetch)),
-                (4, _) => store(out, at, &simd::dot_tile::<4, 1>(xi, k, wj, k, k, prefetch)),
-                (3, _) => store(out, at, &simd::dot_tile::<3, 1>(xi, k, wj, k, k, prefetch)),
-                (2, _) => store(out, at, &simd::dot_tile::<2, 1>(xi, k, wj, k, k, prefetch)),
-                _ => store(out, at, &simd::dot_tile::<1, 1>(xi, k, wj, k, k, prefetch)),
+            let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
+            match (block, width) {
+                (5, TILE) => store(out, at, &tiles.tile::<5, TILE>(xi, wj)),
+                (4, TILE) => store(out, at, &tiles.tile::<4, TILE>(xi, wj)),
+                (3, TILE) => store(out, at, &tiles.tile::<3, TILE>(xi, wj)),
+                (2, TILE) => store(out, at, &tiles.tile::<2, TILE>(xi, wj)),
+                (1, TILE) => store(out, at, &tiles.tile::<1, TILE>(xi, wj)),
+                (5, _) => store(out, at, &tiles.tile::<5, 1>(xi, wj)),
+                (4, _) => store(out, at, &tiles.tile::<4, 1>(xi, wj)),
+                (3, _) => store(out, at, &tiles.tile::<3, 1>(xi, wj)),
+                (2, _) => store(out, at, &tiles.tile::<2, 1>(xi, wj)),
+                _ => store(out, at, &tiles.tile::<1, 1>(xi, wj)),
             }
             i += block;
         }
-        j += cols;
+        j += width;
     }
 }
 

@@ -44,9 +44,17 @@ pub enum Error {
     #[error("the engine has stopped")]
     EngineStopped,
 
+    /// No upstream server of an external engine (`openai_http`) answers its health probe (HTTP 503).
+    #[error("no upstream is available: {0}")]
+    UpstreamUnavailable(String),
+
     /// A forward pass failed while this request was in the batch.
     #[error("the engine failed while generating: {0}")]
     EngineFailure(String),
+
+    /// The weights cannot be served in the configured `serve_dtype`.
+    #[error("serve_dtype {dtype}: {message}")]
+    ServeDtype { dtype: &'static str, message: String },
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -100,15 +100,26 @@ pub fn dequantize_gguf(src: &Path, dst: &Path, dtype: DType) -> Result<usize> {
         }
     }
 
-    let tmp = temp_path(dst);
-    let written = write_file(&tmp, &metadata, &tensors);
-    let written =
-        written.and_then(|()| std::fs::rename(&tmp, dst).map_err(|e| ctx("cannot rename into place", dst, &e)));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    write_gguf(dst, &metadata, &tensors)?;
     Ok(tensors.len())
+}
+
+/// Writes a GGUF file at `dst` under a temporary name next to it, then renames it into place: `dst` is either
+/// the complete new file or untouched. Shared with [`gguf_export`](crate::gguf_export).
+pub(crate) fn write_gguf<N: AsRef<str>>(
+    dst: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(N, QTensor)],
+) -> Result<()> {
+    let tmp = temp_path(dst);
+    let written = write_file(&tmp, metadata, tensors).and_then(|()| {
+        std::fs::rename(&tmp, dst)
+            .map_err(|e| Error::Import(format!("cannot rename into place {}: {e}", dst.display())))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `value` replaced by `n`, keeping its integer type where it has one.
@@ -131,12 +142,12 @@ fn temp_path(dst: &Path) -> PathBuf {
     dst.with_file_name(name)
 }
 
-fn write_file(path: &Path, metadata: &[(String, Value)], tensors: &[(&str, QTensor)]) -> Result<()> {
+fn write_file<N: AsRef<str>>(path: &Path, metadata: &[(String, Value)], tensors: &[(N, QTensor)]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| Error::Import(format!("cannot write {}: {e}", path.display()));
     let file = File::create(path).map_err(|e| err(&e))?;
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_ref(), t)).collect();
     gguf_file::write(&mut writer, &metadata, &tensors).map_err(|e| err(&e))?;
     let file = writer.into_inner().map_err(|e| err(&e.into_error()))?;
     file.sync_all().map_err(|e| err(&e))?;

@@ -1,19 +1,25 @@
 //! Per-sequence key/value caches and the attention that reads them.
 //!
-//! On the CPU the cache is plain `Vec<f32>` per layer, laid out
-//! `[position][kv_head][head_dim]` so appending a token is one
-//! `extend_from_slice`, and decode attention is a direct loop over it. Going
-//! through candle ops instead costs ~20 small tensor ops per sequence per
-//! layer; at 16 sequences and 30 layers that op overhead, not arithmetic,
-//! dominated a decode step. On other devices the cache is candle's
-//! [`KvCache`] and attention stays on the device.
+//! On the CPU a cache is a table of fixed-size blocks ([`crate::kv_pool`]),
+//! each laid out `[layer][k | v][position][kv_head][head_dim]`, and decode
+//! attention is a direct loop over the blocks. Going through candle ops
+//! instead costs ~20 small tensor ops per sequence per layer; at 16
+//! sequences and 30 layers that op overhead, not arithmetic, dominated a
+//! decode step. Blocks let the engine bound KV memory, share a prompt's
+//! blocks between its samples and reuse cached prefixes across requests. On
+//! other devices the cache is candle's [`KvCache`] and attention stays on the
+//! device.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kv_pool::{BlockShape, DEFAULT_BLOCK_TOKENS, KvBlock};
 use crate::simd;
 
 /// Prompts up to this many new tokens are attended position by position;
@@ -56,25 +62,47 @@ impl AttentionDims {
 
 /// Keys and values of one sequence, all layers.
 pub struct SequenceCache {
-    pub(crate) layers: Vec<LayerCache>,
+    storage: Storage,
     pub(crate) len: usize,
 }
 
-pub(crate) enum LayerCache {
-    Host { k: Vec<f32>, v: Vec<f32> },
-    Device(KvCache),
+enum Storage {
+    /// On the CPU: a table of fixed-size blocks, positions `[i * block, (i + 1) * block)` in
+    /// `blocks[i]`. Full blocks may be shared (forked samples, the prefix cache) and are never
+    /// written again; the block being filled is this cache's alone.
+    Host(HostBlocks),
+    /// Elsewhere: one growing candle cache per layer.
+    Device(Vec<KvCache>),
+}
+
+struct HostBlocks {
+    shape: BlockShape,
+    blocks: Vec<Arc<KvBlock>>,
+    /// `Some`: the cache allocates its own blocks as it grows, counted here (tools and tests
+    /// outside the engine). `None`: the engine's [`BlockPool`](crate::kv_pool::BlockPool)
+    /// reserves them before each step ([`SequenceCache::push_block`]).
+    own: Option<Arc<AtomicUsize>>,
 }
 
 impl SequenceCache {
+    /// A cache that grows on its own (no pool); `capacity` sizes a device cache's first buffer.
     pub(crate) fn new(layers: usize, capacity: usize, kv_width: usize, device: &Device) -> Self {
-        let reserve = upfront(capacity) * kv_width;
-        let layers = (0..layers)
-            .map(|_| match device {
-                Device::Cpu => LayerCache::Host { k: Vec::with_capacity(reserve), v: Vec::with_capacity(reserve) },
-                _ => LayerCache::Device(KvCache::new(1, upfront(capacity).max(1))),
-            })
-            .collect();
-        Self { layers, len: 0 }
+        let storage = match device {
+            Device::Cpu => Storage::Host(HostBlocks {
+                shape: BlockShape { layers, tokens: DEFAULT_BLOCK_TOKENS, kv_width },
+                blocks: Vec::new(),
+                own: Some(Arc::new(AtomicUsize::new(0))),
+            }),
+            _ => Storage::Device((0..layers).map(|_| KvCache::new(1, upfront(capacity).max(1))).collect()),
+        };
+        Self { storage, len: 0 }
+    }
+
+    /// A host cache whose blocks come from an engine's pool, starting with
+    /// `prefix` (full blocks found in the prefix cache).
+    pub(crate) fn pooled(shape: BlockShape, prefix: Vec<Arc<KvBlock>>) -> Self {
+        let len = prefix.len() * shape.tokens;
+        Self { storage: Storage::Host(HostBlocks { shape, blocks: prefix, own: None }), len }
     }
 
     /// Number of positions already cached (the next token's position).
@@ -86,33 +114,125 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// A deep copy with room for `capacity` positions. The `n` samples of one
-    /// prompt fork the prompt's cache after a single prefill; a shallow clone
-    /// of a device cache would share storage that each sample overwrites.
-    pub fn fork(&self, capacity: usize) -> Result<Self> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            layers.push(match layer {
-                LayerCache::Host { k, v } => {
-                    let reserve = |src: &Vec<f32>| {
-                        let per_pos = src.len().checked_div(self.len).unwrap_or(0);
-                        let mut copy = Vec::with_capacity(upfront(capacity).max(self.len) * per_pos);
-                        copy.extend_from_slice(src);
-                        copy
-                    };
-                    LayerCache::Host { k: reserve(k), v: reserve(v) }
+    /// The host cache's blocks, in position order (empty on a device).
+    pub(crate) fn blocks(&self) -> &[Arc<KvBlock>] {
+        match &self.storage {
+            Storage::Host(host) => &host.blocks,
+            Storage::Device(_) => &[],
+        }
+    }
+
+    /// Blocks a pooled host cache still needs before `new_tokens` more positions fit.
+    pub(crate) fn blocks_needed(&self, new_tokens: usize) -> usize {
+        match &self.storage {
+            Storage::Host(host) if host.own.is_none() => {
+                host.shape.blocks_for(self.len + new_tokens).saturating_sub(host.blocks.len())
+            }
+            _ => 0,
+        }
+    }
+
+    /// Appends a block from the pool (see [`SequenceCache::blocks_needed`]).
+    pub(crate) fn push_block(&mut self, block: KvBlock) {
+        if let Storage::Host(host) = &mut self.storage {
+            host.blocks.push(Arc::new(block));
+        }
+    }
+
+    /// Makes room for `new_tokens` more positions before a forward writes
+    /// them: a self-allocating cache grows; a pooled one must already have
+    /// been given its blocks.
+    pub(crate) fn prepare(&mut self, new_tokens: usize) -> Result<()> {
+        let Storage::Host(host) = &mut self.storage else { return Ok(()) };
+        let needed = host.shape.blocks_for(self.len + new_tokens);
+        while host.blocks.len() < needed {
+            let Some(own) = &host.own else {
+                return Err(Error::EngineFailure("a sequence's KV blocks were not reserved before its step".into()));
+            };
+            host.blocks.push(Arc::new(KvBlock::new(host.shape, own)));
+        }
+        Ok(())
+    }
+
+    /// A copy that shares every full block and copies the partial one, whose
+    /// copy `copy` makes (`None`: no room). The `n` samples of one prompt
+    /// fork the prompt's cache after a single prefill.
+    pub(crate) fn fork_with(&self, mut copy: impl FnMut(&KvBlock) -> Option<KvBlock>) -> Result<Option<Self>> {
+        let storage = match &self.storage {
+            Storage::Host(host) => {
+                let full = self.len / host.shape.tokens;
+                let mut blocks: Vec<Arc<KvBlock>> = host.blocks[..full.min(host.blocks.len())].to_vec();
+                if let Some(partial) = host.blocks.get(full).filter(|_| !self.len.is_multiple_of(host.shape.tokens)) {
+                    let Some(block) = copy(partial) else { return Ok(None) };
+                    blocks.push(Arc::new(block));
                 }
-                LayerCache::Device(cache) => {
-                    let mut copy = KvCache::new(1, upfront(capacity).max(self.len).max(1));
+                Storage::Host(HostBlocks { shape: host.shape, blocks, own: host.own.clone() })
+            }
+            Storage::Device(layers) => {
+                let mut copies = Vec::with_capacity(layers.len());
+                for cache in layers {
+                    // A shallow clone would share storage that each sample overwrites.
+                    let mut fresh = KvCache::new(1, upfront(self.len + 1).max(self.len).max(1));
                     if let (Some(k), Some(v)) = (cache.k()?, cache.v()?) {
                         // `append` copies into the new cache's own buffer; it needs contiguous input.
-                        copy.append(&k.contiguous()?, &v.contiguous()?)?;
+                        fresh.append(&k.contiguous()?, &v.contiguous()?)?;
                     }
-                    LayerCache::Device(copy)
+                    copies.push(fresh);
                 }
-            });
+                Storage::Device(copies)
+            }
+        };
+        Ok(Some(Self { storage, len: self.len }))
+    }
+
+    /// [`SequenceCache::fork_with`] for a cache that allocates its own blocks.
+    pub fn fork(&self, _capacity: usize) -> Result<Self> {
+        let own = match &self.storage {
+            Storage::Host(host) => host.own.clone(),
+            Storage::Device(_) => None,
+        };
+        let forked = match (&self.storage, own) {
+            (Storage::Host(_), None) => None,
+            (_, own) => self.fork_with(|block| own.as_ref().map(|own| block.copy(own)))?,
+        };
+        forked.ok_or_else(|| Error::EngineFailure("a pooled cache forks through its pool".into()))
+    }
+}
+
+impl HostBlocks {
+    /// Writes rows `new_k` / `new_v` (`[count][kv_width]`) of layer `layer`
+    /// at positions `from..`; the blocks must exist and the written ones be
+    /// this cache's alone.
+    fn write(&mut self, layer: usize, from: usize, new_k: &[f32], new_v: &[f32]) -> Result<()> {
+        let (bs, kw) = (self.shape.tokens, self.shape.kv_width);
+        let count = new_k.len() / kw;
+        let mut done = 0;
+        while done < count {
+            let position = from + done;
+            let (index, row) = (position / bs, position % bs);
+            let take = (bs - row).min(count - done);
+            let block = self
+                .blocks
+                .get_mut(index)
+                .and_then(Arc::get_mut)
+                .ok_or_else(|| Error::EngineFailure("a KV block to write is missing or shared".into()))?;
+            let rows = done * kw..(done + take) * kw;
+            block.plane_mut(layer, false)[row * kw..(row + take) * kw].copy_from_slice(&new_k[rows.clone()]);
+            block.plane_mut(layer, true)[row * kw..(row + take) * kw].copy_from_slice(&new_v[rows]);
+            done += take;
         }
-        Ok(Self { layers, len: self.len })
+        Ok(())
+    }
+
+    /// `(first position, keys or values of layer `layer`)` of each block
+    /// holding positions below `visible`.
+    fn planes(&self, layer: usize, value: bool, visible: usize) -> impl Iterator<Item = (usize, &[f32])> {
+        let bs = self.shape.tokens;
+        self.blocks
+            .iter()
+            .take(visible.div_ceil(bs))
+            .enumerate()
+            .map(move |(b, block)| (b * bs, block.plane(layer, value)))
     }
 }
 
@@ -185,34 +305,48 @@ fn attend_one(
 ) -> Result<()> {
     let len = q_rows.len() / dims.q_width();
     let offset = cache.len;
-    let LayerCache::Host { k: kc, v: vc } = &mut cache.layers[layer] else {
+    let Storage::Host(host) = &mut cache.storage else {
         return Err(candle_core::Error::Msg("a device cache in a CPU batch".into()).into());
     };
-    kc.extend_from_slice(new_k);
-    vc.extend_from_slice(new_v);
+    host.write(layer, offset, new_k, new_v)?;
     if len <= HOST_LOOP_MAX_NEW_TOKENS {
-        attend_host(q_rows, kc, vc, offset, len, dims, out_rows);
+        attend_host(q_rows, host, layer, offset, len, dims, out_rows);
     } else {
-        attend_host_long(q_rows, kc, vc, offset, len, dims, out_rows);
+        attend_host_long(q_rows, host, layer, offset, len, dims, out_rows);
     }
     Ok(())
 }
 
 /// Attention of many new rows (a long prompt): the keys of each kv head are
-/// transposed once, so a query's scores are a sum of `head_dim` scaled key
-/// columns (vector multiply-adds, no per-position reductions); the query
+/// gathered from the blocks transposed, once, so a query's scores are a sum
+/// of `head_dim` scaled key columns (vector multiply-adds, no per-position
+/// reductions), and the values are gathered into one matrix; the query
 /// rows are attended in parallel. Same inputs and result as [`attend_host`].
-fn attend_host_long(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, dims: AttentionDims, out: &mut [f32]) {
+fn attend_host_long(
+    q: &[f32],
+    cache: &HostBlocks,
+    layer: usize,
+    offset: usize,
+    len: usize,
+    dims: AttentionDims,
+    out: &mut [f32],
+) {
     let d = dims.head_dim;
     let (qw, kw, g) = (dims.q_width(), dims.kv_width(), dims.groups());
     let total = offset + len;
     let scale = 1.0 / (d as f32).sqrt();
     // keys_t[kvh][c][p]: component `c` of kv head `kvh`'s key at position `p`.
     let mut keys_t = vec![0f32; dims.num_kv_heads * d * total];
-    for (p, row) in k.chunks_exact(kw).enumerate() {
-        for (hc, &x) in row.iter().enumerate() {
-            keys_t[hc * total + p] = x;
+    for (start, plane) in cache.planes(layer, false, total) {
+        for (p, row) in (start..total).zip(plane.chunks_exact(kw)) {
+            for (hc, &x) in row.iter().enumerate() {
+                keys_t[hc * total + p] = x;
+            }
         }
+    }
+    let mut values = Vec::with_capacity(total * kw);
+    for (start, plane) in cache.planes(layer, true, total) {
+        values.extend_from_slice(&plane[..(total - start).min(cache.shape.tokens) * kw]);
     }
     out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
         let visible = offset + i + 1;
@@ -222,27 +356,49 @@ fn attend_host_long(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, 
             let kvh = h / g;
             simd::transposed_scores(&q_row[h * d..(h + 1) * d], &keys_t[kvh * d * total..], total, &mut scores);
             simd::softmax_in_place(&mut scores);
-            simd::weighted_sum(&scores, &v[kvh * d..], kw, &mut out_row[h * d..(h + 1) * d]);
+            simd::weighted_sum(&scores, &values[kvh * d..], kw, &mut out_row[h * d..(h + 1) * d]);
         }
     });
 }
 
-/// The direct loop: query row `i` (position `offset + i`) attends to cached
-/// positions `0..=offset + i`. Head `h` reads kv head `h / groups`.
-fn attend_host(q: &[f32], k: &[f32], v: &[f32], offset: usize, len: usize, dims: AttentionDims, out: &mut [f32]) {
+/// The direct loop over the block table: query row `i` (position
+/// `offset + i`) attends to cached positions `0..=offset + i`, block by
+/// block. Head `h` reads kv head `h / groups`.
+fn attend_host(
+    q: &[f32],
+    cache: &HostBlocks,
+    layer: usize,
+    offset: usize,
+    len: usize,
+    dims: AttentionDims,
+    out: &mut [f32],
+) {
     let d = dims.head_dim;
-    let (qw, kw, g) = (dims.q_width(), dims.kv_width(), dims.groups());
+    let (qw, kw, g, bs) = (dims.q_width(), dims.kv_width(), dims.groups(), cache.shape.tokens);
     let scale = 1.0 / (d as f32).sqrt();
     let mut scores = vec![0f32; offset + len];
+    let mut part = vec![0f32; d];
     for i in 0..len {
         let visible = offset + i + 1;
         for h in 0..dims.num_heads {
             let kvh = h / g;
             let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
             let scores = &mut scores[..visible];
-            simd::scaled_dots(qh, &k[kvh * d..], kw, scale, scores);
+            for (start, keys) in cache.planes(layer, false, visible) {
+                let end = (start + bs).min(visible);
+                simd::scaled_dots(qh, &keys[kvh * d..], kw, scale, &mut scores[start..end]);
+            }
             simd::softmax_in_place(scores);
-            simd::weighted_sum(scores, &v[kvh * d..], kw, &mut out[i * qw + h * d..i * qw + (h + 1) * d]);
+            let out_h = &mut out[i * qw + h * d..i * qw + (h + 1) * d];
+            for (start, values) in cache.planes(layer, true, visible) {
+                let end = (start + bs).min(visible);
+                if start == 0 {
+                    simd::weighted_sum(&scores[start..end], &values[kvh * d..], kw, out_h);
+                } else {
+                    simd::weighted_sum(&scores[start..end], &values[kvh * d..], kw, &mut part);
+                    out_h.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+                }
+            }
         }
     }
 }
@@ -281,9 +437,10 @@ fn attend_on_device(
     for (cache, len) in caches.iter_mut() {
         let len = *len;
         let offset = cache.len;
-        let LayerCache::Device(kv_cache) = &mut cache.layers[layer] else {
+        let Storage::Device(layers) = &mut cache.storage else {
             return Err(candle_core::Error::Msg("a host cache in a device batch".into()).into());
         };
+        let kv_cache = &mut layers[layer];
         let k_new = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
         let v_new = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
         let (k_all, v_all) = kv_cache.append(&k_new, &v_new)?;
@@ -306,8 +463,20 @@ pub(crate) fn causal_mask(len: usize, offset: usize, device: &Device) -> Result<
 mod tests {
     use super::*;
 
+    /// A self-allocating host cache of `layers` layers holding `k` / `v`
+    /// (`[total][kv_width]`) in layer 0, in blocks of `block` positions.
+    fn host_cache(k: &[f32], v: &[f32], dims: AttentionDims, block: usize) -> HostBlocks {
+        let shape = BlockShape { layers: 1, tokens: block, kv_width: dims.kv_width() };
+        let own = Arc::new(AtomicUsize::new(0));
+        let total = k.len() / dims.kv_width();
+        let blocks = (0..shape.blocks_for(total)).map(|_| Arc::new(KvBlock::new(shape, &own))).collect();
+        let mut cache = HostBlocks { shape, blocks, own: Some(own) };
+        cache.write(0, 0, k, v).unwrap();
+        cache
+    }
+
     /// The direct loop, the long-prompt path and the device (candle) path
-    /// agree, for prefill and decode rows.
+    /// agree, for prefill and decode rows, whatever the block size.
     #[test]
     fn host_loop_matches_matmul_attention() {
         let dims = AttentionDims { num_heads: 6, num_kv_heads: 2, head_dim: 8 };
@@ -323,13 +492,38 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut out = vec![0f32; len * 48];
-        attend_host(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
-        let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "direct loop: max difference {diff}");
-        let mut out = vec![0f32; len * 48];
-        attend_host_long(&flat(&q), &flat(&k), &flat(&v), offset, len, dims, &mut out);
-        let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "long-prompt path: max difference {diff}");
+        for block in [1, 3, 4, 16] {
+            let cache = host_cache(&flat(&k), &flat(&v), dims, block);
+            let mut out = vec![0f32; len * 48];
+            attend_host(&flat(&q), &cache, 0, offset, len, dims, &mut out);
+            let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "direct loop, blocks of {block}: max difference {diff}");
+            let mut out = vec![0f32; len * 48];
+            attend_host_long(&flat(&q), &cache, 0, offset, len, dims, &mut out);
+            let diff = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "long-prompt path, blocks of {block}: max difference {diff}");
+        }
+    }
+
+    /// A fork shares full blocks and copies the partial one; a pooled cache
+    /// refuses to grow by itself.
+    #[test]
+    fn forks_share_full_blocks_and_pooled_caches_wait_for_theirs() {
+        let shape = BlockShape { layers: 1, tokens: 4, kv_width: 2 };
+        let own = Arc::new(AtomicUsize::new(0));
+        let mut cache = SequenceCache::pooled(shape, Vec::new());
+        assert!(cache.prepare(6).is_err(), "a pooled cache gets its blocks from the pool");
+        assert_eq!(cache.blocks_needed(6), 2);
+        cache.push_block(KvBlock::new(shape, &own));
+        cache.push_block(KvBlock::new(shape, &own));
+        cache.prepare(6).unwrap();
+        cache.len = 6;
+        let fork = cache.fork_with(|b| Some(b.copy(&own))).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&fork.blocks()[0], &cache.blocks()[0]), "the full block is shared");
+        assert!(!Arc::ptr_eq(&fork.blocks()[1], &cache.blocks()[1]), "the partial block is copied");
+        assert_eq!(own.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert!(cache.fork_with(|_| None).unwrap().is_none(), "no room for the copy: no fork");
+        drop((cache, fork));
+        assert_eq!(own.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

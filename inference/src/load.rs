@@ -13,6 +13,7 @@ use crate::engine::{Engine, EngineConfig, ModelInfo};
 use crate::error::{Error, Result};
 use crate::llama::Llama;
 use crate::model_files::ModelFiles;
+use crate::quant::ServeDtype;
 use crate::tokenizer::Tokenizer;
 
 pub struct LoadedModel {
@@ -45,6 +46,14 @@ impl LoadedModel {
         Ok(Self { files, model, tokenizer })
     }
 
+    /// The model with its projections packed in `dtype` (`[model] serve_dtype`; see [`crate::quant`]). Both the
+    /// start-up model and every hot-swapped checkpoint go through here before they serve.
+    pub fn with_serve_dtype(mut self, dtype: ServeDtype) -> Result<Self> {
+        let _span = tracing::info_span!("pack_weights", serve_dtype = %dtype).entered();
+        self.model = self.model.with_serve_dtype(dtype)?;
+        Ok(self)
+    }
+
     /// Starts a serving engine on this model.
     pub fn into_engine(self, name: &str, checkpoint: &str, config: EngineConfig) -> Result<Engine> {
         let info = ModelInfo {
@@ -55,6 +64,26 @@ impl LoadedModel {
         };
         Engine::start(self.model, self.tokenizer, info, config)
     }
+}
+
+/// An engine whose requests `runner` runs outside this process (an upstream server with the same weights): only
+/// `dir`'s config and tokenizer are read, for validation, token limits and accounting at the edge.
+pub fn external_engine(
+    dir: impl AsRef<Path>,
+    name: &str,
+    checkpoint: &str,
+    config: EngineConfig,
+    runner: std::sync::Arc<dyn crate::engine::ExternalRunner>,
+) -> Result<Engine> {
+    let files = ModelFiles::open(dir)?;
+    let tokenizer = Tokenizer::from_dir(&files.dir)?.with_extra_eos(&files.config.eos_token_ids());
+    let info = ModelInfo {
+        name: name.to_string(),
+        checkpoint: checkpoint.to_string(),
+        vocab_size: files.config.vocab_size,
+        max_positions: files.config.max_position_embeddings,
+    };
+    Ok(Engine::start_external(tokenizer, info, config, runner))
 }
 
 /// The loaded tensors, each handed to the model once and then forgotten: a projection the model stacks with others

@@ -4,6 +4,12 @@
 //! Decode runs `c` requests at once (each a distinct prompt, greedy, a fixed
 //! number of tokens with EOS ignored), so the figure is the aggregate
 //! throughput continuous batching gives at that concurrency.
+//!
+//! Every request gets a prompt no earlier request started with, so the
+//! prefix cache never shortens a row's prefill, except in the prefix row:
+//! there a fresh `--prefix-tokens` prefix is sent once (uncached) and then
+//! again with another question after it (cached), alternating, and both
+//! first-token times are reported.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +24,9 @@ pub struct BenchArgs {
     model: PathBuf,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Format of the projection weights (`[model] serve_dtype`): f32, bf16 or q8_0.
+    #[arg(long, default_value = "f32")]
+    serve_dtype: inference::quant::ServeDtype,
     /// Prompt length of every request.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -30,6 +39,13 @@ pub struct BenchArgs {
     /// Rounds per decode row (the median round is reported); prefill runs 2 x rounds + 1 times.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Positions per KV block (`[engine] kv_block_tokens`); one block as long as
+    /// the context attends over contiguous keys, as before the block pool.
+    #[arg(long, default_value_t = inference::kv_pool::DEFAULT_BLOCK_TOKENS)]
+    kv_block_tokens: usize,
+    /// Shared prefix of the prefix-cache row (0: no such row).
+    #[arg(long, default_value_t = 512)]
+    prefix_tokens: usize,
     /// Engine compute threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -58,21 +74,26 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
-    let config =
-        EngineConfig { max_running: 64, queue_capacity: 1024, compute_threads: args.threads, ..Default::default() };
+    let config = EngineConfig {
+        max_running: 64,
+        queue_capacity: 1024,
+        compute_threads: args.threads,
+        kv_block_tokens: args.kv_block_tokens,
+        ..Default::default()
+    };
     let threads = config.resolved_compute_threads();
-    let engine = super::start_engine(&args.model, &args.dtype, config)?;
+    let engine = super::start_engine_as(&args.model, &args.dtype, args.serve_dtype, None, config)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let prompts = make_prompts(&engine, args.prompt_tokens, args.concurrency.iter().copied().max().unwrap_or(1))?;
+    let mut prompts = Prompts::new(&engine)?;
 
     runtime.block_on(async {
         // Warm-up: first-touch of weights and allocator pools.
-        run_batch(&engine, &prompts[..1], 4).await?;
+        run_batch(&engine, &prompts.fresh(args.prompt_tokens, 1)?, 4).await?;
         let mut rows = Vec::new();
         let mut prefill = Vec::new();
         for _ in 0..args.rounds.max(1) * 2 + 1 {
-            let timings = run_batch(&engine, &prompts[..1], 1).await?;
+            let timings = run_batch(&engine, &prompts.fresh(args.prompt_tokens, 1)?, 1).await?;
             prefill.push(timings[0].ttft);
         }
         prefill.sort();
@@ -92,16 +113,62 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             // so one noisy round does not decide the figure.
             let mut rounds = Vec::new();
             for _ in 0..args.rounds.max(1) {
-                rounds.push(decode_round(&engine, &prompts[..c], args.gen_tokens).await?);
+                rounds.push(decode_round(&engine, &prompts.fresh(args.prompt_tokens, c)?, args.gen_tokens).await?);
             }
             rounds.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
             let mut row = rounds.swap_remove(rounds.len() / 2);
             row.workload = format!("decode {c} concurrent x {} tokens", args.gen_tokens);
             rows.push(row);
         }
+        if args.prefix_tokens > 0 {
+            rows.extend(prefix_rows(&engine, &mut prompts, args.prefix_tokens, args.rounds).await?);
+        }
         print_report(&args, threads, load_s, &rows);
         anyhow::Ok(())
     })
+}
+
+/// First-token time of `prefix + question` with the prefix new (uncached) and
+/// then seen before (cached), over `2 x rounds + 1` fresh prefixes, the two
+/// cases alternating; the median of each, and the cached one's share.
+async fn prefix_rows(
+    engine: &Engine,
+    prompts: &mut Prompts<'_>,
+    prefix: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let question = |q: &str| engine.tokenizer().encode(q, false);
+    let (first, second) =
+        (question(" Question: who built the first press?")?, question(" Question: when did it spread?")?);
+    let (mut uncached, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) * 2 + 1 {
+        let shared = prompts.fresh(prefix, 1)?.remove(0);
+        for (question, times) in [(&first, &mut uncached), (&second, &mut cached)] {
+            let prompt: Vec<u32> = shared.iter().chain(question.iter()).copied().collect();
+            times.push(run_batch(engine, &[prompt], 1).await?[0].ttft);
+        }
+    }
+    uncached.sort();
+    cached.sort();
+    let total = prefix + first.len().max(second.len());
+    let row = |label: String, times: &[Duration]| {
+        let ttft = percentile(times, 50.0);
+        Row {
+            workload: label,
+            requests: 1,
+            tokens_per_s: total as f64 / ttft.as_secs_f64(),
+            ttft_p50_ms: ms(ttft),
+            ttft_p99_ms: ms(percentile(times, 99.0)),
+            latency_p50_ms: ms(ttft),
+            latency_p99_ms: ms(percentile(times, 99.0)),
+            tpot_p50_ms: f64::NAN,
+        }
+    };
+    let share = 100.0 * ms(percentile(&cached, 50.0)) / ms(percentile(&uncached, 50.0));
+    Ok(vec![
+        row(format!("prefill {prefix}-token prefix + question, prefix uncached"), &uncached),
+        row(format!("prefill {prefix}-token prefix + question, prefix cached ({share:.0}% of uncached TTFT)"), &cached),
+    ])
 }
 
 /// `prompts.len()` concurrent requests of `gen_tokens` each, measured.
@@ -182,19 +249,33 @@ where
     Ok(out)
 }
 
-/// `count` distinct prompts of exactly `len` tokens.
-fn make_prompts(engine: &Engine, len: usize, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
-    let tokenizer = engine.tokenizer();
-    let passage = tokenizer.encode(&PASSAGE.repeat(len / 40 + 2), false)?;
-    (0..count)
-        .map(|i| {
-            let mut ids = tokenizer.encode(&format!("Request {i}. "), false)?;
-            ids.extend(passage.iter().copied());
-            ids.truncate(len);
-            anyhow::ensure!(ids.len() == len, "could not build a {len}-token prompt");
-            Ok(ids)
-        })
-        .collect()
+/// Prompts that start differently from every prompt made before (a request
+/// number first), so none finds its start in the prefix cache.
+struct Prompts<'e> {
+    engine: &'e Engine,
+    next: usize,
+}
+
+impl<'e> Prompts<'e> {
+    fn new(engine: &'e Engine) -> anyhow::Result<Self> {
+        Ok(Self { engine, next: 0 })
+    }
+
+    /// `count` new prompts of exactly `len` tokens.
+    fn fresh(&mut self, len: usize, count: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+        let tokenizer = self.engine.tokenizer();
+        let passage = tokenizer.encode(&PASSAGE.repeat(len / 40 + 2), false)?;
+        (0..count)
+            .map(|_| {
+                self.next += 1;
+                let mut ids = tokenizer.encode(&format!("Request {}. ", self.next), false)?;
+                ids.extend(passage.iter().copied());
+                ids.truncate(len);
+                anyhow::ensure!(ids.len() == len, "could not build a {len}-token prompt");
+                Ok(ids)
+            })
+            .collect()
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -214,9 +295,10 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let peak_rss_mb = super::peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(
-        "model {} ({}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
+        "model {} ({}, serve_dtype {}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
         args.model.display(),
-        args.dtype
+        args.dtype,
+        args.serve_dtype
     );
     println!();
     println!("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | TPOT p50 ms |");
@@ -239,7 +321,8 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
     }
     if args.json {
         let json = serde_json::json!({
-            "engine": "instructd", "model": args.model, "dtype": args.dtype, "cpu": cpu, "cores": cores,
+            "engine": "instructd", "model": args.model, "dtype": args.dtype,
+            "serve_dtype": args.serve_dtype, "cpu": cpu, "cores": cores,
             "threads": threads, "load_s": load_s, "peak_rss_mb": peak_rss_mb, "rows": rows,
         });
         println!("{json}");

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_quality;
 pub mod bench_train;
 pub mod generate;
 pub mod model;
@@ -15,22 +16,26 @@ use anyhow::Context;
 use inference::engine::{Engine, EngineConfig};
 use inference::load::{LoadedModel, default_device};
 use inference::model_files::parse_dtype;
+use inference::quant::ServeDtype;
 
 /// Loads a model directory and starts an engine on it; shared by the
 /// subcommands that generate.
 pub fn start_engine(model_dir: &Path, dtype: &str, config: EngineConfig) -> anyhow::Result<Engine> {
-    start_engine_as(model_dir, dtype, None, config)
+    start_engine_as(model_dir, dtype, ServeDtype::F32, None, config)
 }
 
-/// As [`start_engine`], serving under `name` (the directory name when `None`).
+/// As [`start_engine`], with the projections packed in `serve_dtype`, serving under `name` (the directory name
+/// when `None`).
 pub fn start_engine_as(
     model_dir: &Path,
     dtype: &str,
+    serve_dtype: ServeDtype,
     name: Option<&str>,
     config: EngineConfig,
 ) -> anyhow::Result<Engine> {
     let dtype = parse_dtype(dtype)?;
     let loaded = LoadedModel::load(model_dir, dtype, &default_device())
+        .and_then(|loaded| loaded.with_serve_dtype(serve_dtype))
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
     let dir_name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let name = name.map(str::to_string).unwrap_or_else(|| dir_name.clone());

@@ -41,6 +41,19 @@ pub enum ModelCommand {
     /// Rewrite a GGUF with every tensor dequantized (to run llama.cpp on the
     /// same F32/F16 weights in benchmarks).
     DequantizeGguf(DequantizeArgs),
+    /// Write a Hugging Face layout Llama directory (a published checkpoint,
+    /// the tiny model) as an F32/F16 GGUF that llama.cpp's llama-server loads.
+    ExportGguf(ExportArgs),
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The model directory (Hugging Face layout).
+    dir: PathBuf,
+    /// The GGUF file to write (replaced atomically).
+    out: PathBuf,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -116,6 +129,11 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             };
             inference::tiny_model::init_tiny(&args.out, &spec)?;
             println!("wrote a tiny model to {}", args.out.display());
+            Ok(())
+        }
+        ModelCommand::ExportGguf(args) => {
+            let n = inference::gguf_export::export_gguf(&args.dir, &args.out, parse_dtype(&args.dtype)?)?;
+            println!("wrote {} ({n} tensors)", args.out.display());
             Ok(())
         }
         ModelCommand::DequantizeGguf(args) => {

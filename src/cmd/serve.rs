@@ -14,7 +14,7 @@ use feedback::{RedisLink, retention, streams};
 use gateway::rollout::{self, Rollout};
 use gateway::state::{AppState, Parts};
 use inference::checkpoint::CheckpointStore;
-use inference::engine::EngineHandle;
+use inference::engine::{EngineHandle, EngineKind};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -30,14 +30,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     // Refuse a bad gateway setting (a short admin key...) before the model loads.
     config.gateway.validate()?;
+    if config.engine.kind == EngineKind::OpenaiHttp {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(async {
+            let engine = start_external_engine(&config).await?;
+            serve(config, engine).await
+        });
+    }
     let engine = super::start_engine_as(
         &config.model.dir,
         &config.model.dtype,
+        config.model.serve_dtype,
         config.model.name.as_deref(),
         config.engine.clone(),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(config, engine))
+}
+
+/// `[engine] kind = "openai_http"`: upstream servers run the model; the gateway reads only `[model] dir`'s config
+/// and tokenizer (named and fingerprinted as with the built-in engine).
+async fn start_external_engine(config: &Config) -> anyhow::Result<inference::engine::Engine> {
+    let dir = &config.model.dir;
+    let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = config.model.name.clone().unwrap_or_else(|| dir_name.clone());
+    gateway::upstream::start_engine(dir, &name, &dir_name, config.engine.clone())
+        .await
+        .with_context(|| format!("starting the openai_http engine on {}", dir.display()))
 }
 
 async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Result<()> {
@@ -71,6 +90,7 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     let model_name = engine.info().name.clone();
     let rollout = Arc::new(
         Rollout::new(checkpoints, rollout_config.clone(), config.engine.clone(), &model_name, &config.model.dtype)
+            .with_serve_dtype(config.model.serve_dtype)
             .with_initial(&engine.info().checkpoint, &config.model.dir),
     );
     let engine = Arc::new(EngineHandle::new(engine));

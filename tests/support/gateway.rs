@@ -18,6 +18,23 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Writes a reward model on the tiny policy `policy` (its head seeded by `seed`) into `store` as checkpoint `id`,
+/// the way the trainer publishes one (the gateway loads the newest at start-up, or when it is announced).
+pub fn publish_reward_model(
+    store: &inference::checkpoint::CheckpointStore,
+    policy: &Path,
+    scratch: &Path,
+    id: &str,
+    seed: u64,
+) {
+    use inference::checkpoint::{Manifest, Stage};
+    let dir = scratch.join(format!("src-{id}"));
+    let model = trainer::reward_model::RewardModel::from_policy(policy, &inference::load::default_device(), seed, 4096)
+        .expect("a reward model");
+    model.save(&dir).expect("reward model saved");
+    store.import_dir(&dir, Manifest::new(id, None, Stage::RewardModel)).expect("checkpoint imported");
+}
+
 /// A tiny random-weight model written by `instructd model init-tiny`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let out = dir.join("tiny");
@@ -164,7 +181,14 @@ pub fn python() -> Option<PathBuf> {
 /// `INSTRUCTD_TEST_PYTHON` (the venv `make test` builds), else `python3`, when it imports `modules` (a Python
 /// import list); `None` (the test skips) when `python3` lacks them, a failure when the test venv does.
 pub fn python_with(modules: &str, what: &str) -> Option<PathBuf> {
-    let python = std::env::var_os("INSTRUCTD_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
+    let required = std::env::var_os("INSTRUCTD_TEST_PYTHON").is_some();
+    python_importing("INSTRUCTD_TEST_PYTHON", required, modules, &format!("{what} (tests/e2e/requirements.txt)"))
+}
+
+/// The Python `$var` names (else `python3`) when it imports `modules`; otherwise `None` (the test skips), or a
+/// failure naming what it lacks (`what`) when `required` (`make test` provides it).
+pub fn python_importing(var: &str, required: bool, modules: &str, what: &str) -> Option<PathBuf> {
+    let python = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| "python3".into());
     let ok = Command::new(&python)
         .args(["-c", &format!("import {modules}")])
         .stderr(Stdio::null())
@@ -173,12 +197,8 @@ pub fn python_with(modules: &str, what: &str) -> Option<PathBuf> {
     if ok {
         return Some(python);
     }
-    assert!(
-        std::env::var_os("INSTRUCTD_TEST_PYTHON").is_none(),
-        "INSTRUCTD_TEST_PYTHON={} lacks {what} (tests/e2e/requirements.txt)",
-        python.display()
-    );
-    eprintln!("SKIPPED: no Python with {what}; `make test` installs it into .cache/test-venv");
+    assert!(!required, "{var}={} lacks {what}", python.display());
+    eprintln!("SKIPPED: no Python with {what} (set {var}); `make test` installs it");
     None
 }
 

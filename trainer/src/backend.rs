@@ -220,6 +220,8 @@ impl External {
     /// - `INSTRUCTD_POLICY_DIR`: the starting policy (HF layout); `INSTRUCTD_REFERENCE_DIR` and
     ///   `INSTRUCTD_REWARD_MODEL_DIR` for PPO; `INSTRUCTD_CORPUS_DIR`: the pre-training text;
     /// - `INSTRUCTD_HYPERPARAMETERS`: this stage's `[trainer.*]` section as JSON;
+    /// - `INSTRUCTD_CORPUS`: `[trainer.corpus]` as JSON (window length, held-out share: PPO-ptx's windows);
+    /// - `INSTRUCTD_EVALUATION`: `[trainer.evaluation]` as JSON (the sampling settings SFT scores epochs with);
     /// - `INSTRUCTD_OUTPUT_DIR`: where the trained model must be written.
     fn command(&self, job: &StageJob<'_>) -> TrainResult<Command> {
         let (program, args) = self
@@ -242,6 +244,8 @@ impl External {
             .env("INSTRUCTD_POLICY_DIR", absolute(job.policy_dir))
             .env("INSTRUCTD_CORPUS_DIR", absolute(&self.config.corpus.dir))
             .env("INSTRUCTD_HYPERPARAMETERS", hyperparameters.to_string())
+            .env("INSTRUCTD_CORPUS", json!(self.config.corpus).to_string())
+            .env("INSTRUCTD_EVALUATION", json!(self.config.evaluation).to_string())
             .env("INSTRUCTD_OUTPUT_DIR", absolute(job.out_dir))
             .stdin(Stdio::null());
         if let Some(dir) = job.reference_dir {
@@ -400,6 +404,8 @@ mod tests {
             test "$INSTRUCTD_STAGE" = sft
             test -s "$INSTRUCTD_SNAPSHOT_DIR/sft.jsonl"
             echo "$INSTRUCTD_HYPERPARAMETERS" | grep -q learning_rate
+            echo "$INSTRUCTD_CORPUS" | grep -q seq_len
+            echo "$INSTRUCTD_EVALUATION" | grep -q max_new_tokens
             cp "$INSTRUCTD_POLICY_DIR"/* "$INSTRUCTD_OUTPUT_DIR"/
             echo '{"train_loss": 1.25}' > "$INSTRUCTD_OUTPUT_DIR/metrics.json""#;
         let data = Dataset::default();

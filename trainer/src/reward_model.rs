@@ -557,6 +557,12 @@ impl Ranking {
         })
     }
 
+    /// The same ranking weighted `weight` in the loss (a labeler's quality weight, as the snapshot gives it).
+    pub fn with_weight(mut self, weight: f32) -> Self {
+        self.weight = weight;
+        self
+    }
+
     /// Rewards of this ranking's completions for a batch: from cached activations when present.
     fn rewards_of(rm: &RewardModel, micro: &[&Ranking], residual_dropout: f32) -> TrainResult<Tensor> {
         match micro.iter().map(|r| r.activations.as_ref()).collect::<Option<Vec<_>>>() {

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::{
-    LogprobsFormat, PreparedRequest, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens, check_model,
-    check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
+    LogprobsFormat, PreparedRequest, RankBy, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens,
+    check_model, check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
 };
 use crate::error::ApiError;
 
@@ -210,6 +210,7 @@ impl ChatCompletionRequest {
             include_usage,
             logprobs: if top_logprobs.is_some() { LogprobsFormat::Chat } else { LogprobsFormat::None },
             echo: false,
+            rank_by: RankBy::MeanLogprob,
             user: self.user,
         })
     }

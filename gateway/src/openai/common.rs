@@ -110,6 +110,17 @@ pub fn check_stream_options(stream: bool, options: &Option<StreamOptions>) -> Re
     }
 }
 
+/// How `best_of` picks the `n` choices it returns (`rank_by`, instructd's own
+/// field on completions): OpenAI's highest mean token log-probability, or
+/// the serving reward model's highest score.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankBy {
+    #[default]
+    MeanLogprob,
+    Reward,
+}
+
 /// How the response reports log-probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogprobsFormat {
@@ -131,6 +142,8 @@ pub struct PreparedRequest {
     pub include_usage: bool,
     pub logprobs: LogprobsFormat,
     pub echo: bool,
+    /// How `best_of` selects among the samples.
+    pub rank_by: RankBy,
     /// What the use-case classifier reads.
     pub policy_text: String,
     pub user: Option<String>,

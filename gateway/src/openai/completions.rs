@@ -5,8 +5,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::common::{
-    LogprobsFormat, PreparedRequest, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens, check_model,
-    check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
+    LogprobsFormat, PreparedRequest, RankBy, SamplingFields, Stop, StreamOptions, check_count, check_max_tokens,
+    check_model, check_prompt_bytes, check_stream_options, reject_unsupported, validate_all,
 };
 use crate::error::ApiError;
 
@@ -45,6 +45,8 @@ pub struct CompletionRequest {
     pub frequency_penalty: Option<f32>,
     pub seed: Option<i64>,
     pub user: Option<String>,
+    /// instructd's own: how `best_of` ranks its samples.
+    pub rank_by: Option<RankBy>,
     // Known OpenAI fields this server does not implement: refused by name.
     pub suffix: Option<Value>,
     pub logit_bias: Option<Value>,
@@ -150,6 +152,7 @@ impl CompletionRequest {
             include_usage,
             logprobs: if top_logprobs.is_some() { LogprobsFormat::Completion } else { LogprobsFormat::None },
             echo,
+            rank_by: self.rank_by.unwrap_or_default(),
             user: self.user,
         })
     }

@@ -13,6 +13,7 @@ use crate::json::{ApiJson, OptionalApiJson};
 use crate::keys::Scope;
 use crate::rollout::RolloutError;
 use crate::state::SharedState;
+use feedback::announcement::RollbackAnnouncement;
 
 fn rollout_error(error: RolloutError) -> ApiError {
     match error {
@@ -23,8 +24,9 @@ fn rollout_error(error: RolloutError) -> ApiError {
         RolloutError::Invalid { .. } => {
             ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_invalid")
         }
+        // The request is well formed; what the checkpoint is forbids it (as a failed gate does).
         RolloutError::RewardModel(_) => {
-            ApiError::invalid_request(Some("id"), error.to_string()).with_code("checkpoint_not_servable")
+            ApiError::conflict("checkpoint_not_servable", error.to_string()).with_param("id")
         }
         RolloutError::GateFailed(_) => {
             ApiError::conflict("checkpoint_gate_failed", error.to_string()).with_param("force")
@@ -72,11 +74,37 @@ pub async fn promote(
     Ok(Json(state.rollout.status(&state.engine)))
 }
 
-pub async fn rollback(State(state): State<SharedState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Announce the rollback on `instructd:checkpoints` so every gateway of the fleet serves the restored
+    /// checkpoint too (and none promotes the one rolled back from).
+    #[serde(default)]
+    pub fleet: bool,
+}
+
+/// `POST /admin/checkpoints/rollback`: this gateway serves its previous checkpoint again; with `{"fleet": true}`
+/// every gateway does.
+pub async fn rollback(
+    State(state): State<SharedState>,
+    caller: Caller,
+    OptionalApiJson(body): OptionalApiJson<RollbackRequest>,
+) -> Result<Json<Value>, ApiError> {
     caller.require(Scope::Admin)?;
+    let from = state.engine.current().info().checkpoint.clone();
     let restored = state.rollout.rollback(&state.engine).await.map_err(rollout_error)?;
     let mut status = state.rollout.status(&state.engine);
     status["restored"] = json!(restored);
+    if body.unwrap_or_default().fleet {
+        let announcement = RollbackAnnouncement { to: restored, from };
+        status["fleet"] = match announcement.publish(&state.redis).await {
+            Ok(entry) => json!({"announced": true, "entry": entry}),
+            Err(e) => {
+                tracing::error!(error = %e, "the fleet-wide rollback could not be announced");
+                json!({"announced": false, "error": format!("rolled back on this gateway only: {e}")})
+            }
+        };
+    }
     Ok(Json(status))
 }
 

@@ -7,7 +7,9 @@
 //! says `degraded` so operators and probes can still see it. A serving
 //! engine whose batching thread has died is different: nothing would run,
 //! so `/readyz` answers 503 with `loaded: false`. `/readyz` also says whether
-//! Redis keeps its data on disk (`redis_persistence`).
+//! Redis keeps its data on disk (`redis_persistence`). With an external
+//! engine (`openai_http`), `engine.upstreams` lists each upstream's health,
+//! load, latency and errors; 503 when none answers its health probe.
 
 use axum::Json;
 use axum::extract::State;
@@ -30,6 +32,13 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     let engine = state.engine.current();
     let (status, mut body) = readiness(engine.is_running(), engine.info(), redis);
     body["redis_persistence"] = json!(persistence);
+    // An external engine: each upstream's health, load, latency and errors.
+    if let Some(upstreams) = engine.external_status() {
+        body["engine"] = upstreams;
+    }
+    if let Some(canary) = state.engine.canary() {
+        body["canary"] = canary_readiness(&canary);
+    }
     (status, Json(body)).into_response()
 }
 
@@ -46,6 +55,17 @@ async fn redis_persistence(link: &feedback::RedisLink) -> &'static str {
             "unknown"
         }
     }
+}
+
+/// The canary's part of `/readyz`. A canary that stopped running gets no
+/// traffic (its share goes to the serving engine), so readiness stays 200;
+/// `running: false` tells the operator to roll it back.
+fn canary_readiness(canary: &inference::engine::Canary) -> serde_json::Value {
+    json!({
+        "checkpoint": canary.engine.info().checkpoint,
+        "percent": canary.percent,
+        "running": canary.engine.is_running(),
+    })
 }
 
 /// The `/readyz` answer: 503 when the serving engine no longer runs.
@@ -77,6 +97,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         stats.running.load(Ordering::Relaxed),
         stats.last_batch_size.load(Ordering::Relaxed),
     );
+    metrics::set_kv_cache(&stats.kv);
     metrics::set_serving_checkpoint(&engine.info().checkpoint);
     metrics::set_redis_reachable(state.redis.is_reachable());
     match &state.metrics {

@@ -23,11 +23,7 @@ pub async fn score(
     caller.require(Scope::Scoring)?;
     let scoring = body.check(state.config.max_prompt_bytes)?;
     let Some(model) = state.rollout.reward_models().current() else {
-        return Err(ApiError::unavailable(
-            "No reward model is loaded on this gateway yet: the trainer publishes one after its first reward-model \
-             refresh, and the gateway loads it when it is announced (GET /admin/checkpoints lists them).",
-        )
-        .with_code("reward_model_unavailable"));
+        return Err(crate::reward_model::unavailable());
     };
     if let Some(asked) = scoring.model.as_deref().filter(|m| *m != model.id) {
         let mut error = ApiError::model_not_found(asked);

@@ -8,6 +8,15 @@
 //! the batch to drain. The `n` (or `best_of`) samples of one prompt share one
 //! prefill and fork its cache. A request whose receiver is gone is cancelled
 //! at the next step and its caches freed.
+//!
+//! On the CPU keys and values come from one [`BlockPool`] per engine: a
+//! request is admitted when the blocks its prompt needs (less those found in
+//! the prefix cache) and one per sample are available beyond what running
+//! samples may need next. When decoding outgrows the pool, the most recently
+//! admitted request is preempted: its full blocks go to the prefix cache,
+//! the rest are dropped, and it is parked until there is room to recompute
+//! them (its samples keep their sampler state and streamed text). A sample
+//! that alone outgrows the whole pool ends with `length`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +30,7 @@ use crate::engine::request::{Event, GenerateRequest, TokenLogprob};
 use crate::engine::sequence::{Sequence, Vocabulary};
 use crate::engine::{EngineConfig, EngineStats};
 use crate::error::{Error, Result};
+use crate::kv_pool::{BlockPool, BlockShape, KvBlock};
 use crate::llama::{BatchChunk, Llama, SequenceCache};
 use crate::sampling::log_softmax_at;
 use crate::tokenizer::Tokenizer;
@@ -54,6 +64,9 @@ struct Active {
     /// Prefilled in a pass of its own before the step's full batch: its
     /// tenant had nothing running while others' samples were decoding.
     first_of_tenant: bool,
+    /// Preempted: its caches were dropped to make room; it waits for the
+    /// pool to have room to recompute them.
+    parked: bool,
 }
 
 impl Active {
@@ -63,6 +76,103 @@ impl Active {
         let prompt = if self.prefill.is_none() { self.request.prompt.len() } else { 0 };
         (prompt + self.samples.iter().map(Sequence::generated).sum::<usize>()) as u64
     }
+
+    /// Whether this step's `pass` runs it.
+    fn in_pass(&self, pass: Pass) -> bool {
+        !self.parked && (pass == Pass::All || self.first_of_tenant)
+    }
+
+    /// Blocks its caches need before the next forward.
+    fn blocks_needed(&self) -> usize {
+        let prefill = self.prefill.as_ref().map_or(0, |c| c.blocks_needed(self.request.prompt.len() - c.len()));
+        let samples: usize =
+            self.samples.iter().filter(|s| !s.finished).map(|s| s.cache.blocks_needed(s.pending.len())).sum();
+        prefill + samples
+    }
+
+    /// Samples still generating (a parked request's count too).
+    fn unfinished(&self) -> usize {
+        if self.prefill.is_some() {
+            self.request.samples()
+        } else {
+            self.samples.iter().filter(|s| !s.finished).count()
+        }
+    }
+
+    /// Drops its caches (full blocks go to the prefix cache first, so that
+    /// the recompute may find them) and parks it.
+    fn park(&mut self, pool: &mut BlockPool) {
+        self.parked = true;
+        self.first_of_tenant = false;
+        if let Some(cache) = self.prefill.as_mut() {
+            *cache = SequenceCache::pooled(pool.shape(), Vec::new());
+        }
+        for sample in self.samples.iter_mut().filter(|s| !s.finished) {
+            let all = sample.all_tokens(&self.request.prompt);
+            pool.register(&all[..sample.cache.len()], sample.cache.blocks());
+            sample.cache = SequenceCache::pooled(pool.shape(), Vec::new());
+            sample.pending = all;
+        }
+    }
+
+    /// Blocks resuming it needs at most (no prefix hit assumed): all its
+    /// tokens' blocks, and one more per sample for its next token.
+    fn blocks_to_resume(&self, shape: BlockShape) -> usize {
+        if self.prefill.is_some() {
+            return shape.blocks_for(self.request.prompt.len()) + self.request.samples();
+        }
+        let prompt = self.request.prompt.len();
+        self.samples.iter().filter(|s| !s.finished).map(|s| shape.blocks_for(prompt + s.tokens.len()) + 1).sum()
+    }
+}
+
+/// The least a request needs of an engine's KV pool to run at all: its
+/// prompt's blocks and one block per sample for the first decode step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvCapacity {
+    pub block_tokens: usize,
+    pub total_blocks: usize,
+    pub megabytes: usize,
+}
+
+impl KvCapacity {
+    /// Refuses a request that could never be admitted, however idle the engine.
+    pub fn check(&self, request: &GenerateRequest) -> Result<()> {
+        let samples = request.samples();
+        let needed = request.prompt.len().div_ceil(self.block_tokens.max(1)) + samples;
+        if needed <= self.total_blocks {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            if samples > 1 && request.prompt.len().div_ceil(self.block_tokens.max(1)) < self.total_blocks {
+                "n"
+            } else {
+                "prompt"
+            },
+            format!(
+                "This request needs at least {needed} KV cache blocks of {} tokens ({} prompt tokens, {samples} \
+                 samples) but this server's KV cache holds {} blocks ({} MB). Please reduce your prompt or the \
+                 number of samples.",
+                self.block_tokens,
+                request.prompt.len(),
+                self.total_blocks,
+                self.megabytes
+            ),
+        ))
+    }
+}
+
+/// The cached blocks `request`'s prompt starts with; none for `echo` with
+/// logprobs (every prompt row's logits are needed) or without a prefix
+/// cache. At least the last prompt token is always computed: its logits
+/// give the first token.
+fn prompt_hits(pool: &mut BlockPool, request: &GenerateRequest) -> Vec<Arc<KvBlock>> {
+    let scored = request.echo && request.sampling.top_logprobs.is_some();
+    if scored || !pool.caches_prefixes() {
+        return Vec::new();
+    }
+    let max_blocks = (request.prompt.len().saturating_sub(1)) / pool.shape().tokens;
+    pool.lookup(&request.prompt, max_blocks)
 }
 
 /// What one forward of [`Batcher::step`] covers.
@@ -85,6 +195,9 @@ pub(crate) struct Batcher {
     /// Jobs taken from the channel, waiting for room in the batch.
     waiting: FairQueue<Waiting>,
     active: Vec<Active>,
+    /// KV blocks and the prefix cache (CPU serving; `None` on a device,
+    /// whose caches stay candle's).
+    pool: Option<BlockPool>,
 }
 
 impl Batcher {
@@ -101,7 +214,36 @@ impl Batcher {
         eos.sort_unstable();
         eos.dedup();
         let waiting = FairQueue::new(config.fair_sharing);
-        Self { model, tokenizer, eos, config, stats, account, jobs, waiting, active: Vec::new() }
+        let pool = model.kv_in_blocks().then(|| {
+            let shape = model.kv_block_shape(config.kv_block_tokens);
+            let total = match config.kv_cache_blocks {
+                0 => BlockPool::blocks_in(config.kv_cache_mb.saturating_mul(1 << 20), shape),
+                blocks => blocks,
+            };
+            // Weights that training updates in place would make cached keys stale.
+            let prefix_cache = config.prefix_cache && !model.weights_may_change();
+            BlockPool::new(shape, total, prefix_cache)
+        });
+        if let Some(pool) = &pool {
+            stats.kv.blocks_total.store(pool.total(), Ordering::Relaxed);
+            tracing::info!(
+                blocks = pool.total(),
+                block_tokens = pool.shape().tokens,
+                block_kib = pool.shape().bytes() / 1024,
+                prefix_cache = pool.caches_prefixes(),
+                "KV block pool"
+            );
+        }
+        Self { model, tokenizer, eos, config, stats, account, jobs, waiting, active: Vec::new(), pool }
+    }
+
+    /// What a request needs of this engine's KV pool at least (`None`: no pool).
+    pub fn kv_capacity(&self) -> Option<KvCapacity> {
+        self.pool.as_ref().map(|pool| KvCapacity {
+            block_tokens: pool.shape().tokens,
+            total_blocks: pool.total(),
+            megabytes: (pool.total() * pool.shape().bytes()) >> 20,
+        })
     }
 
     /// Runs until every handle to the engine is gone and all work is done:
@@ -152,14 +294,32 @@ impl Batcher {
     /// is never overtaken forever; one oversized prompt may always enter an
     /// otherwise prefill-free step, so it cannot starve.
     fn admit(&mut self) {
-        while let Ok(job) = self.jobs.try_recv() {
-            self.enqueue(job);
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => self.enqueue(job),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    // Every handle is gone (swapped out): nothing new will come, so no
+                    // cached prefix will be read again.
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.clear_cache();
+                    }
+                    break;
+                }
+            }
         }
         for waiting in self.waiting.remove_unless(|w| !w.job.events.is_closed()) {
             self.account.release(&waiting.job.request);
         }
+        // Parked requests come back first; nothing new enters while one waits.
+        if !self.resume_parked() {
+            self.stats.queue_depth.store(self.account.depth(), Ordering::Relaxed);
+            return;
+        }
         let mut budget = self.config.max_batch_tokens;
         let mut admitted = 0;
+        // Blocks running samples may take in their next step.
+        let mut reserve: usize = self.active.iter().filter(|a| !a.parked).map(Active::unfinished).sum();
         while let Some(Waiting { job, .. }) = self.waiting.peek() {
             let prompt_len = job.request.prompt.len();
             let fits_budget = prompt_len <= budget || admitted == 0;
@@ -169,7 +329,20 @@ impl Batcher {
             if !fits_budget || !fits_running {
                 break;
             }
+            let (hits, fits_kv) = match self.pool.as_mut() {
+                None => (Vec::new(), true),
+                Some(pool) => {
+                    let hits = prompt_hits(pool, &job.request);
+                    let needed = pool.shape().blocks_for(prompt_len) - hits.len() + job.request.samples();
+                    let fits = pool.has_room(needed + reserve);
+                    (hits, fits)
+                }
+            };
+            if !fits_kv {
+                break;
+            }
             let Some(Waiting { job, since_step }) = self.waiting.pop() else { break };
+            reserve += job.request.samples();
             self.account.release(&job.request);
             let queued_steps = self.stats.steps.load(Ordering::Relaxed) - since_step;
             job.queued_steps.store(queued_steps, Ordering::Relaxed);
@@ -190,14 +363,25 @@ impl Batcher {
                 queued_steps,
                 "admitted"
             );
+            let prefill = match self.pool.as_ref() {
+                Some(pool) => {
+                    let kv = &self.stats.kv;
+                    kv.prefix_lookup_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
+                    kv.prefix_hit_blocks.fetch_add(hits.len() as u64, Ordering::Relaxed);
+                    kv.prefix_hit_tokens.fetch_add((hits.len() * pool.shape().tokens) as u64, Ordering::Relaxed);
+                    SequenceCache::pooled(pool.shape(), hits)
+                }
+                None => self.model.new_cache(capacity),
+            };
             self.active.push(Active {
                 id: job.id,
-                prefill: Some(self.model.new_cache(capacity)),
+                prefill: Some(prefill),
                 request: Arc::new(job.request),
                 events: job.events,
                 samples: Vec::new(),
                 cancelled: false,
                 first_of_tenant,
+                parked: false,
             });
         }
         self.stats.queue_depth.store(self.account.depth(), Ordering::Relaxed);
@@ -213,32 +397,142 @@ impl Batcher {
         if self.config.fair_sharing && idle { (self.config.max_running / 8).max(1) } else { 0 }
     }
 
+    /// Brings parked requests back, oldest first, while the pool has room to
+    /// recompute all of their tokens; false while one still has to wait.
+    fn resume_parked(&mut self) -> bool {
+        let Some(pool) = self.pool.as_mut() else { return true };
+        let shape = pool.shape();
+        let mut reserve: usize = self.active.iter().filter(|a| !a.parked).map(Active::unfinished).sum();
+        let mut running = self.active.iter().any(|a| !a.parked);
+        for active in self.active.iter_mut().filter(|a| a.parked) {
+            let needed = active.blocks_to_resume(shape);
+            // With nothing running the oldest always comes back (the estimate counts a
+            // prompt once per sample): if it still does not fit, `reserve_blocks` ends
+            // the samples that outgrew the whole pool.
+            if running && !pool.has_room(needed + reserve) {
+                return false;
+            }
+            running = true;
+            if let Some(cache) = active.prefill.as_mut() {
+                *cache = SequenceCache::pooled(shape, prompt_hits(pool, &active.request));
+            }
+            for sample in active.samples.iter_mut().filter(|s| !s.finished) {
+                let all = sample.all_tokens(&active.request.prompt);
+                let hits = pool.lookup(&all, all.len().saturating_sub(1) / shape.tokens);
+                sample.cache = SequenceCache::pooled(shape, hits);
+                sample.pending = all[sample.cache.len()..].to_vec();
+            }
+            tracing::debug!(request = active.id, "resumed after preemption");
+            active.parked = false;
+            reserve += needed;
+        }
+        true
+    }
+
+    /// Gives every sequence of this pass the blocks its new tokens need,
+    /// preempting the most recently admitted requests while the pool is
+    /// short. A request running alone that still does not fit has samples
+    /// that outgrew the whole pool: those end with `length`.
+    fn reserve_blocks(&mut self, pass: Pass) -> Result<()> {
+        let Some(pool) = self.pool.as_mut() else { return Ok(()) };
+        loop {
+            let needed: usize = self.active.iter().filter(|a| a.in_pass(pass)).map(Active::blocks_needed).sum();
+            if pool.has_room(needed) {
+                break;
+            }
+            let running: Vec<usize> = (0..self.active.len()).filter(|&i| !self.active[i].parked).collect();
+            match running.as_slice() {
+                [] => break,
+                [alone] => {
+                    let vocab = Vocabulary {
+                        tokenizer: &self.tokenizer,
+                        eos: &self.eos,
+                        max_positions: self.model.max_positions(),
+                    };
+                    let active = &mut self.active[*alone];
+                    let mut events = Vec::new();
+                    for sample in active.samples.iter_mut().filter(|s| !s.finished) {
+                        if sample.cache.blocks_needed(sample.pending.len()) > 0 {
+                            tracing::warn!(request = active.id, "a sample outgrew the whole KV pool: ending it");
+                            sample.finish_at_capacity(&vocab, &mut events)?;
+                        }
+                    }
+                    for event in events {
+                        if active.events.send(event).is_err() {
+                            active.cancelled = true;
+                        }
+                    }
+                    break;
+                }
+                [.., last] => {
+                    let victim = &mut self.active[*last];
+                    tracing::debug!(request = victim.id, needed, "preempted: the KV pool is full");
+                    victim.park(pool);
+                    self.stats.kv.preemptions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for active in self.active.iter_mut().filter(|a| a.in_pass(pass)) {
+            let prompt = active.request.prompt.len();
+            let caches = active
+                .prefill
+                .iter_mut()
+                .map(|c| {
+                    let new = prompt - c.len();
+                    (c, new)
+                })
+                .chain(active.samples.iter_mut().filter(|s| !s.finished).map(|s| (&mut s.cache, s.pending.len())));
+            for (cache, new_tokens) in caches {
+                for _ in 0..cache.blocks_needed(new_tokens) {
+                    let block = pool
+                        .allocate()
+                        .ok_or_else(|| Error::EngineFailure("the KV pool ran out after reserving".into()))?;
+                    cache.push_block(block);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the pool's use.
+    fn publish_kv(&self) {
+        if let Some(pool) = &self.pool {
+            let usage = pool.usage();
+            let kv = &self.stats.kv;
+            kv.blocks_used.store(usage.live.saturating_sub(usage.idle), Ordering::Relaxed);
+            kv.blocks_cached.store(usage.cached, Ordering::Relaxed);
+        }
+    }
+
     /// One forward over all prefills and decodes (or only the prefills of
     /// tenants new to the batch), then sampling.
     fn step(&mut self, pass: Pass) -> Result<()> {
+        self.reserve_blocks(pass)?;
         let started = Instant::now();
         let mut chunks = Vec::new();
         // (active index, None = prefill | Some(sample index))
         let mut owners: Vec<(usize, Option<usize>)> = Vec::new();
+        // Per chunk: the echo prompt scorer, for prefills that want prompt logprobs.
+        let mut scorers: Vec<Option<PromptScorer>> = Vec::new();
         for (ai, active) in self.active.iter_mut().enumerate() {
-            if pass == Pass::FirstOfTenant && !std::mem::take(&mut active.first_of_tenant) {
+            if active.parked || (pass == Pass::FirstOfTenant && !std::mem::take(&mut active.first_of_tenant)) {
                 continue;
             }
             let want_prompt_logprobs = active.request.echo && active.request.sampling.top_logprobs.is_some();
             if let Some(cache) = active.prefill.as_mut() {
-                chunks.push(BatchChunk { tokens: &active.request.prompt, cache, all_logits: want_prompt_logprobs });
+                // Past the prefix found in the cache (none when every row's logits are wanted).
+                let tokens = &active.request.prompt[cache.len()..];
+                chunks.push(BatchChunk { tokens, cache, all_logits: want_prompt_logprobs });
                 owners.push((ai, None));
+                scorers.push(want_prompt_logprobs.then(|| PromptScorer::new(&active.request)));
             }
             for (si, sample) in active.samples.iter_mut().enumerate() {
-                if sample.finished {
+                if sample.finished || sample.pending.is_empty() {
                     continue;
                 }
-                chunks.push(BatchChunk {
-                    tokens: std::slice::from_ref(&sample.next_input),
-                    cache: &mut sample.cache,
-                    all_logits: false,
-                });
+                chunks.push(BatchChunk { tokens: &sample.pending, cache: &mut sample.cache, all_logits: false });
                 owners.push((ai, Some(si)));
+                scorers.push(None);
             }
         }
         if chunks.is_empty() {
@@ -246,13 +540,18 @@ impl Batcher {
         }
         let batch = chunks.len();
         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let logits = self.model.forward_batch(&mut chunks)?;
+        let logits = self.model.forward_batch_streaming(&mut chunks, &mut |chunk, row| {
+            if let Some(Some(scorer)) = scorers.get_mut(chunk) {
+                scorer.score(row);
+            }
+            Ok(())
+        })?;
         drop(chunks);
         let forward_us = started.elapsed().as_micros() as u64;
         let vocab =
             Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, max_positions: self.model.max_positions() };
         let mut events = Vec::new();
-        for ((ai, sample), logits) in owners.into_iter().zip(logits) {
+        for (((ai, sample), logits), scorer) in owners.into_iter().zip(logits).zip(scorers) {
             let active = &mut self.active[ai];
             let rows = logits.to_vec2::<f32>()?;
             let Some(last) = rows.last() else { continue };
@@ -260,22 +559,39 @@ impl Batcher {
                 None => {
                     let Some(prefilled) = active.prefill.take() else { continue };
                     if active.request.echo {
-                        events.push(Event::Prompt { tokens: prompt_logprobs(&active.request, &rows, &self.tokenizer) });
+                        let scored = scorer.map(|s| s.scored).unwrap_or_default();
+                        events
+                            .push(Event::Prompt { tokens: prompt_logprobs(&active.request, scored, &self.tokenizer) });
                     }
                     let samples = active.request.samples();
-                    let capacity = active.request.prompt.len() + active.request.max_tokens;
+                    let prompt = &active.request.prompt;
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.register(prompt, prefilled.blocks());
+                    }
+                    let capacity = prompt.len() + active.request.max_tokens;
                     let mut caches = Vec::with_capacity(samples);
                     for _ in 1..samples {
-                        caches.push(prefilled.fork(capacity)?);
+                        // No room for a copy of the partial block: this sample recomputes the prompt.
+                        caches.push(match self.pool.as_mut() {
+                            Some(pool) => match prefilled.fork_with(|block| pool.copy(block))? {
+                                Some(cache) => (cache, Vec::new()),
+                                None => (SequenceCache::pooled(pool.shape(), Vec::new()), prompt.clone()),
+                            },
+                            None => (prefilled.fork(capacity)?, Vec::new()),
+                        });
                     }
-                    caches.push(prefilled);
-                    for (index, cache) in caches.into_iter().enumerate() {
-                        let mut seq = Sequence::new(index, &active.request, cache);
+                    caches.push((prefilled, Vec::new()));
+                    for (index, (cache, pending)) in caches.into_iter().enumerate() {
+                        let mut seq = Sequence::new(index, &active.request, cache, pending);
                         seq.advance(last, &vocab, &mut events)?;
                         active.samples.push(seq);
                     }
                 }
-                Some(si) => active.samples[si].advance(last, &vocab, &mut events)?,
+                Some(si) => {
+                    let sample = &mut active.samples[si];
+                    sample.pending.clear();
+                    sample.advance(last, &vocab, &mut events)?;
+                }
             }
             for event in events.drain(..) {
                 if active.events.send(event).is_err() {
@@ -293,6 +609,7 @@ impl Batcher {
     /// refunds their tenants the work charged but not done.
     fn retire(&mut self) {
         let waiting = &mut self.waiting;
+        let pool = &mut self.pool;
         self.active.retain(|a| {
             let done = a.prefill.is_none() && a.samples.iter().all(|s| s.finished);
             let cancelled = a.cancelled || a.events.is_closed();
@@ -303,10 +620,18 @@ impl Batcher {
             }
             if cancelled || done {
                 waiting.refund(&a.request.tenant, a.request.cost().saturating_sub(a.work_done()));
+                // The whole conversation so far, for the next turn of a chat to find.
+                if let Some(pool) = pool.as_mut() {
+                    for sample in &a.samples {
+                        let all = sample.all_tokens(&a.request.prompt);
+                        pool.register(&all[..sample.cache.len().min(all.len())], sample.cache.blocks());
+                    }
+                }
             }
             !(cancelled || done)
         });
         self.stats.running.store(self.active.iter().map(|a| a.samples.len()).sum(), Ordering::Relaxed);
+        self.publish_kv();
     }
 
     /// A failed forward poisons the whole step; every request in it is told
@@ -319,19 +644,42 @@ impl Batcher {
     }
 }
 
+/// Scores an `echo` prompt while its prefill's logits stream past, one row
+/// at a time: row `i` predicts prompt token `i + 1`. Only the scores are
+/// kept, never the rows.
+struct PromptScorer {
+    prompt: Vec<u32>,
+    top_n: usize,
+    scored: Vec<(f32, Vec<(u32, f32)>)>,
+}
+
+impl PromptScorer {
+    fn new(request: &GenerateRequest) -> Self {
+        let top_n = request.sampling.top_logprobs.unwrap_or(0);
+        Self { prompt: request.prompt.clone(), top_n, scored: Vec::with_capacity(request.prompt.len()) }
+    }
+
+    fn score(&mut self, row: &[f32]) {
+        if let Some(&next) = self.prompt.get(self.scored.len() + 1) {
+            self.scored.push(log_softmax_at(row, next, self.top_n));
+        }
+    }
+}
+
 /// The prompt's tokens with the log-probability the model gave each one
-/// (row `i` of the prefill logits predicts token `i + 1`).
-fn prompt_logprobs(request: &GenerateRequest, rows: &[Vec<f32>], tokenizer: &Tokenizer) -> Vec<TokenLogprob> {
-    let top_n = request.sampling.top_logprobs;
+/// (`scored[i]` is token `i + 1`'s; the first token has none).
+fn prompt_logprobs(
+    request: &GenerateRequest,
+    scored: Vec<(f32, Vec<(u32, f32)>)>,
+    tokenizer: &Tokenizer,
+) -> Vec<TokenLogprob> {
+    let mut scored = scored.into_iter();
     request
         .prompt
         .iter()
         .enumerate()
         .map(|(i, &token)| {
-            let scored = match (top_n, i.checked_sub(1).and_then(|r| rows.get(r))) {
-                (Some(k), Some(row)) => Some(log_softmax_at(row, token, k)),
-                _ => None,
-            };
+            let scored = if i == 0 { None } else { scored.next() };
             TokenLogprob {
                 token,
                 text: tokenizer.token_str(token),

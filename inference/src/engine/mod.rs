@@ -11,6 +11,7 @@
 //! one finishes the requests it already has, then stops.
 
 mod batcher;
+pub mod external;
 mod fair_queue;
 mod queue_account;
 pub mod request;
@@ -23,12 +24,13 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 
+pub use external::{EngineKind, ExternalJob, ExternalRunner, OpenAiHttpConfig};
 pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, Tenant, TokenLogprob};
 
 use crate::error::{Error, Result};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
-use batcher::{Batcher, Job};
+use batcher::{Batcher, Job, KvCapacity};
 use queue_account::QueueAccount;
 
 /// Queueing and batching limits (`[engine]` in the config file).
@@ -53,6 +55,23 @@ pub struct EngineConfig {
     /// requests may fill, counting each request as its samples (`n` or
     /// `best_of`). Past it: `QueueShareExceeded` (HTTP 429).
     pub tenant_queue_share: f64,
+    /// Memory for the keys and values of every running and cached sequence,
+    /// in MiB (CPU serving). Sequences are admitted by the blocks they need
+    /// and preempted (recomputed later) when decoding outgrows it. SmolLM2
+    /// (F32 KV, 46 KiB a position): 4096 MiB is ~93k positions.
+    pub kv_cache_mb: usize,
+    /// The pool's size in blocks instead of `kv_cache_mb` (0: from `kv_cache_mb`).
+    pub kv_cache_blocks: usize,
+    /// Positions per KV block.
+    pub kv_block_tokens: usize,
+    /// Keep the KV blocks of prompts (and finished chats) and reuse them for
+    /// later requests that start with the same tokens: system prompts, chat
+    /// history, few-shot examples, the playground's K samples of a prompt.
+    pub prefix_cache: bool,
+    /// `builtin` (this process runs the model) or `openai_http` (upstream servers do).
+    pub kind: EngineKind,
+    /// The upstreams, with `kind = "openai_http"`.
+    pub openai_http: OpenAiHttpConfig,
 }
 
 impl EngineConfig {
@@ -81,6 +100,12 @@ impl Default for EngineConfig {
             compute_threads: 0,
             fair_sharing: true,
             tenant_queue_share: 0.5,
+            kv_cache_mb: 4096,
+            kv_cache_blocks: 0,
+            kv_block_tokens: crate::kv_pool::DEFAULT_BLOCK_TOKENS,
+            prefix_cache: true,
+            kind: EngineKind::Builtin,
+            openai_http: OpenAiHttpConfig::default(),
         }
     }
 }
@@ -92,6 +117,26 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub last_batch_size: AtomicUsize,
     pub steps: AtomicU64,
+    /// The KV block pool (0 blocks in total where the engine has none:
+    /// a device engine, or one whose requests run elsewhere).
+    pub kv: KvStats,
+}
+
+/// The KV block pool's use and the prefix cache's hits.
+#[derive(Debug, Default)]
+pub struct KvStats {
+    pub blocks_total: AtomicUsize,
+    /// Blocks held by running sequences.
+    pub blocks_used: AtomicUsize,
+    /// Blocks in the prefix cache (some may also be in use).
+    pub blocks_cached: AtomicUsize,
+    /// Prompt tokens whose KV came from the prefix cache, not a forward.
+    pub prefix_hit_tokens: AtomicU64,
+    pub prefix_hit_blocks: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache (the hit rate's denominator).
+    pub prefix_lookup_tokens: AtomicU64,
+    /// Requests set aside (their KV dropped, recomputed later) to make room.
+    pub preemptions: AtomicU64,
 }
 
 /// What a client may know about the model an engine serves.
@@ -106,15 +151,27 @@ pub struct ModelInfo {
 }
 
 pub struct Engine {
-    jobs: mpsc::UnboundedSender<Job>,
+    runner: Runner,
     account: Arc<QueueAccount>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
     next_id: AtomicU64,
-    /// True while the batching thread runs; cleared when it exits or panics.
-    alive: Arc<AtomicBool>,
+}
+
+/// Who runs the requests an engine accepts.
+enum Runner {
+    /// This process's batching thread.
+    Batching {
+        jobs: mpsc::UnboundedSender<Job>,
+        /// True while the batching thread runs; cleared when it exits or panics.
+        alive: Arc<AtomicBool>,
+        /// The KV pool's size, to refuse at once a request that could never fit.
+        kv_capacity: Option<KvCapacity>,
+    },
+    /// Servers outside this process (`[engine] kind = "openai_http"`).
+    External(Arc<dyn ExternalRunner>),
 }
 
 impl Engine {
@@ -127,6 +184,7 @@ impl Engine {
         let account = Arc::new(QueueAccount::new(config.queue_capacity, config.tenant_queue_limit()));
         let (tx, rx) = mpsc::unbounded_channel();
         let batcher = Batcher::new(model, tokenizer.clone(), config.clone(), stats.clone(), account.clone(), rx);
+        let kv_capacity = batcher.kv_capacity();
         // The batching loop runs on a worker of the engine's own pool, so the
         // parallel matmuls it starts split across that worker and its
         // siblings without waking a thread from outside on every call.
@@ -139,13 +197,45 @@ impl Engine {
         spawn_batching(format!("engine-{}", info.checkpoint), alive.clone(), move || {
             pool.install(move || batcher.run())
         })?;
-        Ok(Self { jobs: tx, account, info, tokenizer, config, stats, next_id: AtomicU64::new(1), alive })
+        let runner = Runner::Batching { jobs: tx, alive, kv_capacity };
+        Ok(Self { runner, account, info, tokenizer, config, stats, next_id: AtomicU64::new(1) })
     }
 
-    /// Whether the batching thread still runs. False once it has panicked
-    /// (or otherwise exited): nothing submitted to this engine would run.
+    /// An engine whose requests `runner` runs outside this process; `tokenizer` and `info` describe the model it
+    /// serves, for validation, limits and accounting at the edge.
+    pub fn start_external(
+        tokenizer: Tokenizer,
+        info: ModelInfo,
+        config: EngineConfig,
+        runner: Arc<dyn ExternalRunner>,
+    ) -> Self {
+        let account = Arc::new(QueueAccount::new(config.queue_capacity, config.tenant_queue_limit()));
+        Self {
+            runner: Runner::External(runner),
+            account,
+            info,
+            tokenizer: Arc::new(tokenizer),
+            config,
+            stats: Arc::new(EngineStats::default()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether requests submitted now would run: the batching thread still runs (false once it panicked or
+    /// exited), or an upstream answers its health probe.
     pub fn is_running(&self) -> bool {
-        self.alive.load(Ordering::Acquire) && !self.jobs.is_closed()
+        match &self.runner {
+            Runner::Batching { jobs, alive, .. } => alive.load(Ordering::Acquire) && !jobs.is_closed(),
+            Runner::External(runner) => runner.is_healthy(),
+        }
+    }
+
+    /// The upstreams' state when this engine forwards to servers outside this process (`/readyz`).
+    pub fn external_status(&self) -> Option<serde_json::Value> {
+        match &self.runner {
+            Runner::External(runner) => Some(runner.status()),
+            Runner::Batching { .. } => None,
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -178,6 +268,15 @@ impl Engine {
         for request in &requests {
             request.validate(self.info.vocab_size, self.info.max_positions, &self.config.limits, streaming)?;
         }
+        let jobs = match &self.runner {
+            Runner::Batching { jobs, kv_capacity, .. } => {
+                if let Some(capacity) = kv_capacity {
+                    requests.iter().try_for_each(|r| capacity.check(r))?;
+                }
+                jobs
+            }
+            Runner::External(runner) => return self.submit_external(runner, requests, streaming),
+        };
         self.account.reserve(&requests)?;
         let mut generations = Vec::with_capacity(requests.len());
         let mut requests = requests.into_iter();
@@ -188,13 +287,37 @@ impl Engine {
                 GenerationSummary { prompt_tokens: request.prompt.len(), n: request.n, samples: request.samples() };
             let queued_steps = Arc::new(AtomicU64::new(NOT_ADMITTED));
             let job = Job { id, request, events: tx, enqueued: Instant::now(), queued_steps: queued_steps.clone() };
-            if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+            if let Err(mpsc::error::SendError(job)) = jobs.send(job) {
                 // The batching thread is gone: nothing of this submission runs.
                 self.account.release(&job.request);
                 requests.for_each(|r| self.account.release(&r));
                 return Err(Error::EngineStopped);
             }
             generations.push(Generation { id, events: rx, summary, queued_steps });
+        }
+        Ok(generations)
+    }
+
+    fn submit_external(
+        &self,
+        runner: &Arc<dyn ExternalRunner>,
+        requests: Vec<GenerateRequest>,
+        streaming: bool,
+    ) -> Result<Vec<Generation>> {
+        for request in &requests {
+            runner.check(request, streaming)?;
+        }
+        self.account.reserve(&requests)?;
+        let mut generations = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (events, rx) = mpsc::unbounded_channel();
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let summary =
+                GenerationSummary { prompt_tokens: request.prompt.len(), n: request.n, samples: request.samples() };
+            let queued = external::QueueSlot::new(self.account.clone(), self.stats.clone(), &request);
+            runner.run(ExternalJob { id, request, events, queued });
+            // Queue steps are the batching thread's measure; an upstream has none.
+            generations.push(Generation { id, events: rx, summary, queued_steps: Arc::new(AtomicU64::new(0)) });
         }
         Ok(generations)
     }
@@ -264,7 +387,17 @@ impl Generation {
 
     /// Gathers all events into choices; with `best_of > n`, keeps the `n`
     /// samples with the highest mean token log-probability.
-    pub async fn collect(mut self) -> Result<Completion> {
+    pub async fn collect(self) -> Result<Completion> {
+        let n = self.summary.n;
+        let mut completion = self.collect_samples().await?;
+        let scores: Vec<f32> = completion.choices.iter().map(|c| c.mean_logprob).collect();
+        completion.keep_best(n, &scores);
+        Ok(completion)
+    }
+
+    /// Gathers all events into choices, every sample kept (`best_of` of
+    /// them), for a caller that ranks them itself (by a reward model).
+    pub async fn collect_samples(mut self) -> Result<Completion> {
         let mut completion = Completion {
             prompt: None,
             choices: (0..self.summary.samples).map(Choice::empty).collect(),
@@ -296,14 +429,6 @@ impl Generation {
                 Event::Failed { message } => return Err(Error::EngineFailure(message)),
             }
         }
-        if self.summary.samples > self.summary.n {
-            // Stable sort: equal scores keep sample order.
-            completion.choices.sort_by(|a, b| b.mean_logprob.total_cmp(&a.mean_logprob));
-            completion.choices.truncate(self.summary.n);
-            for (i, choice) in completion.choices.iter_mut().enumerate() {
-                choice.index = i;
-            }
-        }
         Ok(completion)
     }
 }
@@ -317,6 +442,24 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// Tokens generated over all samples, including those `best_of` dropped.
     pub completion_tokens: usize,
+}
+
+impl Completion {
+    /// `best_of`'s selection: keeps the `n` choices with the highest
+    /// `scores` (one per choice, in choice order), best first, and numbers
+    /// them `0..n`. Nothing changes when there are no more than `n`.
+    pub fn keep_best(&mut self, n: usize, scores: &[f32]) {
+        if self.choices.len() <= n || scores.len() != self.choices.len() {
+            return;
+        }
+        let mut ranked: Vec<(f32, Choice)> = scores.iter().copied().zip(self.choices.drain(..)).collect();
+        // Stable sort: equal scores keep sample order.
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        self.choices = ranked.into_iter().take(n).map(|(_, choice)| choice).collect();
+        for (i, choice) in self.choices.iter_mut().enumerate() {
+            choice.index = i;
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -373,10 +516,13 @@ impl EngineHandle {
     }
 
     /// The engine a new generation request should run on: the canary for its
-    /// share of requests, else the serving engine.
+    /// share of requests, else the serving engine. A canary whose engine no
+    /// longer runs takes nothing: its share falls back to the serving engine
+    /// (and `/readyz` says so) instead of failing.
     pub fn pick(&self) -> Arc<Engine> {
         if let Some(canary) = self.canary.load_full()
             && rand::random_range(0..100u8) < canary.percent
+            && canary.engine.is_running()
         {
             return canary.engine.clone();
         }
@@ -444,7 +590,52 @@ mod tests {
         let handle = EngineHandle::new(engine);
         assert!(handle.is_serving());
         // What the batching thread's exit does: the flag clears and its receiver drops.
-        handle.current().alive.store(false, Ordering::Release);
+        let current = handle.current();
+        let Runner::Batching { alive, .. } = &current.runner else { panic!("a built-in engine") };
+        alive.store(false, Ordering::Release);
         assert!(!handle.is_serving(), "/readyz must not report a dead engine as loaded");
+    }
+
+    #[test]
+    fn keep_best_keeps_the_highest_scores_in_order_and_renumbers() {
+        let mut completion = Completion {
+            prompt: None,
+            choices: ["a", "b", "c", "d"]
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Choice { text: t.to_string(), ..Choice::empty(i) })
+                .collect(),
+            prompt_tokens: 1,
+            completion_tokens: 8,
+        };
+        completion.keep_best(2, &[0.1, 0.9, 0.5, 0.9]);
+        let kept: Vec<(usize, &str)> = completion.choices.iter().map(|c| (c.index, c.text.as_str())).collect();
+        assert_eq!(kept, [(0, "b"), (1, "d")], "ties keep sample order");
+        assert_eq!(completion.completion_tokens, 8, "dropped samples stay counted");
+        completion.keep_best(2, &[0.0]);
+        assert_eq!(completion.choices.len(), 2, "nothing to drop");
+    }
+
+    #[test]
+    fn a_canary_that_stopped_running_takes_no_traffic() {
+        let engine = |checkpoint: &str| {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            crate::tiny_model::init_tiny(dir.path(), &crate::tiny_model::TinySpec::default())
+                .unwrap_or_else(|e| panic!("tiny model: {e}"));
+            crate::load::LoadedModel::load(dir.path(), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .and_then(|m| m.into_engine("tiny", checkpoint, EngineConfig::default()))
+                .unwrap_or_else(|e| panic!("engine: {e}"))
+        };
+        let handle = EngineHandle::new(engine("serving"));
+        let canary = Arc::new(engine("canary"));
+        handle.set_canary(canary.clone(), 100);
+        assert_eq!(handle.pick().info().checkpoint, "canary");
+        match &canary.runner {
+            Runner::Batching { alive, .. } => alive.store(false, Ordering::Release),
+            Runner::External(_) => unreachable!("a built-in engine"),
+        }
+        for _ in 0..20 {
+            assert_eq!(handle.pick().info().checkpoint, "serving", "a dead canary's share goes to the serving engine");
+        }
     }
 }

@@ -14,8 +14,12 @@ pub(crate) struct Sequence {
     /// Which sample of its request this is (the choice index before best_of).
     pub index: usize,
     pub cache: SequenceCache,
-    /// The last sampled token, fed to the model in the next step.
-    pub next_input: u32,
+    /// Tokens not yet in `cache`, fed to the model in the next step: the
+    /// last sampled token, or (after a preemption dropped the cache) the
+    /// prompt and every generated token.
+    pub pending: Vec<u32>,
+    /// Every token sampled so far, in order.
+    pub tokens: Vec<u32>,
     pub finished: bool,
     sampler: Sampler,
     history: TokenHistory,
@@ -36,11 +40,14 @@ pub(crate) struct Vocabulary<'a> {
 }
 
 impl Sequence {
-    pub fn new(index: usize, request: &GenerateRequest, cache: SequenceCache) -> Self {
+    /// A sample whose cache holds the prompt (`pending` empty), or part of
+    /// it (`pending` the rest).
+    pub fn new(index: usize, request: &GenerateRequest, cache: SequenceCache, pending: Vec<u32>) -> Self {
         Self {
             index,
             cache,
-            next_input: 0,
+            pending,
+            tokens: Vec::new(),
             finished: false,
             sampler: Sampler::new(&request.sampling, index as u64),
             history: TokenHistory::default(),
@@ -69,6 +76,7 @@ impl Sequence {
             return self.finish(FinishReason::Stop, vocab, events);
         }
         self.history.push(sampled.token);
+        self.tokens.push(sampled.token);
         self.generated += 1;
         self.logprob_sum += sampled.logprob;
         let piece = self.decoder.push(vocab.tokenizer, sampled.token)?;
@@ -81,9 +89,22 @@ impl Sequence {
         } else if self.generated >= self.max_tokens || self.cache.len() >= vocab.max_positions {
             self.finish(FinishReason::Length, vocab, events)?;
         } else {
-            self.next_input = sampled.token;
+            self.pending.push(sampled.token);
         }
         Ok(())
+    }
+
+    /// Ends the sample at its current length: it alone outgrew the KV pool.
+    pub fn finish_at_capacity(&mut self, vocab: &Vocabulary<'_>, events: &mut Vec<Event>) -> Result<()> {
+        self.finish(FinishReason::Length, vocab, events)
+    }
+
+    /// The prompt and every sampled token: what the cache holds once `pending` is computed.
+    pub fn all_tokens(&self, prompt: &[u32]) -> Vec<u32> {
+        let mut all = Vec::with_capacity(prompt.len() + self.tokens.len());
+        all.extend_from_slice(prompt);
+        all.extend_from_slice(&self.tokens);
+        all
     }
 
     /// Releases held-back text (it was not a stop sequence after all) and ends.

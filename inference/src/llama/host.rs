@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
-use super::{Attention, BatchChunk, Llama, Mlp, RmsNorm, advance_caches, split_logits};
+use super::{Attention, BatchChunk, Llama, Mlp, RmsNorm, RowVisitor, advance_caches, split_logits, stream_rows};
 use crate::cpu_linear::{linear_rows, with_host_f32};
 use crate::error::{Error, Result};
 use crate::kv_cache::{AttentionDims, SequenceCache, attend_rows};
@@ -36,6 +36,7 @@ impl Llama {
         chunks: &mut [BatchChunk<'_>],
         ids: &[u32],
         positions: &[usize],
+        visit: Option<RowVisitor<'_>>,
     ) -> Result<Vec<Tensor>> {
         let n = ids.len();
         let hidden = self.config.hidden_size;
@@ -66,14 +67,19 @@ impl Llama {
         drop(caches);
 
         // Only the rows someone asked for go through the (large) vocabulary projection.
-        let rows = advance_caches(chunks);
+        let mut rows = advance_caches(chunks);
+        let vocab = self.lm_head.weight().dim(0)?;
+        if let Some(visit) = visit {
+            stream_rows(chunks, &mut rows, vocab, visit, |start, count| {
+                project(&self.norm.host(&x[start * hidden..(start + count) * hidden], hidden)?, count, &self.lm_head)
+            })?;
+        }
         let mut picked = Vec::new();
         for &(start, take) in &rows {
             picked.extend_from_slice(&x[start * hidden..(start + take) * hidden]);
         }
         let count = picked.len() / hidden;
         let logits = project(&self.norm.host(&picked, hidden)?, count, &self.lm_head)?;
-        let vocab = self.lm_head.weight().dim(0)?;
         split_logits(&Tensor::from_vec(logits, (count, vocab), &Device::Cpu)?, &rows)
     }
 }
@@ -127,7 +133,8 @@ impl Attention {
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))` of `n` rows.
     fn host(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let inter = self.down_proj.weight().dim(1)?;
+        // Rows of the gate projection (the down projection's columns may be a packed carrier's).
+        let inter = self.gate_proj.weight().dim(0)?;
         let act = match &self.gate_up {
             Some(fused) => {
                 // Rows of [gate | up]: write silu(gate) * up over the gate half, then drop the up half.

@@ -23,6 +23,7 @@ pub use crate::kv_cache::SequenceCache;
 use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 
 mod host;
+mod serve_weights;
 pub mod train_kernels;
 pub mod train_layer;
 pub mod train_ops;
@@ -152,6 +153,37 @@ impl Llama {
         SequenceCache::new(self.layers.len(), capacity, kv_width, &self.device)
     }
 
+    /// The shape of this model's KV blocks of `tokens` positions.
+    pub fn kv_block_shape(&self, tokens: usize) -> crate::kv_pool::BlockShape {
+        let kv_width = self.config.num_kv_heads() * self.config.head_dim();
+        crate::kv_pool::BlockShape { layers: self.layers.len(), tokens: tokens.max(1), kv_width }
+    }
+
+    /// Whether any weight is a trainable variable, which training may update in
+    /// place while an engine serves the model (the trainer samples from its
+    /// policy that way): keys and values computed now would then not match the
+    /// weights of a later step, so no prefix cache may keep them.
+    pub fn weights_may_change(&self) -> bool {
+        let layer_vars = self.layers.iter().any(|l| {
+            let (a, m) = (&l.attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .any(|p| p.weight().is_variable() || p.bias().is_some_and(Tensor::is_variable))
+                || l.input_layernorm.weight.is_variable()
+                || l.post_attention_layernorm.weight.is_variable()
+        });
+        layer_vars
+            || self.embed_tokens.embeddings().is_variable()
+            || self.lm_head.weight().is_variable()
+            || self.norm.weight.is_variable()
+    }
+
+    /// Whether serving caches live in host memory, in blocks (on the CPU);
+    /// on other devices they are candle caches outside the block pool.
+    pub fn kv_in_blocks(&self) -> bool {
+        matches!(self.device, Device::Cpu)
+    }
+
     /// Final-norm hidden states `[B, T, hidden]` of a right-padded batch of
     /// token ids `[B, T]`, through differentiable ops only. `residual_dropout`
     /// is applied to each residual branch (0 disables it; SFT uses 0.2).
@@ -231,6 +263,19 @@ impl Llama {
     /// where `rows` is 1 (the last new token) or every new token when
     /// `all_logits` is set.
     pub fn forward_batch(&self, chunks: &mut [BatchChunk<'_>]) -> Result<Vec<Tensor>> {
+        self.forward_step(chunks, None)
+    }
+
+    /// [`Llama::forward_batch`], except that the rows of `all_logits` chunks
+    /// go to `visit` a block of rows at a time and each chunk returns only its
+    /// last row. `echo` with logprobs on a long prompt then holds
+    /// [`STREAMED_ROWS`] rows of vocabulary logits, not `[prompt, vocab]`
+    /// (1.6 GB for an 8k-token SmolLM2 prompt).
+    pub fn forward_batch_streaming(&self, chunks: &mut [BatchChunk<'_>], visit: RowVisitor<'_>) -> Result<Vec<Tensor>> {
+        self.forward_step(chunks, Some(visit))
+    }
+
+    fn forward_step(&self, chunks: &mut [BatchChunk<'_>], visit: Option<RowVisitor<'_>>) -> Result<Vec<Tensor>> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for chunk in chunks.iter() {
@@ -257,9 +302,12 @@ impl Llama {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        for chunk in chunks.iter_mut() {
+            chunk.cache.prepare(chunk.tokens.len())?;
+        }
         if self.runs_on_host() {
             let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-            return self.forward_host(chunks, &ids, &positions);
+            return self.forward_host(chunks, &ids, &positions, visit);
         }
         let n = ids.len();
         let positions = Tensor::from_vec(positions, n, &self.device)?;
@@ -273,7 +321,14 @@ impl Llama {
         }
         drop(caches);
         // Only the rows someone asked for go through the (large) vocabulary projection.
-        let rows = advance_caches(chunks);
+        let mut rows = advance_caches(chunks);
+        if let Some(visit) = visit {
+            let vocab = self.config.vocab_size;
+            stream_rows(chunks, &mut rows, vocab, visit, |start, count| {
+                let block = serve(&self.lm_head, &self.norm.forward_fast(&x.narrow(0, start, count)?)?)?;
+                Ok(block.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            })?;
+        }
         let index: Vec<u32> = rows.iter().flat_map(|&(s, k)| (s..s + k).map(|r| r as u32)).collect();
         let len = index.len();
         let picked = x.index_select(&Tensor::from_vec(index, len, &self.device)?, 0)?;
@@ -296,6 +351,42 @@ fn advance_caches(chunks: &mut [BatchChunk<'_>]) -> Vec<(usize, usize)> {
         offset += len;
     }
     rows
+}
+
+/// Receives `(chunk index, logits row)` for every new token of each
+/// `all_logits` chunk, in order, in [`Llama::forward_batch_streaming`].
+pub type RowVisitor<'v> = &'v mut dyn FnMut(usize, &[f32]) -> Result<()>;
+
+/// Rows per vocabulary projection when logits are streamed: `[64, 49152]`
+/// F32 is 12.6 MB, and 64 rows keep the matmul efficient.
+pub const STREAMED_ROWS: usize = 64;
+
+/// Streams the rows of every `all_logits` chunk to `visit`, projecting
+/// [`STREAMED_ROWS`] batch rows at a time with `project(start, count)`
+/// (`count * vocab` logits), and narrows the chunk's `rows` entry to its last
+/// row, which the step still returns for sampling.
+fn stream_rows(
+    chunks: &[BatchChunk<'_>],
+    rows: &mut [(usize, usize)],
+    vocab: usize,
+    visit: RowVisitor<'_>,
+    mut project: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    for (index, (chunk, row)) in chunks.iter().zip(rows.iter_mut()).enumerate() {
+        if !chunk.all_logits {
+            continue;
+        }
+        let (start, take) = *row;
+        for block in (start..start + take).step_by(STREAMED_ROWS) {
+            let count = STREAMED_ROWS.min(start + take - block);
+            let logits = project(block, count)?;
+            for logits_row in logits.chunks_exact(vocab) {
+                visit(index, logits_row)?;
+            }
+        }
+        *row = (start + take - 1, 1);
+    }
+    Ok(())
 }
 
 /// The picked rows' logits `[Σ count, vocab]`, one tensor per chunk.
@@ -913,6 +1004,48 @@ mod tests {
         let got = Tensor::cat(&got, 0).unwrap();
         let diff = (got - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "max logit difference {diff}");
+    }
+
+    /// Streaming all-token logits (echo's prompt logprobs) visits the same
+    /// rows `forward_batch` returns, across several projection blocks and
+    /// beside a decoding sequence, and returns only the last row.
+    #[test]
+    fn streamed_rows_match_returned_logits() {
+        let mut cfg = tiny_config();
+        cfg.max_position_embeddings = 2 * STREAMED_ROWS + 40;
+        let (_varmap, model) = trainable(&cfg);
+        let prompt: Vec<u32> = (0..2 * STREAMED_ROWS + 30).map(|i| (i * 11 % 50) as u32).collect();
+        let mut cache = model.new_cache(prompt.len());
+        let full = model
+            .forward_batch(&mut [BatchChunk { tokens: &prompt, cache: &mut cache, all_logits: true }])
+            .unwrap()
+            .remove(0)
+            .to_vec2::<f32>()
+            .unwrap();
+        let (mut streamed_cache, mut other) = (model.new_cache(prompt.len()), model.new_cache(8));
+        let mut visited: Vec<(usize, Vec<f32>)> = Vec::new();
+        let out = model
+            .forward_batch_streaming(
+                &mut [
+                    BatchChunk { tokens: &[4, 2], cache: &mut other, all_logits: false },
+                    BatchChunk { tokens: &prompt, cache: &mut streamed_cache, all_logits: true },
+                ],
+                &mut |chunk, row| {
+                    visited.push((chunk, row.to_vec()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(visited.len(), prompt.len());
+        assert!(visited.iter().all(|(chunk, _)| *chunk == 1));
+        for (i, (_, row)) in visited.iter().enumerate() {
+            let diff = row.iter().zip(&full[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "row {i}: max difference {diff}");
+        }
+        assert_eq!(out[1].dims(), &[1, 50]);
+        let last = out[1].to_vec2::<f32>().unwrap().remove(0);
+        assert!(last.iter().zip(full.last().unwrap()).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert_eq!(streamed_cache.len, prompt.len());
     }
 
     /// Loaded (non-trainable) weights take the fused Q/K/V and gate/up

@@ -1,0 +1,398 @@
+//! The PyTorch training job (`deploy/trainer-job`, run by the external backend) against the in-process trainer on
+//! the tiny model: from the same weights and the same batch, SFT, the reward model and PPO-ptx compute the same
+//! first-step losses and gradient norms (within 1e-4 relative), and after a few steps on the same data the
+//! checkpoints agree closely. Each side cross-checks the other's implementation of the recipe.
+
+#[path = "support/gateway.rs"]
+#[allow(dead_code, unused_imports)]
+mod gateway;
+#[path = "support/trainer_job.rs"]
+mod trainer_job;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use feedback::events::LabelerGroup;
+use feedback::split::Split;
+use inference::checkpoint::Stage;
+use inference::tiny_model::{TinySpec, init_tiny};
+use serde_json::{Value, json};
+use trainer::TrainerConfig;
+use trainer::backend::{BackendConfig, BackendKind, External, InProcess, StageJob, TrainingBackend};
+use trainer::episodes::{Episode, EpisodeBatch, SampleSettings, engine_sharing, sample};
+use trainer::losses::{
+    PAPER_GAE_GAMMA, gae, kl_penalty, ppo_policy_loss, shaped_rewards, token_logprobs, value_loss, whiten,
+};
+use trainer::optim::{Adam, Gradients, LrSchedule};
+use trainer::policy_model::{ChatTokens, PolicyModel, encode_chat};
+use trainer::reward_model::{Ranking, RewardModel};
+use trainer::snapshot::{Dataset, RankedExample, SftExample};
+
+use trainer_job::{job_command, job_python};
+
+fn tiny(dir: &Path, seed: u64) -> PathBuf {
+    init_tiny(dir, &TinySpec { seed, ..TinySpec::default() }).unwrap();
+    dir.to_path_buf()
+}
+
+/// |a - b| relative to the larger magnitude.
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+fn assert_rel(what: &str, rust: f64, job: f64, tolerance: f64) {
+    let r = rel(rust, job);
+    eprintln!("{what}: in-process {rust:.9}, job {job:.9}, relative difference {r:.2e}");
+    assert!(r <= tolerance, "{what}: in-process {rust} vs job {job} (relative {r:.2e} > {tolerance:.0e})");
+}
+
+fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) {
+    let text: String = rows.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// The largest absolute difference between two model files' tensors, and the largest magnitude seen.
+fn weights_diff(a: &Path, b: &Path, file: &str) -> (f32, f32) {
+    let a = candle_core::safetensors::load(a.join(file), &Device::Cpu).unwrap();
+    let b: HashMap<String, Tensor> = candle_core::safetensors::load(b.join(file), &Device::Cpu).unwrap();
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (name, ta) in &a {
+        let tb = b.get(name).unwrap_or_else(|| panic!("{name} missing from the job's {file}"));
+        assert_eq!(ta.dims(), tb.dims(), "{name}");
+        let d = (ta - tb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        diff = diff.max(d.to_scalar::<f32>().unwrap());
+        scale = scale.max(ta.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap());
+    }
+    assert_eq!(a.len(), b.len(), "{file}: same tensors");
+    (diff, scale)
+}
+
+fn external(python: &Path, config: &TrainerConfig, env: &[(&str, &str)]) -> External {
+    let backend = BackendConfig { kind: BackendKind::External, command: job_command(python, env), timeout_secs: 600 };
+    External { config: TrainerConfig { backend, ..config.clone() } }
+}
+
+fn demonstrations() -> Vec<SftExample> {
+    let things = ["sky", "sea", "ocean", "lake", "river", "jeans", "sapphire", "flag"];
+    things
+        .iter()
+        .enumerate()
+        .map(|(i, thing)| SftExample {
+            prompt: format!("What colour is the {thing}?"),
+            response: if i % 2 == 0 { "blue".into() } else { format!("The {thing} is blue, mostly.") },
+            user: format!("u{i}"),
+            split: if i < 6 { Split::Train } else { Split::Validation },
+        })
+        .collect()
+}
+
+fn job<'a>(stage: Stage, snapshot: &'a Path, data: &'a Dataset, policy: &'a Path, out: &'a Path) -> StageJob<'a> {
+    StageJob {
+        stage,
+        snapshot_dir: snapshot,
+        data,
+        policy_dir: policy,
+        reference_dir: None,
+        reward_model_dir: None,
+        corpus: None,
+        out_dir: out,
+    }
+}
+
+#[test]
+fn sft_matches_the_in_process_trainer() {
+    let Some(python) = job_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny(&tmp.path().join("policy"), 5);
+    let snapshot = tmp.path().join("snapshot");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let data = Dataset { sft: demonstrations(), ..Dataset::default() };
+    write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
+    let mut config = TrainerConfig::default();
+    // One optimiser step per epoch (every training example in the batch), so both sides see the same batches
+    // whatever order their shuffles give; two micro-batches test the token-weighted accumulation; the high
+    // learning rate makes the gradient clip (norm 1) act.
+    config.sft.epochs = 3;
+    config.sft.learning_rate = 1e-2;
+    config.sft.batch_size = 8;
+    config.sft.micro_batch_size = 4;
+
+    // The in-process first step on the training split.
+    let model = PolicyModel::load(&policy, &Device::Cpu).unwrap();
+    let encoded: Vec<ChatTokens> = data
+        .sft
+        .iter()
+        .filter(|e| e.split == Split::Train)
+        .map(|e| encode_chat(model.tokenizer(), &e.prompt, &e.response, true).unwrap())
+        .collect();
+    let batch: Vec<&ChatTokens> = encoded.iter().collect();
+    let vars = model.vars();
+    let mut adam = Adam::new(vars.clone(), config.sft.adam).unwrap();
+    let lr = LrSchedule::cosine(config.sft.learning_rate, config.sft.epochs, 0).lr(0);
+    let first = trainer::sft::train_step(&model, &vars, &batch, &config.sft, &mut adam, lr).unwrap();
+    drop(model);
+
+    let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
+    for out in [&rust_out, &job_out] {
+        std::fs::create_dir_all(out).unwrap();
+    }
+    InProcess { config: config.clone() }
+        .run(&job(Stage::Sft, &snapshot, &data, &policy, &rust_out), &mut |_| {})
+        .unwrap();
+    let metrics = external(&python, &config, &[])
+        .run(&job(Stage::Sft, &snapshot, &data, &policy, &job_out), &mut |_| {})
+        .unwrap();
+    assert_eq!(metrics["backend"], "external");
+    let step = &metrics["steps"][0];
+    assert_rel("SFT first-step loss", first.loss, step["loss"].as_f64().unwrap(), 1e-4);
+    assert_rel("SFT first-step gradient norm", first.grad_norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
+    assert_eq!(first.tokens as u64, step["tokens"].as_u64().unwrap(), "the same loss-bearing tokens");
+
+    // After three steps: the same validation losses, epoch by epoch, and nearly the same weights.
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(rust_out.join("sft.json")).unwrap()).unwrap();
+    let job_report: Value = serde_json::from_str(&std::fs::read_to_string(job_out.join("sft.json")).unwrap()).unwrap();
+    for (i, (a, b)) in
+        report["epochs"].as_array().unwrap().iter().zip(job_report["epochs"].as_array().unwrap()).enumerate()
+    {
+        let what = format!("SFT epoch {} validation loss", i + 1);
+        assert_rel(&what, a["val_loss"].as_f64().unwrap(), b["val_loss"].as_f64().unwrap(), 1e-3);
+    }
+    assert_eq!(report["best_epoch"], job_report["best_epoch"]);
+    let (diff, scale) = weights_diff(&rust_out, &job_out, "model.safetensors");
+    eprintln!("SFT checkpoints: largest weight difference {diff:.2e} (largest weight {scale:.2e})");
+    assert!(diff < 1e-3, "SFT checkpoints differ by up to {diff}");
+}
+
+fn rankings() -> Vec<RankedExample> {
+    let answers = ["yes, of course", "no", "maybe later", "I cannot tell"];
+    (0..7)
+        .map(|i| {
+            // A tie (ranks 1, 1) in every ranking: dropped from the pairs on both sides.
+            let ranks = match i % 3 {
+                0 => vec![0, 1, 1, 2],
+                1 => vec![2, 0, 1, 1],
+                _ => vec![1, 1, 0, 2],
+            };
+            RankedExample {
+                prompt_id: format!("p{i}"),
+                prompt: format!("Question {i}: should we go to the {} today?", ["park", "beach", "zoo"][i % 3]),
+                completions: answers.iter().map(|a| a.to_string()).collect(),
+                ranks,
+                labeler_group: LabelerGroup::Training,
+                split: if i < 5 { Split::Train } else { Split::Validation },
+                labeler_id: format!("labeler-{}", i % 2),
+                weight: if i == 2 { 0.5 } else { 1.0 },
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_reward_model_matches_the_in_process_trainer() {
+    let Some(python) = job_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny(&tmp.path().join("policy"), 6);
+    let snapshot = tmp.path().join("snapshot");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let data = Dataset { sft: demonstrations(), rm: rankings(), ..Dataset::default() };
+    write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
+    write_jsonl(&snapshot.join("rm.jsonl"), &data.rm);
+    let mut config = TrainerConfig::default();
+    config.reward_model.epochs = 3;
+    config.reward_model.learning_rate = 2e-3;
+    config.reward_model.batch_prompts = 8;
+    config.reward_model.micro_batch_prompts = 2;
+    let rm_config = config.reward_model.clone();
+
+    // The head both start from: the in-process trainer's seeded initialisation, handed to the job.
+    let rm = RewardModel::from_policy(&policy, &Device::Cpu, rm_config.seed, rm_config.max_seq_len).unwrap();
+    let initial = tmp.path().join("initial-rm");
+    rm.save(&initial).unwrap();
+    let ranked: Vec<Ranking> = data
+        .rm
+        .iter()
+        .filter(|r| r.split == Split::Train)
+        .map(|r| {
+            let sequences = r.completions.iter().map(|c| rm.encode(&r.prompt, c).unwrap().0).collect();
+            Ranking::new(sequences, r.ranks.clone()).unwrap().with_weight(r.weight)
+        })
+        .collect();
+    let refs: Vec<&Ranking> = ranked.iter().collect();
+    let vars = rm.vars();
+    let mut adam = Adam::new(vars.clone(), rm_config.adam).unwrap();
+    let lr = LrSchedule::cosine(rm_config.learning_rate, rm_config.epochs, 0).lr(0);
+    let first = trainer::reward_model::train_step(&rm, &vars, &refs, &rm_config, &mut adam, lr).unwrap();
+    drop(rm);
+
+    let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
+    for out in [&rust_out, &job_out] {
+        std::fs::create_dir_all(out).unwrap();
+    }
+    InProcess { config: config.clone() }
+        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &rust_out), &mut |_| {})
+        .unwrap();
+    let head = initial.join("reward_head.safetensors");
+    let metrics = external(&python, &config, &[("INSTRUCTD_RM_INITIAL_HEAD", head.to_str().unwrap())])
+        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &job_out), &mut |_| {})
+        .unwrap();
+    let step = &metrics["steps"][0];
+    assert_rel("RM first-step loss", first.loss, step["loss"].as_f64().unwrap(), 1e-4);
+    assert_rel("RM first-step gradient norm", first.grad_norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
+    assert_eq!(first.pairs as u64, step["pairs"].as_u64().unwrap(), "ties dropped alike");
+
+    // Three epochs later: the same validation losses, kept epoch, demonstration bias and nearly the same weights;
+    // the job's directory loads as this project's reward model (the backend checked that) and scores alike.
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(rust_out.join("rm_report.json")).unwrap()).unwrap();
+    let job_report: Value =
+        serde_json::from_str(&std::fs::read_to_string(job_out.join("rm_report.json")).unwrap()).unwrap();
+    for (i, (a, b)) in
+        report["epochs"].as_array().unwrap().iter().zip(job_report["epochs"].as_array().unwrap()).enumerate()
+    {
+        let what = format!("RM epoch {} validation loss", i + 1);
+        assert_rel(&what, a["val"]["loss"].as_f64().unwrap(), b["val"]["loss"].as_f64().unwrap(), 1e-3);
+    }
+    assert_eq!(report["kept_epoch"], job_report["kept_epoch"]);
+    let (a, b) = (report["bias_offset"].as_f64().unwrap(), job_report["bias_offset"].as_f64().unwrap());
+    eprintln!("demonstration bias: in-process {a}, job {b}");
+    assert!(rel(a, b) < 1e-3, "demonstration bias {a} vs {b}");
+    for file in ["model.safetensors", "reward_head.safetensors"] {
+        let (diff, scale) = weights_diff(&rust_out, &job_out, file);
+        eprintln!("RM {file}: largest weight difference {diff:.2e} (largest weight {scale:.2e})");
+        // Adam moves a weight whose gradient is ~0 by up to the learning rate per step whatever the gradient's
+        // last bits, so a few such weights differ by a fraction of lr · steps (6e-3 here); the scores below agree
+        // far tighter.
+        assert!(diff < 3e-3, "RM {file} differs by up to {diff}");
+    }
+    let demos: Vec<(&str, &str)> = data.sft.iter().map(|d| (d.prompt.as_str(), d.response.as_str())).collect();
+    let rust_scores = RewardModel::load_on(&rust_out, &Device::Cpu).unwrap().score(&demos).unwrap();
+    let job_scores = RewardModel::load_on(&job_out, &Device::Cpu).unwrap().score(&demos).unwrap();
+    for (a, b) in rust_scores.iter().zip(&job_scores) {
+        assert!((a - b).abs() < 1e-3, "scores {rust_scores:?} vs {job_scores:?}");
+    }
+}
+
+/// The first PPO-ptx optimiser step on the same episodes, corpus windows and minibatch: the in-process trainer's
+/// loss functions (trainer::losses, as `ppo::train` chains them) against the job's `probe-ppo`, which runs its
+/// real update loop on the given episodes.
+#[test]
+fn ppo_ptx_first_step_matches_the_in_process_trainer() {
+    let Some(python) = job_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let policy_dir = tiny(&tmp.path().join("policy"), 11);
+    let reference_dir = tiny(&tmp.path().join("reference"), 12);
+    let rm_dir = tmp.path().join("rm");
+    RewardModel::from_policy(&policy_dir, &Device::Cpu, 3, 256).unwrap().save(&rm_dir).unwrap();
+    let dev = Device::Cpu;
+    let mut config = TrainerConfig::default();
+    config.ppo.minibatch_size = 3;
+    config.ppo.kl_coef = 0.1;
+    config.ppo.ptx_coef = 0.5;
+    config.ppo.ptx_micro_batch = 2;
+    config.ppo.max_new_tokens = 8;
+    let ppo = config.ppo.clone();
+
+    let policy = PolicyModel::load(&policy_dir, &dev).unwrap();
+    let prompts: Vec<String> =
+        ["Say hi.", "Name a fruit.", "What is two plus two?", "Describe the sea.", "Count to three."]
+            .map(String::from)
+            .to_vec();
+    let engine = engine_sharing(&policy, "rollout", prompts.len()).unwrap();
+    let settings = SampleSettings { max_new_tokens: 8, temperature: 1.0, seed: 7, max_prompt_tokens: 256 };
+    let episodes: Vec<Episode> = sample(&engine, &prompts, settings).unwrap();
+    drop(engine);
+    assert_eq!(episodes.len(), prompts.len());
+    let text = "Now, fair Hippolyta, our nuptial hour draws on apace; four happy days bring in another moon.";
+    let ids = policy.tokenizer().encode(&text.repeat(4), false).unwrap();
+    let windows: Vec<Vec<u32>> = ids.chunks_exact(16).take(ppo.minibatch_size).map(<[u32]>::to_vec).collect();
+    assert_eq!(windows.len(), ppo.minibatch_size);
+    let order = [3usize, 0, 4, 1, 2];
+
+    // In-process: scores, old/reference log-probabilities, values, shaped rewards, GAE, whitening, then the first
+    // minibatch's clipped policy loss, γ·ptx NLL and value loss, as ppo::train runs them.
+    let reference = PolicyModel::load(&reference_dir, &dev).unwrap();
+    let scorer = RewardModel::load_on(&rm_dir, &dev).unwrap();
+    let critic = RewardModel::load_on(&rm_dir, &dev).unwrap();
+    let pairs: Vec<(&str, &str)> =
+        episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect();
+    let scores = scorer.score(&pairs).unwrap();
+    let refs: Vec<&Episode> = episodes.iter().collect();
+    let batch = EpisodeBatch::new(&refs, &dev).unwrap();
+    let old_lp = batch.logprobs(policy.llama()).unwrap().detach();
+    let ref_lp = batch.logprobs(reference.llama()).unwrap().detach();
+    let old_values = critic.values(&batch.input, 0.0).unwrap().detach();
+    let kl = kl_penalty(&old_lp, &ref_lp).unwrap();
+    let rewards =
+        shaped_rewards(&Tensor::new(scores.as_slice(), &dev).unwrap(), &kl, &batch.mask, ppo.kl_coef).unwrap();
+    let (advantages, returns) = gae(&rewards, &old_values, &batch.mask, PAPER_GAE_GAMMA, ppo.gae_lambda).unwrap();
+    let advantages = whiten(&advantages, &batch.mask).unwrap();
+    let rows: Vec<u32> = order[..ppo.minibatch_size].iter().map(|&r| r as u32).collect();
+    let idx = Tensor::new(rows.as_slice(), &dev).unwrap();
+    let pick = |t: &Tensor| t.index_select(&idx, 0).unwrap();
+    let (input, targets, mask) = (pick(&batch.input), pick(&batch.targets), pick(&batch.mask));
+    let new_lp = token_logprobs(&policy.llama().forward_train(&input, 0.0).unwrap(), &targets).unwrap();
+    let (policy_loss, _, _) =
+        ppo_policy_loss(&new_lp, &pick(&old_lp), &pick(&advantages), &mask, ppo.clip_ratio).unwrap();
+    let vars = policy.vars();
+    let mut grads = Gradients::new();
+    grads.accumulate(&policy.backward(&policy_loss).unwrap(), &vars, 1.0).unwrap();
+    let mut ptx_loss = 0f64;
+    let window_refs: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
+    for micro in window_refs.chunks(ppo.ptx_micro_batch) {
+        let share = micro.len() as f64 / window_refs.len() as f64;
+        let nll = trainer::corpus::lm_loss(policy.llama(), micro, &dev).unwrap();
+        ptx_loss += f64::from(nll.to_scalar::<f32>().unwrap()) * share;
+        grads.accumulate(&policy.backward(&nll).unwrap(), &vars, ppo.ptx_coef * share).unwrap();
+    }
+    let grad_norm = grads.global_norm().unwrap();
+    let values = critic.values(&input, 0.0).unwrap();
+    let v_loss = value_loss(&values, &pick(&old_values), &pick(&returns), &mask, ppo.value_clip).unwrap();
+    let mut value_grads = Gradients::new();
+    value_grads.accumulate(&critic.trunk().backward(&v_loss).unwrap(), &critic.vars(), ppo.vf_coef).unwrap();
+    let value_grad_norm = value_grads.global_norm().unwrap();
+
+    // The job, on the same episodes.
+    let spec = json!({
+        "prompts": prompts,
+        "episodes": episodes.iter().map(|e| json!({
+            "prompt_index": e.prompt_index, "prompt_ids": e.prompt_ids, "response_ids": e.response_ids,
+            "text": e.text, "stopped": e.stopped,
+        })).collect::<Vec<_>>(),
+        "order": order,
+        "windows": windows,
+        // The whole iteration runs in the probe: windows for the later minibatches too (only the first is compared).
+        "window_indices": (0..episodes.len()).map(|i| i % windows.len()).collect::<Vec<_>>(),
+    });
+    let spec_path = tmp.path().join("episodes.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(trainer_job::job_script())
+        .args(["probe-ppo", spec_path.to_str().unwrap()])
+        .env("INSTRUCTD_STAGE", "ppo_ptx")
+        .env("INSTRUCTD_SNAPSHOT_DIR", tmp.path())
+        .env("INSTRUCTD_POLICY_DIR", &policy_dir)
+        .env("INSTRUCTD_REFERENCE_DIR", &reference_dir)
+        .env("INSTRUCTD_REWARD_MODEL_DIR", &rm_dir)
+        .env("INSTRUCTD_OUTPUT_DIR", tmp.path().join("out"))
+        .env("INSTRUCTD_HYPERPARAMETERS", serde_json::to_string(&ppo).unwrap())
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "probe-ppo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let probe: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let step = &probe["steps"][0];
+    let reward_mean = f64::from(scores.iter().sum::<f32>()) / scores.len() as f64;
+    assert_rel("PPO reward mean", reward_mean, probe["iteration"]["reward_mean"].as_f64().unwrap(), 1e-4);
+    let kl_sum: f32 = batch.response_sums(&kl).unwrap().iter().sum();
+    let kl_mean = f64::from(kl_sum) / episodes.len() as f64;
+    assert_rel("PPO KL from the reference", kl_mean, probe["iteration"]["kl"].as_f64().unwrap(), 1e-4);
+    let policy_loss = f64::from(policy_loss.to_scalar::<f32>().unwrap());
+    assert_rel("PPO first-step policy loss", policy_loss, step["policy_loss"].as_f64().unwrap(), 1e-4);
+    assert_rel("PPO first-step ptx loss", ptx_loss, step["ptx_loss"].as_f64().unwrap(), 1e-4);
+    assert_rel("PPO first-step policy gradient norm", grad_norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
+    let v_loss = f64::from(v_loss.to_scalar::<f32>().unwrap());
+    assert_rel("PPO first-step value loss", v_loss, step["value_loss"].as_f64().unwrap(), 1e-4);
+    assert_rel("PPO first-step value gradient norm", value_grad_norm, step["value_grad_norm"].as_f64().unwrap(), 1e-4);
+}
