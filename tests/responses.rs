@@ -152,3 +152,68 @@ fn rewards_score_with_the_published_reward_model_and_swap_to_a_newer_one() {
     let answer = scores_with(&later, ADMIN_KEY, &body, "rm-b");
     assert_close(&rewards(&answer), &want_b);
 }
+
+/// A labeler's ranking is answered with the reward model's ordering of the same samples and how many of the
+/// labeler's pairs it orders alike; a playground user's own ranking, and any ranking before a reward model is
+/// loaded, get none. The labeling task itself never carries it (it would anchor the labeler).
+#[test]
+fn a_labeler_sees_the_reward_models_order_only_after_ranking() {
+    let redis = RedisServer::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny_model(tmp.path());
+    let store = CheckpointStore::open(&tmp.path().join("checkpoints")).unwrap();
+    publish_reward_model(&store, &policy, tmp.path(), "rm-l", 5);
+    let checkpoints = [("INSTRUCTD__GATEWAY__ROLLOUT__CHECKPOINTS_DIR", store.root().to_str().unwrap())];
+    let gateway = Gateway::start(&redis.url(), &policy, &checkpoints);
+    let key = |user: &str, scope: &str| {
+        let (status, key, _) =
+            gateway.call("POST", "/admin/keys", ADMIN_KEY, Some(&json!({"user": user, "scopes": [scope]})));
+        assert_eq!(status, 201, "{key}");
+        key["secret"].as_str().unwrap().to_string()
+    };
+    let (user, labeler) = (key("pia", "playground"), key("lou", "labeler"));
+    let (_, notice, _) = gateway.call("GET", "/v1/playground/notice", &user, None);
+    let consent = json!({"action": "accept", "notice_version": notice["version"]});
+    assert_eq!(gateway.call("POST", "/v1/playground/consent", &user, Some(&consent)).0, 200);
+    let (_, models, _) = gateway.call("GET", "/v1/models", &user, None);
+    let model = models["data"][0]["id"].as_str().unwrap().to_string();
+    let body = json!({"model": model, "prompt": "Name a colour.", "k": 4, "max_tokens": 4, "temperature": 1.0});
+    let (status, logged, _) = gateway.call("POST", "/v1/playground/completions", &user, Some(&body));
+    assert_eq!((status, logged["logged"].as_bool()), (200, Some(true)), "{logged}");
+
+    // The reward model loads at start-up in the background; the task never carries its view.
+    let (status, task, _) = gateway.call("GET", "/v1/labeling/next", &labeler, None);
+    assert_eq!(status, 200, "{task}");
+    assert!(task.get("reward_model").is_none(), "{task}");
+    let ids: Vec<String> =
+        task["samples"].as_array().unwrap().iter().map(|s| s["generation_id"].as_str().unwrap().to_string()).collect();
+    let ranking = json!({"type": "ranking", "prompt_id": task["prompt_id"],
+        "ranking": [[ids[0]], [ids[1], ids[2]], [ids[3]]]});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let (status, answer, _) = gateway.call("POST", "/v1/feedback", &labeler, Some(&ranking));
+        assert!(status == 200 || status == 201, "{answer}");
+        if answer.get("reward_model").is_some() {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "no reward model ordering: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let seen = &answer["reward_model"];
+    assert_eq!(seen["model"], "rm-l", "{answer}");
+    let mut order: Vec<String> = seen["order"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    let rewards: Vec<f64> = order.iter().map(|id| seen["rewards"][id].as_f64().unwrap()).collect();
+    assert!(rewards.windows(2).all(|w| w[0] >= w[1]), "highest reward first: {answer}");
+    order.sort();
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(order, all, "every sample, once: {answer}");
+    // 1x2 + 1x1 + 2x1 = 5 ordered pairs (the tied pair dropped).
+    assert_eq!(seen["agreement"]["pairs"], 5, "{answer}");
+    assert!(seen["agreement"]["agreed"].as_u64().unwrap() <= 5, "{answer}");
+
+    // The prompt's own user ranking it in the playground gets no reward-model view.
+    let (status, answer, _) = gateway.call("POST", "/v1/feedback", &user, Some(&ranking));
+    assert!(status == 200 || status == 201, "{answer}");
+    assert!(answer.get("reward_model").is_none(), "{answer}");
+}

@@ -25,6 +25,7 @@ pub mod policy;
 pub mod rate_limit;
 pub mod responses_store;
 pub mod reward_model;
+pub mod reward_order;
 pub mod reward_ranking;
 pub mod rollout;
 pub mod routes;

@@ -67,15 +67,19 @@ pub async fn submit(
     {
         tracing::warn!(error = %e, prompt = %prompt_id, "labeling queue not updated");
     }
+    let mut body = json!({
+        "id": event.event_id, "object": "feedback", "type": kind, "status": status,
+        "prompt_id": event.prompt_id, "stream_id": stream_id,
+    });
+    // A labeler sees the reward model's ordering only now, after submitting their own ranking.
+    if let (FeedbackPayload::Ranking { prompt_id, ranking }, true) = (&event.payload, key.has_scope(Scope::Labeler))
+        && let Ok(Some(task)) = state.prompts.get(prompt_id).await.map(|r| r.and_then(|r| r.task))
+        && let Some(order) = crate::reward_order::for_ranking(state.rollout.reward_models(), &task, ranking).await
+    {
+        body["reward_model"] = order.to_json();
+    }
     let code = if status == "recorded" { StatusCode::CREATED } else { StatusCode::OK };
-    let mut response = (
-        code,
-        Json(json!({
-            "id": event.event_id, "object": "feedback", "type": kind, "status": status,
-            "prompt_id": event.prompt_id, "stream_id": stream_id,
-        })),
-    )
-        .into_response();
+    let mut response = (code, Json(body)).into_response();
     insert_headers(response.headers_mut(), admission.headers());
     tokio::spawn(admission.finish(0));
     Ok(response)
