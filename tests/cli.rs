@@ -59,7 +59,10 @@ fn init_tiny_then_generate_and_bench() {
     assert!(stdout.contains("| decode 2 concurrent x 4 tokens |"), "{stdout}");
     let json = stdout.lines().last().unwrap();
     let parsed: serde_json::Value = serde_json::from_str(json).unwrap();
-    assert_eq!(parsed["rows"].as_array().unwrap().len(), 3);
+    // Prefill, two decode rows, and the prefix cache's uncached / cached pair (its prefix cut to the tiny context).
+    let rows = parsed["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{json}");
+    assert!(stdout.contains("prefix cached ("), "{stdout}");
 }
 
 #[test]

@@ -140,6 +140,13 @@ async fn prefix_rows(
     let question = |q: &str| engine.tokenizer().encode(q, false);
     let (first, second) =
         (question(" Question: who built the first press?")?, question(" Question: when did it spread?")?);
+    // The prefix, a question and the first token must fit the model's context (a small model's is short).
+    let room = engine.info().max_positions.saturating_sub(first.len().max(second.len()) + 1);
+    let prefix = prefix.min(room);
+    if prefix < inference::kv_pool::DEFAULT_BLOCK_TOKENS {
+        eprintln!("no prefix-cache row: the model's context leaves no room for a cacheable prefix");
+        return Ok(Vec::new());
+    }
     let (mut uncached, mut cached) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) * 2 + 1 {
         let shared = prompts.fresh(prefix, 1)?.remove(0);
