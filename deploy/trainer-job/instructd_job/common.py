@@ -312,6 +312,29 @@ def adam(params, config: dict[str, Any]) -> torch.optim.Optimizer:
     )
 
 
+@dataclasses.dataclass
+class StageTraining:
+    """What SFT and the reward model set up alike before their loops: the schedule over every step of every
+    epoch, Adam over the trainable parameters, both prepared by Accelerate (`model` is the prepared one)."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    params: list
+    schedule: LrSchedule
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def prepare(cls, accelerator, model, config: dict[str, Any], items: int, batch: int) -> "StageTraining":
+        steps_per_epoch = -(-items // batch)
+        total_steps = steps_per_epoch * config["epochs"]
+        schedule = LrSchedule(config["learning_rate"], config["warmup_steps"], total_steps, config["final_lr_ratio"])
+        optimizer = adam([p for p in model.parameters() if p.requires_grad], config["adam"])
+        model, optimizer = accelerator.prepare(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(model, optimizer, params, schedule, steps_per_epoch, total_steps)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -282,14 +282,9 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
         raise JobError("no training-split rankings with an ordered pair")
     rm.eval()
     val_before = evaluate(rm, val_set, config["micro_batch_prompts"]) if val_set else None
-    steps_per_epoch = -(-len(train_set) // config["batch_prompts"])
-    total_steps = steps_per_epoch * config["epochs"]
-    schedule = common.LrSchedule(config["learning_rate"], config["warmup_steps"], total_steps,
-                                 config["final_lr_ratio"])
-    params = [p for p in rm.parameters() if p.requires_grad]
-    optimizer = common.adam(params, config["adam"])
-    model, optimizer = accelerator.prepare(rm, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    training = common.StageTraining.prepare(accelerator, rm, config, len(train_set), config["batch_prompts"])
+    model, optimizer, params, schedule = training.model, training.optimizer, training.params, training.schedule
+    steps_per_epoch, total_steps = training.steps_per_epoch, training.total_steps
     rng = random.Random(config["seed"] + 1)
     order = list(range(len(train_set)))
     epochs, step_log, step = [], [], 0

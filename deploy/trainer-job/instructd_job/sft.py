@@ -129,14 +129,9 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     val_set = encode_split(tokenizer, eos, data.sft, "validation", max_len, stats)
     if not train_set:
         raise JobError("no training-split demonstrations to fine-tune on")
-    steps_per_epoch = -(-len(train_set) // config["batch_size"])
-    total_steps = steps_per_epoch * config["epochs"]
-    schedule = common.LrSchedule(config["learning_rate"], config["warmup_steps"], total_steps,
-                                 config["final_lr_ratio"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.adam(params, config["adam"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    training = common.StageTraining.prepare(accelerator, model, config, len(train_set), config["batch_size"])
+    model, optimizer, params, schedule = training.model, training.optimizer, training.params, training.schedule
+    steps_per_epoch, total_steps = training.steps_per_epoch, training.total_steps
     rng = random.Random(config["seed"])
     selector = None
     if env.reward_model_dir is not None:
