@@ -411,17 +411,28 @@ impl Rollout {
     /// Serves the previous checkpoint again (reloaded and re-verified from disk).
     pub async fn rollback(self: &Arc<Self>, handle: &EngineHandle) -> Result<String, RolloutError> {
         let previous = self.lock().history.last().cloned().ok_or(RolloutError::NoPrevious)?;
+        self.serve_again(handle, &previous).await?;
+        Ok(previous)
+    }
+
+    /// What every rollback does: stops the canary, reloads and re-verifies checkpoint `id` (it served before, so
+    /// an operator's rollback may return to it whatever its gate said), swaps it in and takes it off the top of
+    /// the history. Returns the checkpoint it replaced.
+    async fn serve_again(self: &Arc<Self>, handle: &EngineHandle, id: &str) -> Result<String, RolloutError> {
         handle.clear_canary();
         let this = self.clone();
-        let id = previous.clone();
-        // It served before: an operator's rollback may return to it whatever its gate said.
-        let engine = tokio::task::spawn_blocking(move || this.load(&id, true))
+        let owned = id.to_string();
+        let engine = tokio::task::spawn_blocking(move || this.load(&owned, true))
             .await
-            .map_err(|e| RolloutError::Invalid { id: previous.clone(), message: e.to_string() })??;
-        handle.swap(engine);
-        self.lock().history.pop();
-        crate::metrics::set_serving_checkpoint(&previous);
-        Ok(previous)
+            .map_err(|e| RolloutError::Invalid { id: id.to_string(), message: e.to_string() })??;
+        let old = handle.swap(engine).info().checkpoint.clone();
+        let mut state = self.lock();
+        if state.history.last().is_some_and(|last| last == id) {
+            state.history.pop();
+        }
+        drop(state);
+        crate::metrics::set_serving_checkpoint(id);
+        Ok(old)
     }
 
     /// Applies a fleet-wide rollback another gateway (or this one) announced:
@@ -439,24 +450,10 @@ impl Rollout {
         if serving == rollback.to {
             return Ok(());
         }
-        handle.clear_canary();
-        let this = self.clone();
-        let id = rollback.to.clone();
-        // It served before on some replica: an operator's rollback may return to it whatever its gate said.
-        let engine = tokio::task::spawn_blocking(move || this.load(&id, true))
-            .await
-            .map_err(|e| RolloutError::Invalid { id: rollback.to.clone(), message: e.to_string() })??;
-        let old = handle.swap(engine);
-        let mut state = self.lock();
-        if state.history.last() == Some(&rollback.to) {
-            state.history.pop();
-        }
-        let old = old.info().checkpoint.clone();
+        let old = self.serve_again(handle, &rollback.to).await?;
         if old == rollback.from {
-            state.candidates.insert(old, (CandidateState::Failed("rolled back fleet-wide".into()), None));
+            self.lock().candidates.insert(old, (CandidateState::Failed("rolled back fleet-wide".into()), None));
         }
-        drop(state);
-        crate::metrics::set_serving_checkpoint(&rollback.to);
         tracing::info!(to = %rollback.to, from = %rollback.from, "fleet-wide rollback applied");
         Ok(())
     }
