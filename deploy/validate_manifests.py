@@ -1,4 +1,5 @@
-"""Renders each Kubernetes overlay under deploy/kubernetes/overlays and
+"""Renders each Kubernetes overlay under deploy/kubernetes/overlays (and the trainer job templates under
+deploy/trainer-job/launch) and
 validates every object offline: against the Kubernetes OpenAPI schemas
 bundled with `kubernetes-validate` (strict: unknown fields are errors), the
 Prometheus Operator's ServiceMonitor by the fields it requires, and the
@@ -25,6 +26,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OVERLAYS = os.path.join(ROOT, "kubernetes", "overlays")
+JOB_LAUNCH = os.path.join(ROOT, "trainer-job", "launch")
 K8S_VERSION = "1.30.0"
 failures = []
 
@@ -181,6 +183,10 @@ def check_references(objects, where):
                 port = container.get(probe, {}).get("httpGet", {}).get("port")
                 if isinstance(port, str) and port not in ports[name]:
                     fail(f"{where}: {name}'s {probe} names an unknown port {port}")
+    for w in workloads:
+        governing = w["spec"].get("serviceName")
+        if w["kind"] == "StatefulSet" and governing not in by_kind.get("Service", {}):
+            fail(f"{where}: StatefulSet {w['metadata']['name']} names a missing Service {governing}")
     for svc in by_kind.get("Service", {}).values():
         backing = [n for n, labels in pods.items() if selects(svc["spec"]["selector"], labels)]
         if len(backing) != 1:
@@ -210,8 +216,10 @@ def check_references(objects, where):
     for setting in ("--appendonly yes", "--appendfsync everysec", "--requirepass"):
         if setting not in args:
             fail(f"{where}: Redis runs without {setting}")
-    gateway = by_kind.get("Deployment", {}).get("instructd-gateway")
-    if gateway:
+    gateway = by_kind.get("StatefulSet", {}).get("instructd-gateway")
+    if not gateway:
+        fail(f"{where}: the gateway must be a StatefulSet (its feedback spill lives on a claim per replica)")
+    else:
         container = pod_spec(gateway)["containers"][0]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         if env.get("INSTRUCTD_LOG_FORMAT") != "json" or env.get("INSTRUCTD__GATEWAY__ROLLOUT__FETCH") != "http":
@@ -219,6 +227,11 @@ def check_references(objects, where):
         grace = int(env.get("INSTRUCTD__GATEWAY__SHUTDOWN_GRACE_SECS", "30"))
         if grace + 10 >= pod_spec(gateway)["terminationGracePeriodSeconds"]:
             fail(f"{where}: terminationGracePeriodSeconds must exceed preStop + shutdown_grace_secs")
+        spill = env.get("INSTRUCTD__GATEWAY__PLAYGROUND__SPILL_DIR")
+        claims = {c["metadata"]["name"] for c in gateway["spec"].get("volumeClaimTemplates", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        if not spill or mounts.get(spill) not in claims:
+            fail(f"{where}: the gateway's feedback spill ({spill}) must be on a persistent volume claim, not emptyDir")
         if gateway["spec"]["replicas"] < 2:
             fail(f"{where}: the gateway needs two replicas or more")
 
@@ -253,13 +266,49 @@ def check_overlay(overlay):
     return len(objects)
 
 
+def check_trainer_job_templates():
+    """deploy/trainer-job/launch: the cluster objects as they are, and each Job template with its placeholders
+    filled in as kubernetes.sh fills them (by text, before kubectl apply)."""
+    name = "trainer-job/launch"
+    values = {"RUN": "instructd-sft-1765000000-42", "IMAGE": "registry.example/instructd-trainer-job:1",
+              "NODES": "2", "GPUS": "8", "ACCELERATE_CONFIG": "/job/accelerate/fsdp.yaml"}
+    objects = load_docs(os.path.join(JOB_LAUNCH, "cluster.yaml"))
+    for template in ("job.yaml", "indexed-job.yaml"):
+        with open(os.path.join(JOB_LAUNCH, template)) as f:
+            text = f.read()
+        for key, value in values.items():
+            text = text.replace("${" + key + "}", value)
+        if "${" in text:
+            fail(f"{name}/{template}: a placeholder kubernetes.sh does not fill")
+        objects += [d for d in yaml.safe_load_all(text) if d]
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError,
+                kubernetes_validate.InvalidSchemaError) as e:
+            fail(f"{name}: {obj['kind']}/{obj['metadata']['name']}: {getattr(e, 'message', e)}")
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    for job in (o for o in objects if o["kind"] == "Job"):
+        spec = pod_spec(job)
+        for volume in spec.get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim and claim not in claims:
+                fail(f"{name}: Job mounts a claim {claim} that cluster.yaml does not create")
+        if "subdomain" in spec and spec["subdomain"] not in services:
+            fail(f"{name}: the indexed Job's pods name a missing headless Service {spec['subdomain']}")
+    print(f"{name}: {len(objects)} objects checked")
+    return len(objects)
+
+
 def main():
     overlays = sorted(os.path.join(OVERLAYS, d) for d in os.listdir(OVERLAYS))
-    total = sum(check_overlay(o) for o in overlays)
+    total = sum(check_overlay(o) for o in overlays) + check_trainer_job_templates()
     if failures:
         print(f"{len(failures)} problems")
         sys.exit(1)
-    print(f"all {total} objects of {len(overlays)} overlays valid against Kubernetes {K8S_VERSION}")
+    print(f"all {total} objects of {len(overlays)} overlays and the trainer job's templates valid against "
+          f"Kubernetes {K8S_VERSION}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.cache/cuda-venv}
 TARGET=${CUDA_TARGET_DIR:-.cache/cuda-target}
-STAMP="$VENV/.installed-13"
+# Exact versions: CI runs this on every stop, and a new wheel release must not change what it checks.
+WHEELS=(nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cublas==13.10.0.20
+        nvidia-curand==10.4.5.25 nvidia-cuda-cccl==13.3.5.0.6 nvidia-cuda-crt==13.5.37)
+STAMP="$VENV/.installed-13.5.37"
 
 if [ ! -f "$STAMP" ]; then
     test -x "$VENV/bin/python" || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check \
-        'nvidia-cuda-nvcc>=13,<14' 'nvidia-cuda-runtime>=13,<14' 'nvidia-cublas>=13,<14' \
-        'nvidia-curand>=10.4,<11' 'nvidia-cuda-cccl>=13,<14' 'nvidia-cuda-crt>=13,<14'
+    "$VENV/bin/pip" install -q --disable-pip-version-check "${WHEELS[@]}"
     touch "$STAMP"
 fi
 

@@ -26,6 +26,7 @@ fn kubernetes_overlays_render_and_validate_offline() {
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("overlays/cpu") && stdout.contains("overlays/gpu"), "both overlays checked");
+    assert!(stdout.contains("trainer-job/launch"), "the trainer job's templates checked");
 }
 
 #[test]

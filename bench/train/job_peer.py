@@ -1,4 +1,4 @@
-"""The training job's side of `bench/train/job_compare.sh`: times deploy/trainer-job's own step functions
+"""The training job's side of `PEER=job bash bench/train/compare.sh`: times deploy/trainer-job's own step functions
 (`instructd_job.sft.train_step`, `instructd_job.reward_model.train_step`) on the batch shapes
 `instructd bench-train --row` uses, and prints one JSON line in its schema (engine "pytorch", peer
 "trainer-job"), so bench/train/summary.py puts the two side by side.

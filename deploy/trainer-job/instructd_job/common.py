@@ -232,13 +232,24 @@ def state_tensors(model, accelerator=None) -> dict[str, torch.Tensor]:
     """The weights under their Hugging Face names, without the tied `lm_head.weight` (the project's files hold
     the embedding once). Under several processes (FSDP, ZeRO) the full weights are gathered through Accelerate
     (every process must call this)."""
-    tensors = {}
+    state, model = full_state(model, accelerator)
+    return hf_tensors(state, model.config)
+
+
+def full_state(model, accelerator=None) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """Every weight of `model` whole, and the unwrapped model. Under several processes the weights are gathered
+    through Accelerate (FSDP shards them; every process must call this, and under FSDP only the main process is
+    guaranteed the full tensors)."""
     if accelerator is not None and accelerator.num_processes > 1:
-        state = accelerator.get_state_dict(model)
-        model = accelerator.unwrap_model(model)
-    else:
-        state = model.state_dict()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        return accelerator.get_state_dict(model), accelerator.unwrap_model(model)
+    return model.state_dict(), model
+
+
+def hf_tensors(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A causal LM's state dict as the project's files hold it: F32, contiguous, on the CPU, without the tied
+    `lm_head.weight` and the rotary tables."""
+    tensors = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, tensor in state.items():
         if tied and name == "lm_head.weight":
             continue

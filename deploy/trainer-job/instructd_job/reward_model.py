@@ -147,10 +147,17 @@ class RewardModel(torch.nn.Module):
         self.meta["demonstrations"] = len(demonstrations)
         return mean
 
-    def save(self, out_dir: Path) -> None:
-        common.save_model_dir(common.state_tensors(self.lm), self.source_dir, out_dir)
-        head = {"score.weight": self.score.weight.detach().float().contiguous(),
-                "score.bias": self.score.bias.detach().float().contiguous()}
+    def save(self, out_dir: Path, accelerator=None, module=None) -> None:
+        """The trunk as a model directory, the head and the metadata. Under several processes every process
+        calls this with `module`, the model as Accelerate wrapped it: FSDP shards the weights and gathering them
+        is collective; the main process writes."""
+        state, _ = common.full_state(module if module is not None else self, accelerator)
+        if accelerator is not None and not accelerator.is_main_process:
+            return
+        trunk = common.hf_tensors({k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")},
+                                  self.lm.config)
+        common.save_model_dir(trunk, self.source_dir, out_dir)
+        head = {name: state[name].detach().float().contiguous().cpu() for name in ("score.weight", "score.bias")}
         tmp = out_dir / f".{HEAD_FILE}.tmp"
         save_file(head, str(tmp))
         os.replace(tmp, out_dir / HEAD_FILE)
@@ -328,8 +335,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     if bias_offset is not None:
         scores = rm.score_pairs([(d["prompt"], d["response"]) for d in demos], config["score_batch_size"])
         demo_mean_after = sum(scores) / len(scores)
-    if accelerator.is_main_process:
-        rm.save(env.output_dir)
+    rm.save(env.output_dir, accelerator, model)
     val_kept = epochs[kept_epoch - 1]["val"] if kept_epoch >= 1 else None
     report = {
         "epochs": epochs, "kept_epoch": kept_epoch, "val": val_kept, "val_before": val_before,
