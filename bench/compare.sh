@@ -13,7 +13,9 @@
 # FORMAT picks the weight format on both sides (default f32): instructd
 # serves with `--serve-dtype FORMAT` (packed at load from the same F32 model),
 # llama.cpp runs a GGUF its own quantizer wrote from the F32 GGUF
-# (bench/llamacpp/quantize.py: bf16, or q8_0; f16 for llama.cpp's F16 path).
+# (bench/llamacpp/quantize.py: bf16, q8_0 or q4_0; f16 for llama.cpp's F16
+# path). llama.cpp's Q4_0 file keeps its output matrix in Q6_K (its quantizer's
+# rule), where instructd packs every projection, the LM head included, in Q4_0.
 #
 #   ROUNDS=3 FORMAT=q8_0 bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
 set -euo pipefail
@@ -29,10 +31,10 @@ F32_GGUF=.cache/smollm2-135m-instruct.f32.gguf
 FORMAT="${FORMAT:-f32}"
 case "$FORMAT" in
     f32) SERVE_DTYPE=f32 ;;
-    bf16|q8_0) SERVE_DTYPE="$FORMAT" ;;
+    bf16|q8_0|q4_0) SERVE_DTYPE="$FORMAT" ;;
     # llama.cpp's F16 against our BF16: the nearest 16-bit format we serve.
     f16) SERVE_DTYPE=bf16 ;;
-    *) echo "compare.sh: FORMAT must be f32, bf16, f16 or q8_0" >&2; exit 2 ;;
+    *) echo "compare.sh: FORMAT must be f32, bf16, f16, q8_0 or q4_0" >&2; exit 2 ;;
 esac
 GGUF="$F32_GGUF"
 

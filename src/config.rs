@@ -64,7 +64,7 @@ pub struct ModelConfig {
     /// The serving model directory (Hugging Face layout).
     pub dir: PathBuf,
     pub dtype: String,
-    /// The format the projection weights are served in on the CPU (`f32`, `bf16` or `q8_0`), converted at load
+    /// The format the projection weights are served in on the CPU (`f32`, `bf16`, `q8_0` or `q4_0`), converted at load
     /// from the checkpoint's F32 or BF16; hot-swapped checkpoints are converted the same way.
     pub serve_dtype: inference::quant::ServeDtype,
     /// The model id clients send; the directory name when absent.
@@ -191,6 +191,9 @@ mod tests {
         assert_eq!(load("[model]\nserve_dtype = \"bf16\"\n", &[]).unwrap().model.serve_dtype, ServeDtype::Bf16);
         let env = load("[model]\nserve_dtype = \"bf16\"\n", &[("INSTRUCTD__MODEL__SERVE_DTYPE", "q8_0")]).unwrap();
         assert_eq!(env.model.serve_dtype, ServeDtype::Q8_0);
+        let env = load("", &[("INSTRUCTD__MODEL__SERVE_DTYPE", "q4_0")]).unwrap();
+        assert_eq!(env.model.serve_dtype, ServeDtype::Q4_0);
+        assert_eq!(load("[model]\nserve_dtype = \"q4_0\"\n", &[]).unwrap().model.serve_dtype, ServeDtype::Q4_0);
         assert!(load("[model]\nserve_dtype = \"q4\"\n", &[]).is_err());
     }
 

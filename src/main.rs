@@ -64,7 +64,7 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prefill, decode and latency of the engine on a model.
     Bench(cmd::bench::BenchArgs),
-    /// Quality of the BF16 and Q8_0 serving formats against F32: held-out NLL and greedy agreement.
+    /// Quality of the BF16, Q8_0 and Q4_0 serving formats against F32: held-out NLL and greedy agreement.
     BenchQuality(cmd::bench_quality::BenchQualityArgs),
     /// Time the trainer's SFT step, reward-model step and PPO-ptx iteration on a model.
     BenchTrain(cmd::bench_train::BenchTrainArgs),

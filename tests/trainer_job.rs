@@ -20,12 +20,10 @@ use inference::tiny_model::{TinySpec, init_tiny};
 use serde_json::{Value, json};
 use trainer::TrainerConfig;
 use trainer::backend::{BackendConfig, BackendKind, External, InProcess, StageJob, TrainingBackend};
-use trainer::episodes::{Episode, EpisodeBatch, SampleSettings, engine_sharing, sample};
-use trainer::losses::{
-    PAPER_GAE_GAMMA, gae, kl_penalty, ppo_policy_loss, shaped_rewards, token_logprobs, value_loss, whiten,
-};
-use trainer::optim::{Adam, Gradients, LrSchedule};
+use trainer::episodes::{Episode, engine_sharing};
+use trainer::optim::{Adam, LrSchedule};
 use trainer::policy_model::{ChatTokens, PolicyModel, encode_chat};
+use trainer::ppo;
 use trainer::reward_model::{Ranking, RewardModel};
 use trainer::snapshot::{Dataset, RankedExample, SftExample};
 
@@ -188,9 +186,9 @@ fn rankings() -> Vec<RankedExample> {
         .collect()
 }
 
-#[test]
-fn the_reward_model_matches_the_in_process_trainer() {
-    let Some(python) = job_python() else { return };
+/// The reward-model tests' inputs: a tiny policy, a snapshot of demonstrations and rankings, and a config of
+/// `epochs` epochs with one optimiser step each (every training ranking in the batch, two per micro-batch).
+fn reward_model_fixture(epochs: usize) -> (tempfile::TempDir, PathBuf, PathBuf, Dataset, TrainerConfig) {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tiny(&tmp.path().join("policy"), 6);
     let snapshot = tmp.path().join("snapshot");
@@ -199,10 +197,17 @@ fn the_reward_model_matches_the_in_process_trainer() {
     write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
     write_jsonl(&snapshot.join("rm.jsonl"), &data.rm);
     let mut config = TrainerConfig::default();
-    config.reward_model.epochs = 3;
+    config.reward_model.epochs = epochs;
     config.reward_model.learning_rate = 2e-3;
     config.reward_model.batch_prompts = 8;
     config.reward_model.micro_batch_prompts = 2;
+    (tmp, policy, snapshot, data, config)
+}
+
+#[test]
+fn the_reward_model_matches_the_in_process_trainer() {
+    let Some(python) = job_python() else { return };
+    let (tmp, policy, snapshot, data, config) = reward_model_fixture(3);
     let rm_config = config.reward_model.clone();
 
     // The head both start from: the in-process trainer's seeded initialisation, handed to the job.
@@ -274,8 +279,8 @@ fn the_reward_model_matches_the_in_process_trainer() {
 }
 
 /// The first PPO-ptx optimiser step on the same episodes, corpus windows and minibatch: the in-process trainer's
-/// loss functions (trainer::losses, as `ppo::train` chains them) against the job's `probe-ppo`, which runs its
-/// real update loop on the given episodes.
+/// own PPO steps (`ppo::rollout`, `ppo::rewards`, `ppo::score`, `ppo::advantages`, `ppo::ppo_step`, the ones
+/// `ppo::train` runs) against the job's `probe-ppo`, which runs its real update loop on the given episodes.
 #[test]
 fn ppo_ptx_first_step_matches_the_in_process_trainer() {
     let Some(python) = job_python() else { return };
@@ -299,8 +304,7 @@ fn ppo_ptx_first_step_matches_the_in_process_trainer() {
             .map(String::from)
             .to_vec();
     let engine = engine_sharing(&policy, "rollout", prompts.len()).unwrap();
-    let settings = SampleSettings { max_new_tokens: 8, temperature: 1.0, seed: 7, max_prompt_tokens: 256 };
-    let episodes: Vec<Episode> = sample(&engine, &prompts, settings).unwrap();
+    let episodes: Vec<Episode> = ppo::rollout(&engine, &prompts, &ppo, 1).unwrap();
     drop(engine);
     assert_eq!(episodes.len(), prompts.len());
     let text = "Now, fair Hippolyta, our nuptial hour draws on apace; four happy days bring in another moon.";
@@ -309,48 +313,21 @@ fn ppo_ptx_first_step_matches_the_in_process_trainer() {
     assert_eq!(windows.len(), ppo.minibatch_size);
     let order = [3usize, 0, 4, 1, 2];
 
-    // In-process: scores, old/reference log-probabilities, values, shaped rewards, GAE, whitening, then the first
-    // minibatch's clipped policy loss, γ·ptx NLL and value loss, as ppo::train runs them.
+    // In-process, the trainer's own steps: scores, old/reference log-probabilities and values, shaped rewards,
+    // GAE and whitening, then the first minibatch's PPO-ptx step (clipped policy loss and γ·ptx NLL, one Adam
+    // step; clipped value loss, one Adam step), as ppo::train runs them.
     let reference = PolicyModel::load(&reference_dir, &dev).unwrap();
     let scorer = RewardModel::load_on(&rm_dir, &dev).unwrap();
     let critic = RewardModel::load_on(&rm_dir, &dev).unwrap();
-    let pairs: Vec<(&str, &str)> =
-        episodes.iter().map(|e| (prompts[e.prompt_index].as_str(), e.text.as_str())).collect();
-    let scores = scorer.score(&pairs).unwrap();
-    let refs: Vec<&Episode> = episodes.iter().collect();
-    let batch = EpisodeBatch::new(&refs, &dev).unwrap();
-    let old_lp = batch.logprobs(policy.llama()).unwrap().detach();
-    let ref_lp = batch.logprobs(reference.llama()).unwrap().detach();
-    let old_values = critic.values(&batch.input, 0.0).unwrap().detach();
-    let kl = kl_penalty(&old_lp, &ref_lp).unwrap();
-    let rewards =
-        shaped_rewards(&Tensor::new(scores.as_slice(), &dev).unwrap(), &kl, &batch.mask, ppo.kl_coef).unwrap();
-    let (advantages, returns) = gae(&rewards, &old_values, &batch.mask, PAPER_GAE_GAMMA, ppo.gae_lambda).unwrap();
-    let advantages = whiten(&advantages, &batch.mask).unwrap();
-    let rows: Vec<u32> = order[..ppo.minibatch_size].iter().map(|&r| r as u32).collect();
-    let idx = Tensor::new(rows.as_slice(), &dev).unwrap();
-    let pick = |t: &Tensor| t.index_select(&idx, 0).unwrap();
-    let (input, targets, mask) = (pick(&batch.input), pick(&batch.targets), pick(&batch.mask));
-    let new_lp = token_logprobs(&policy.llama().forward_train(&input, 0.0).unwrap(), &targets).unwrap();
-    let (policy_loss, _, _) =
-        ppo_policy_loss(&new_lp, &pick(&old_lp), &pick(&advantages), &mask, ppo.clip_ratio).unwrap();
-    let vars = policy.vars();
-    let mut grads = Gradients::new();
-    grads.accumulate(&policy.backward(&policy_loss).unwrap(), &vars, 1.0).unwrap();
-    let mut ptx_loss = 0f64;
+    let scores = ppo::rewards(&scorer, &prompts, &episodes).unwrap();
+    let experience = ppo::score(policy.llama(), reference.llama(), &critic, &episodes, ppo.minibatch_size).unwrap();
+    let advantages = ppo::advantages(&experience, &scores, ppo.kl_coef, ppo.gae_lambda).unwrap();
+    let minibatch = ppo::Minibatch::select(&experience, &advantages, &order[..ppo.minibatch_size]).unwrap();
     let window_refs: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
-    for micro in window_refs.chunks(ppo.ptx_micro_batch) {
-        let share = micro.len() as f64 / window_refs.len() as f64;
-        let nll = trainer::corpus::lm_loss(policy.llama(), micro, &dev).unwrap();
-        ptx_loss += f64::from(nll.to_scalar::<f32>().unwrap()) * share;
-        grads.accumulate(&policy.backward(&nll).unwrap(), &vars, ppo.ptx_coef * share).unwrap();
-    }
-    let grad_norm = grads.global_norm().unwrap();
-    let values = critic.values(&input, 0.0).unwrap();
-    let v_loss = value_loss(&values, &pick(&old_values), &pick(&returns), &mask, ppo.value_clip).unwrap();
-    let mut value_grads = Gradients::new();
-    value_grads.accumulate(&critic.trunk().backward(&v_loss).unwrap(), &critic.vars(), ppo.vf_coef).unwrap();
-    let value_grad_norm = value_grads.global_norm().unwrap();
+    let mut learners = ppo::Learners::new(&policy, &critic, &ppo).unwrap();
+    let (lr, value_lr) = (ppo.learning_rate, ppo.value_learning_rate);
+    let (policy_step, value_step) =
+        ppo::ppo_step(&mut learners, &minibatch, Some(&window_refs), &ppo, lr, value_lr).unwrap();
 
     // The job, on the same episodes.
     let spec = json!({
@@ -385,14 +362,101 @@ fn ppo_ptx_first_step_matches_the_in_process_trainer() {
     let step = &probe["steps"][0];
     let reward_mean = f64::from(scores.iter().sum::<f32>()) / scores.len() as f64;
     assert_rel("PPO reward mean", reward_mean, probe["iteration"]["reward_mean"].as_f64().unwrap(), 1e-4);
-    let kl_sum: f32 = batch.response_sums(&kl).unwrap().iter().sum();
+    let kl_sum: f32 = experience.batch.response_sums(&advantages.kl).unwrap().iter().sum();
     let kl_mean = f64::from(kl_sum) / episodes.len() as f64;
     assert_rel("PPO KL from the reference", kl_mean, probe["iteration"]["kl"].as_f64().unwrap(), 1e-4);
-    let policy_loss = f64::from(policy_loss.to_scalar::<f32>().unwrap());
+    let policy_loss = f64::from(policy_step.loss);
     assert_rel("PPO first-step policy loss", policy_loss, step["policy_loss"].as_f64().unwrap(), 1e-4);
+    let ptx_loss = f64::from(policy_step.ptx_loss.unwrap());
     assert_rel("PPO first-step ptx loss", ptx_loss, step["ptx_loss"].as_f64().unwrap(), 1e-4);
+    let grad_norm = policy_step.grad_norm;
     assert_rel("PPO first-step policy gradient norm", grad_norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
-    let v_loss = f64::from(v_loss.to_scalar::<f32>().unwrap());
+    let v_loss = f64::from(value_step.loss);
     assert_rel("PPO first-step value loss", v_loss, step["value_loss"].as_f64().unwrap(), 1e-4);
+    let value_grad_norm = value_step.grad_norm;
     assert_rel("PPO first-step value gradient norm", value_grad_norm, step["value_grad_norm"].as_f64().unwrap(), 1e-4);
+}
+
+/// The job on two processes (data parallel over gloo, `torch.distributed.run`) trains the same reward model as on
+/// one: each process takes every other micro-batch of a step, so the step's gradient is the same sum, and the save
+/// gathers the weights through Accelerate (the path FSDP needs) with the main process writing.
+#[test]
+fn the_reward_model_on_two_processes_matches_one_process() {
+    let Some(python) = job_python() else { return };
+    let (tmp, policy, snapshot, data, config) = reward_model_fixture(2);
+
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let mut metrics = Vec::new();
+    for (out, processes) in [(&one, 1), (&two, 2)] {
+        std::fs::create_dir_all(out).unwrap();
+        let mut command = job_command(&python, &[("OMP_NUM_THREADS", "1")]);
+        if processes > 1 {
+            // `python -m torch.distributed.run --standalone --nproc_per_node 2 train.py`
+            let script = command.len() - 1;
+            command.splice(
+                script..script,
+                ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"].map(String::from),
+            );
+        }
+        let backend = BackendConfig { kind: BackendKind::External, command, timeout_secs: 600 };
+        let external = External { config: TrainerConfig { backend, ..config.clone() } };
+        metrics.push(external.run(&job(Stage::RewardModel, &snapshot, &data, &policy, out), &mut |_| {}).unwrap());
+    }
+    let engine = |m: &Value| m["engine"].as_str().unwrap_or_default().to_string();
+    assert!(engine(&metrics[1]).contains("2 process"), "ran on two processes: {}", engine(&metrics[1]));
+    for (a, b) in metrics[0]["steps"].as_array().unwrap().iter().zip(metrics[1]["steps"].as_array().unwrap()) {
+        assert_rel("RM step loss, 1 vs 2 processes", a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap(), 1e-5);
+        let (ga, gb) = (a["grad_norm"].as_f64().unwrap(), b["grad_norm"].as_f64().unwrap());
+        assert_rel("RM gradient norm, 1 vs 2 processes", ga, gb, 1e-5);
+    }
+    for file in ["model.safetensors", "reward_head.safetensors"] {
+        let (diff, scale) = weights_diff(&one, &two, file);
+        eprintln!("RM {file}, 1 vs 2 processes: largest weight difference {diff:.2e} (largest weight {scale:.2e})");
+        assert!(diff < 1e-4, "RM {file} differs by up to {diff} between one and two processes");
+    }
+}
+
+/// The cost options: with `gradient_checkpointing` both sides recompute activations in the backward pass and still
+/// take the same first SFT step; `lora_rank > 0`, which only the in-process trainer implements, is refused by the
+/// job by name instead of being trained as a full fine-tune.
+#[test]
+fn the_job_checkpoints_activations_and_refuses_lora() {
+    let Some(python) = job_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny(&tmp.path().join("policy"), 5);
+    let snapshot = tmp.path().join("snapshot");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let data = Dataset { sft: demonstrations(), ..Dataset::default() };
+    write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
+    let mut config = TrainerConfig::default();
+    config.sft.epochs = 1;
+    config.sft.batch_size = 8;
+    config.sft.micro_batch_size = 4;
+    config.sft.gradient_checkpointing = true;
+
+    let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
+    for out in [&rust_out, &job_out] {
+        std::fs::create_dir_all(out).unwrap();
+    }
+    InProcess { config: config.clone() }
+        .run(&job(Stage::Sft, &snapshot, &data, &policy, &rust_out), &mut |_| {})
+        .unwrap();
+    external(&python, &config, &[]).run(&job(Stage::Sft, &snapshot, &data, &policy, &job_out), &mut |_| {}).unwrap();
+    // One step (the whole training split in one batch): its loss, and the validation loss after it.
+    let epoch = |dir: &Path| -> Value {
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sft.json")).unwrap()).unwrap();
+        report["epochs"][0].clone()
+    };
+    let (a, b) = (epoch(&rust_out), epoch(&job_out));
+    for field in ["train_loss", "val_loss"] {
+        let what = format!("SFT {field}, checkpointed");
+        assert_rel(&what, a[field].as_f64().unwrap(), b[field].as_f64().unwrap(), 1e-4);
+    }
+
+    config.sft.gradient_checkpointing = false;
+    config.sft.lora_rank = 8;
+    let refused = external(&python, &config, &[])
+        .run(&job(Stage::Sft, &snapshot, &data, &policy, &tmp.path().join("lora")), &mut |_| {})
+        .expect_err("the job does not implement LoRA");
+    assert!(refused.to_string().contains("lora_rank"), "refused by name: {refused}");
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Writes a GGUF in another weight format with llama.cpp's own quantizer
 (`llama_model_quantize`, through the llama-cpp-python bindings that
-bench/llamacpp/setup.sh installs), so llama.cpp runs BF16, F16 or Q8_0 weights
+bench/llamacpp/setup.sh installs), so llama.cpp runs BF16, F16, Q8_0 or Q4_0 weights
 made its own way from the same F32 GGUF our engine's weights came from.
 
-    .cache/bench-venv/bin/python bench/llamacpp/quantize.py IN.f32.gguf OUT.gguf {bf16,f16,q8_0}
+    .cache/bench-venv/bin/python bench/llamacpp/quantize.py IN.f32.gguf OUT.gguf {bf16,f16,q8_0,q4_0}
 
 llama.cpp's choices apply: 1-D tensors (norms) stay F32; for Q8_0 the token
-embedding (and so the tied output projection) is Q8_0 as well.
+embedding (and so the tied output projection) is Q8_0 as well; for Q4_0 the
+output projection (the tied embedding, for SmolLM2) is Q6_K, llama.cpp's rule
+for its 4-bit types.
 """
 
 import argparse
@@ -22,6 +24,7 @@ FTYPES = {
     "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
     "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
 }
 
 

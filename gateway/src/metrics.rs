@@ -107,6 +107,13 @@ pub fn set_engine_state(queue_depth: usize, running: usize, batch_size: usize) {
     gauge!("instructd_batch_size_last").set(batch_size as f64);
 }
 
+/// Running-batch steps the engine paused between layers to give a newly
+/// arrived tenant its first token (`[engine] preempt_between_layers`); the
+/// engine's own counter, reset with a swapped-in engine like the KV ones.
+pub fn set_engine_preemptions(total: u64) {
+    counter!("instructd_engine_preemptions_total").absolute(total);
+}
+
 /// The serving engine's KV block pool (`state`: capacity, used by running
 /// sequences, held by the prefix cache) and its prefix-cache counters. The
 /// counters are the engine's own: they restart with a swapped-in engine,

@@ -12,6 +12,11 @@
 //! Swaps go through [`EngineHandle`]: a request in flight finishes on the
 //! engine it started on, so a swap drops nothing. A checkpoint that fails
 //! verification or the smoke test is marked failed and never served.
+//!
+//! With an external engine whose upstreams the gateway launches
+//! (`[engine.openai_http.launch]`), "loading" a checkpoint starts its own
+//! upstream process ([`crate::upstream::blue_green`]); the rest (canary,
+//! promotion, rollback, pinning) is the same.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -323,11 +328,13 @@ impl Rollout {
 
     fn load(&self, id: &str, force: bool) -> Result<Engine, RolloutError> {
         let invalid = |message: String| RolloutError::Invalid { id: id.to_string(), message };
+        let external = self.engine_config.kind == inference::engine::EngineKind::OpenaiHttp;
         // Loading it here would serve it from this process, not from the configured upstreams.
-        if self.engine_config.kind == inference::engine::EngineKind::OpenaiHttp {
+        if external && !self.engine_config.openai_http.launch.is_enabled() {
             return Err(invalid(
-                "with [engine] kind = \"openai_http\" the upstreams serve the weights: convert the checkpoint \
-                 (`instructd model export-gguf` for llama-server) and start an upstream on it"
+                "with [engine] kind = \"openai_http\" and static upstreams, the upstreams serve the weights: convert \
+                 the checkpoint (`instructd model export-gguf` for llama-server) and start an upstream on it, or set \
+                 [engine.openai_http.launch] so that the gateway does"
                     .into(),
             ));
         }
@@ -344,21 +351,27 @@ impl Rollout {
                 self.store.path(id)
             }
         };
-        let dtype = parse_dtype(&self.dtype).map_err(|e| invalid(e.to_string()))?;
-        let loaded = LoadedModel::load(dir, dtype, &default_device())
-            .and_then(|loaded| loaded.with_serve_dtype(self.serve_dtype))
-            .map_err(|e| invalid(e.to_string()))?;
-        let engine =
-            loaded.into_engine(&self.model_name, id, self.engine_config.clone()).map_err(|e| invalid(e.to_string()))?;
+        let engine = if external {
+            // Blue/green: a new upstream process on this checkpoint, healthy before it is offered.
+            let work_dir = crate::upstream::blue_green::work_dir(&self.engine_config, &self.config.checkpoints_dir);
+            let start =
+                crate::upstream::blue_green::start(&dir, &self.model_name, id, self.engine_config.clone(), &work_dir);
+            block_on(start).map_err(|e| invalid(e.to_string()))?.map_err(|e| invalid(e.to_string()))?
+        } else {
+            let dtype = parse_dtype(&self.dtype).map_err(|e| invalid(e.to_string()))?;
+            let loaded = LoadedModel::load(dir, dtype, &default_device())
+                .and_then(|loaded| loaded.with_serve_dtype(self.serve_dtype))
+                .map_err(|e| invalid(e.to_string()))?;
+            loaded.into_engine(&self.model_name, id, self.engine_config.clone()).map_err(|e| invalid(e.to_string()))?
+        };
         // Smoke generation: a few greedy tokens must come out.
         let prompt = engine.tokenizer().encode("Hello", false).map_err(|e| invalid(e.to_string()))?;
         let mut request = GenerateRequest::new(prompt, 4);
         request.sampling.temperature = 0.0;
         request.ignore_eos = true;
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| invalid(e.to_string()))?;
-        let completion =
-            runtime.block_on(engine.generate(request)).map_err(|e| invalid(format!("smoke generation failed: {e}")))?;
+        let completion = block_on(engine.generate(request))
+            .map_err(|e| invalid(e.to_string()))?
+            .map_err(|e| invalid(format!("smoke generation failed: {e}")))?;
         if completion.completion_tokens == 0 {
             return Err(invalid("smoke generation produced no tokens".into()));
         }
@@ -548,6 +561,16 @@ impl Rollout {
     }
 }
 
+/// Runs `future` to its end from a blocking thread: on the gateway's runtime when there is one (an external
+/// engine's upstream calls and health probes must live on it, not on a runtime dropped after the load), else on a
+/// runtime of its own (unit tests).
+fn block_on<F: std::future::Future>(future: F) -> std::io::Result<F::Output> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => Ok(runtime.block_on(future)),
+        Err(_) => Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future)),
+    }
+}
+
 /// Whether a checkpoint may be loaded for serving: never a reward model; a policy whose evaluation gate failed
 /// (`metrics.evaluation.passed == false`) only when `force`.
 fn check_servable(manifest: &Manifest, force: bool) -> Result<(), RolloutError> {
@@ -663,6 +686,8 @@ mod tests {
         assert!(err.to_string().contains("serve_dtype q8_0"), "{err}");
         assert!(rollout(ServeDtype::F32, &odd).load("start", false).is_ok());
         assert!(rollout(ServeDtype::Q8_0, &even).load("start", false).is_ok());
+        assert!(rollout(ServeDtype::Q4_0, &odd).load("start", false).is_err(), "48-wide rows are not Q4_0");
+        assert!(rollout(ServeDtype::Q4_0, &even).load("start", false).is_ok());
         assert!(rollout(ServeDtype::Bf16, &even).load("start", false).is_ok());
     }
 }

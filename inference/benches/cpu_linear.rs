@@ -1,14 +1,24 @@
 //! `cargo bench -p inference --bench cpu_linear`: throughput of the serving
 //! path's few-row matmul, on weights that sit in cache and on weights that
 //! stream from memory as they do in a real decode step, and of the packed
-//! BF16 and Q8_0 kernels ([`inference::quant`]) against F32 on the same shapes.
+//! BF16, Q8_0 and Q4_0 kernels ([`inference::quant`]) against F32 on the same
+//! shapes. `cargo bench -p inference --bench cpu_linear -- formats` runs only
+//! the formats table.
 
 use std::time::Instant;
 
 use inference::cpu_linear::matmul_transposed;
-use inference::quant::{bf16, q8_0};
+use inference::quant::{bf16, q4_0, q8_0};
 
 fn main() {
+    if !std::env::args().any(|a| a == "formats") {
+        f32_cases();
+    }
+    formats();
+}
+
+/// The F32 kernel on cached and streamed weights.
+fn f32_cases() {
     println!("| case | rows | ms | GFLOP/s | weight GB/s |");
     println!("|---|---:|---:|---:|---:|");
     // One projection-sized matrix, reused (cache resident), and the
@@ -45,19 +55,19 @@ fn main() {
         });
         report("120 x 1536x576 streamed", m, seconds, n, k, ws.len());
     }
-    formats();
 }
 
-/// F32, BF16 and Q8_0 on the same cached matrices, the formats timed in
+/// F32, BF16, Q8_0 and Q4_0 on the same cached matrices, the formats timed in
 /// turn; the last columns are each format's speed relative to F32.
 fn formats() {
     println!();
-    println!("| shape | rows | f32 ms | bf16 ms | q8_0 ms | bf16 / f32 | q8_0 / f32 |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| shape | rows | f32 ms | bf16 ms | q8_0 ms | q4_0 ms | bf16 / f32 | q8_0 / f32 | q4_0 / f32 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &(n, k) in &[(1536usize, 576usize), (576, 1536), (8192, 576)] {
         let w: Vec<f32> = (0..n * k).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
         let wb: Vec<u16> = w.iter().map(|&v| bf16::to_bits(v)).collect();
         let wq = q8_0::pack(&w, n, k).expect("k is a multiple of 32");
+        let w4 = q4_0::pack(&w, n, k).expect("k is a multiple of 32");
         for m in [1usize, 16, 128] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 31) as f32 - 15.0) / 16.0).collect();
             let time = |f: &dyn Fn() -> Vec<f32>| {
@@ -73,13 +83,16 @@ fn formats() {
             let f = time(&|| matmul_transposed(&x, m, &w, n, k));
             let b = time(&|| bf16::matmul(&x, m, &wb, n, k));
             let q = time(&|| q8_0::matmul(&x, m, &wq, n, k));
+            let q4 = time(&|| q4_0::matmul(&x, m, &w4, n, k));
             println!(
-                "| {n}x{k} | {m} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x |",
+                "| {n}x{k} | {m} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.2}x |",
                 f * 1e3,
                 b * 1e3,
                 q * 1e3,
+                q4 * 1e3,
                 f / b,
-                f / q
+                f / q,
+                f / q4
             );
         }
     }

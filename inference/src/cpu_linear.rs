@@ -11,7 +11,7 @@
 //! the number of rows, so results do not depend on how requests were batched.
 //!
 //! The dot products are [`crate::simd`]'s (AVX-512 or AVX2 at run time) for
-//! F32 weights, [`crate::quant`]'s for BF16 and Q8_0 ones; all share the
+//! F32 weights, [`crate::quant`]'s for BF16, Q8_0 and Q4_0 ones; all share the
 //! tiling and threading here ([`run_tiled`]).
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -73,6 +73,7 @@ pub fn linear_rows(x: &[f32], m: usize, w: &Tensor, bias: Option<&Tensor>) -> Re
         (DType::F32, _) => with_host_f32(w, |w| matmul_transposed(x, m, w, n, k)).ok(),
         (_, Some(ServeDtype::Bf16)) => with_host_bf16_bits(w, |w| quant::bf16::matmul(x, m, w, n, k)).ok(),
         (_, Some(ServeDtype::Q8_0)) => with_host_u8(w, |w| quant::q8_0::matmul(x, m, w, n, k)).ok(),
+        (_, Some(ServeDtype::Q4_0)) => with_host_u8(w, |w| quant::q4_0::matmul(x, m, w, n, k)).ok(),
         _ => None,
     };
     let Some(mut out) = out else {
@@ -99,7 +100,7 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// As [`with_host_f32`] for a U8 tensor (a packed Q8_0 matrix).
+/// As [`with_host_f32`] for a U8 tensor (a packed Q8_0 or Q4_0 matrix).
 fn with_host_u8<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {

@@ -24,7 +24,7 @@ pub struct BenchArgs {
     model: PathBuf,
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Format of the projection weights (`[model] serve_dtype`): f32, bf16 or q8_0.
+    /// Format of the projection weights (`[model] serve_dtype`): f32, bf16, q8_0 or q4_0.
     #[arg(long, default_value = "f32")]
     serve_dtype: inference::quant::ServeDtype,
     /// Prompt length of every request.

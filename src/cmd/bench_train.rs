@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use trainer::bench::{self, Measured, PpoBench};
+use trainer::policy_model::{CostOptions, DEFAULT_LORA_ALPHA, default_lora_targets, lora_spec};
 
 #[derive(Args)]
 pub struct BenchTrainArgs {
@@ -25,6 +26,13 @@ pub struct BenchTrainArgs {
     /// Frozen lower layers per row (0 = full fine-tune); every shape runs once per value.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     freeze_layers: Vec<usize>,
+    /// LoRA ranks per row (0 = full fine-tune; alpha and targets as the stage configs' defaults); every shape
+    /// and frozen count runs once per value.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    lora_rank: Vec<usize>,
+    /// Gradient checkpointing per row: `false`, `true` or `false,true` (both rows).
+    #[arg(long, value_delimiter = ',', default_value = "false")]
+    gradient_checkpointing: Vec<bool>,
     /// Measured steps per row (the median is reported), after `warmup` unmeasured ones.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -43,7 +51,8 @@ pub struct BenchTrainArgs {
     /// Print every row as a JSON line too.
     #[arg(long)]
     json: bool,
-    /// Internal: run one row (`stage:SHAPE:frozen`) in this process and print it as JSON.
+    /// Internal: run one row (`stage:SHAPE:frozen[:lora_rank[:checkpointing]]`) in this process and print it as
+    /// JSON.
     #[arg(long, hide = true)]
     row: Option<String>,
 }
@@ -55,6 +64,10 @@ struct Row {
     stage: String,
     shape: String,
     frozen_layers: usize,
+    #[serde(default)]
+    lora_rank: usize,
+    #[serde(default)]
+    gradient_checkpointing: bool,
     /// Median over the measured rounds.
     step_secs: f64,
     tokens_per_sec: f64,
@@ -78,11 +91,17 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locating the instructd binary")?;
     let mut specs = Vec::new();
+    let mut cuts = Vec::new();
+    for &frozen in &args.freeze_layers {
+        for &rank in &args.lora_rank {
+            cuts.extend(args.gradient_checkpointing.iter().map(|&ckpt| format!("{frozen}:{rank}:{ckpt}")));
+        }
+    }
     for stage in &args.stages {
-        for &frozen in &args.freeze_layers {
+        for cut in &cuts {
             match stage.as_str() {
-                "sft" | "rm" => specs.extend(args.shapes.iter().map(|s| format!("{stage}:{s}:{frozen}"))),
-                "ppo" => specs.push(format!("ppo:{}x{}:{frozen}", args.ppo_episodes, args.ppo_new_tokens)),
+                "sft" | "rm" => specs.extend(args.shapes.iter().map(|s| format!("{stage}:{s}:{cut}"))),
+                "ppo" => specs.push(format!("ppo:{}x{}:{cut}", args.ppo_episodes, args.ppo_new_tokens)),
                 other => bail!("unknown stage {other:?} (sft, rm, ppo)"),
             }
         }
@@ -129,17 +148,20 @@ fn print_header(args: &BenchTrainArgs) {
     );
     println!();
     println!(
-        "| stage | shape | frozen | step s | tok/s | GFLOP/s | fwd s | bwd s | grads s | adam s | rollout s | peak RSS MB | CPU |"
+        "| stage | shape | frozen | LoRA r | ckpt | step s | tok/s | GFLOP/s | fwd s | bwd s | grads s | adam s | rollout s | \
+         peak RSS MB | CPU |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 }
 
 fn print_row(r: &Row) {
     println!(
-        "| {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} |",
+        "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} |",
         r.stage,
         r.shape,
         r.frozen_layers,
+        r.lora_rank,
+        if r.gradient_checkpointing { "yes" } else { "no" },
         r.step_secs,
         r.tokens_per_sec,
         r.gflops,
@@ -162,19 +184,27 @@ fn parse_shape(shape: &str) -> anyhow::Result<(usize, usize)> {
 fn run_row(args: &BenchTrainArgs, spec: &str) -> anyhow::Result<Row> {
     let mut parts = spec.split(':');
     let (Some(stage), Some(shape), Some(frozen)) = (parts.next(), parts.next(), parts.next()) else {
-        bail!("row {spec:?} is not stage:SHAPE:frozen");
+        bail!("row {spec:?} is not stage:SHAPE:frozen[:lora_rank[:checkpointing]]");
     };
     let frozen: usize = frozen.parse()?;
+    let lora_rank: usize = parts.next().map(str::parse).transpose()?.unwrap_or(0);
+    let checkpointing: bool = parts.next().map(str::parse).transpose()?.unwrap_or(false);
+    // The stage configs' default alpha and targets.
+    let options = CostOptions {
+        freeze_layers: frozen,
+        lora: lora_spec(lora_rank, DEFAULT_LORA_ALPHA, &default_lora_targets(), 0),
+        gradient_checkpointing: checkpointing,
+    };
     let (n, t) = parse_shape(shape)?;
     let config = inference::model_files::ModelFiles::open(&args.model)?.config;
     let (measured, tokens, flops) = match stage {
         "sft" => {
-            let m = bench::sft_steps(&args.model, n, t, frozen, args.warmup, args.rounds)?;
+            let m = bench::sft_steps(&args.model, n, t, &options, args.warmup, args.rounds)?;
             let loss_tokens = n * (t - (t / 4).max(1) + 1);
             (m, n * t, bench::train_flops(&config, n * t, t, loss_tokens))
         }
         "rm" => {
-            let m = bench::rm_steps(&args.model, n, t, frozen, args.warmup, args.rounds)?;
+            let m = bench::rm_steps(&args.model, n, t, &options, args.warmup, args.rounds)?;
             (m, n * t, bench::train_flops(&config, n * t, t, 0))
         }
         "ppo" => {
@@ -187,6 +217,8 @@ fn run_row(args: &BenchTrainArgs, spec: &str) -> anyhow::Result<Row> {
                 minibatch: args.ppo_minibatch,
                 max_new_tokens: args.ppo_new_tokens,
                 freeze_layers: frozen,
+                lora_rank,
+                gradient_checkpointing: checkpointing,
             };
             let m = bench::ppo_iterations(&ppo, args.warmup, args.rounds)?;
             // ~30 prompt tokens per episode; the figure is a rate of episodes' tokens, not of FLOPs.
@@ -200,6 +232,8 @@ fn run_row(args: &BenchTrainArgs, spec: &str) -> anyhow::Result<Row> {
         stage: stage.into(),
         shape: shape.into(),
         frozen_layers: frozen,
+        lora_rank,
+        gradient_checkpointing: checkpointing,
         step_secs: median.secs,
         tokens_per_sec: tokens as f64 / median.secs,
         gflops: flops / median.secs / 1e9,

@@ -54,7 +54,8 @@ async fn start_external_engine(config: &Config) -> anyhow::Result<inference::eng
     let dir = &config.model.dir;
     let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let name = config.model.name.clone().unwrap_or_else(|| dir_name.clone());
-    gateway::upstream::start_engine(dir, &name, &dir_name, config.engine.clone())
+    let checkpoints_dir = &config.gateway.rollout.checkpoints_dir;
+    gateway::upstream::start_engine(dir, &name, &dir_name, config.engine.clone(), checkpoints_dir)
         .await
         .with_context(|| format!("starting the openai_http engine on {}", dir.display()))
 }
@@ -134,6 +135,8 @@ async fn serve(config: Config, engine: inference::engine::Engine) -> anyhow::Res
     if let Some(vote_gate) = vote_gate {
         vote_gate.abort();
     }
+    // Launched upstreams are this gateway's children: SIGTERM them (they would get SIGKILL when it exits anyway).
+    tokio::task::spawn_blocking(gateway::upstream::launch::stop_all).await?;
     Ok(())
 }
 

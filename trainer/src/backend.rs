@@ -247,7 +247,8 @@ impl External {
             .env("INSTRUCTD_CORPUS", json!(self.config.corpus).to_string())
             .env("INSTRUCTD_EVALUATION", json!(self.config.evaluation).to_string())
             .env("INSTRUCTD_OUTPUT_DIR", absolute(job.out_dir))
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
         if let Some(dir) = job.reference_dir {
             command.env("INSTRUCTD_REFERENCE_DIR", absolute(dir));
         }
@@ -256,6 +257,27 @@ impl External {
         }
         Ok(command)
     }
+}
+
+/// Lines of the job's stderr kept for the error when it fails (its reason is usually the last line).
+const STDERR_TAIL: usize = 5;
+
+/// Copies the job's stderr to the trainer's, line by line, and returns its last [`STDERR_TAIL`] lines.
+fn relay_stderr(stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tail = std::collections::VecDeque::with_capacity(STDERR_TAIL);
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if !line.trim().is_empty() {
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+        tail.into()
+    })
 }
 
 impl TrainingBackend for External {
@@ -269,6 +291,7 @@ impl TrainingBackend for External {
         tracing::info!(stage = ?job.stage, command = %program, "external training job starts");
         let mut child =
             self.command(job)?.spawn().map_err(|source| TrainError::Io { path: program.clone().into(), source })?;
+        let stderr = child.stderr.take().map(relay_stderr);
         let timeout = Duration::from_secs(self.config.backend.timeout_secs);
         let status = loop {
             match child.try_wait() {
@@ -285,8 +308,10 @@ impl TrainingBackend for External {
                 Err(source) => return Err(TrainError::Io { path: program.into(), source }),
             }
         };
+        let last_lines = stderr.and_then(|relay| relay.join().ok()).unwrap_or_default();
         if !status.success() {
-            return Err(TrainError::Data(format!("external job `{program}` failed with {status}")));
+            let tail = if last_lines.is_empty() { String::new() } else { format!(": {}", last_lines.join(" | ")) };
+            return Err(TrainError::Data(format!("external job `{program}` failed with {status}{tail}")));
         }
         // The output must be what the rest of the loop can use.
         match job.stage {

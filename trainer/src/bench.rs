@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::corpus::{CorpusConfig, PretrainCorpus};
 use crate::optim::{Adam, AdamConfig};
-use crate::policy_model::{ChatTokens, PolicyModel, TrainError, TrainResult};
+use crate::policy_model::{ChatTokens, CostOptions, PolicyModel, TrainError, TrainResult};
 use crate::ppo::{PpoConfig, PpoInputs, PpoIteration};
 use crate::reward_model::{self, Ranking, RewardModel, RmConfig};
 use crate::sft::{self, SftConfig};
@@ -92,11 +92,11 @@ pub fn sft_steps(
     model_dir: &Path,
     sequences: usize,
     seq_len: usize,
-    freeze_layers: usize,
+    options: &CostOptions,
     warmup: usize,
     rounds: usize,
 ) -> TrainResult<Vec<Measured>> {
-    let model = PolicyModel::load(model_dir, &Device::Cpu)?.with_frozen_layers(freeze_layers)?;
+    let model = PolicyModel::load(model_dir, &Device::Cpu)?.with_cost_options(options)?;
     let batch: Vec<ChatTokens> = text_sequences(&model, seq_len + 1, sequences)?
         .into_iter()
         .map(|ids| ChatTokens { ids, prompt_len: (seq_len / 4).max(1) })
@@ -121,11 +121,11 @@ pub fn rm_steps(
     model_dir: &Path,
     k: usize,
     seq_len: usize,
-    freeze_layers: usize,
+    options: &CostOptions,
     warmup: usize,
     rounds: usize,
 ) -> TrainResult<Vec<Measured>> {
-    let rm = RewardModel::from_policy(model_dir, &Device::Cpu, 0, seq_len)?.with_frozen_layers(freeze_layers)?;
+    let rm = RewardModel::from_policy(model_dir, &Device::Cpu, 0, seq_len)?.with_cost_options(options)?;
     let sequences = text_sequences(rm.trunk(), seq_len, k)?;
     let ranking = Ranking::new(sequences, (0..k).collect())
         .ok_or_else(|| TrainError::Data("a ranking needs at least two completions".into()))?;
@@ -154,6 +154,9 @@ pub struct PpoBench {
     pub minibatch: usize,
     pub max_new_tokens: usize,
     pub freeze_layers: usize,
+    /// LoRA rank (0: full fine-tune), with the stage's default alpha and targets.
+    pub lora_rank: usize,
+    pub gradient_checkpointing: bool,
 }
 
 /// `warmup + rounds` PPO-ptx iterations (rollouts, the four scoring forwards, the policy, ptx and value
@@ -176,6 +179,8 @@ pub fn ppo_iterations(bench: &PpoBench, warmup: usize, rounds: usize) -> TrainRe
         max_new_tokens: bench.max_new_tokens,
         ema_decay: None,
         freeze_layers: bench.freeze_layers,
+        lora_rank: bench.lora_rank,
+        gradient_checkpointing: bench.gradient_checkpointing,
         ..PpoConfig::default()
     };
     let inputs = PpoInputs {

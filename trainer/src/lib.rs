@@ -23,6 +23,7 @@ pub mod refresh;
 pub mod reward_model;
 pub mod sft;
 pub mod snapshot;
+pub mod step;
 pub mod step_timing;
 pub mod stop;
 pub mod store;

@@ -208,6 +208,23 @@ def freeze_layers(model, n: int) -> None:
             p.requires_grad_(False)
 
 
+def stage_config(defaults: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings: its defaults, overridden by the trainer's (the stage config as the trainer serialised
+    it). An option this job does not implement is refused by name, never trained another way."""
+    config = {**defaults, **hyperparameters}
+    if int(config.get("lora_rank") or 0) > 0:
+        raise JobError("lora_rank > 0: LoRA adapters are an in-process trainer option; this job trains every "
+                       "unfrozen weight (set lora_rank = 0 for the external backend)")
+    return config
+
+
+def checkpoint_activations(model, config: dict[str, Any]) -> None:
+    """`gradient_checkpointing` (the in-process trainer's option of the same name): each decoder layer keeps only
+    its input and recomputes its activations in the backward pass. Same gradients, less memory, one more forward."""
+    if config.get("gradient_checkpointing"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_residual_dropout(model, p: float) -> None:
     """Dropout on every residual branch (attention and MLP outputs) while the model is in training mode, as the
     in-process trainer's `residual_dropout`. The random draws differ from candle's; p = 0 (the default) adds

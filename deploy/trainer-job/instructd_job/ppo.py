@@ -290,10 +290,12 @@ class Trainer:
         self.config, self.accelerator = config, accelerator
         self.policy = common.load_policy(env.policy_dir)
         common.freeze_layers(self.policy, config["freeze_layers"])
+        common.checkpoint_activations(self.policy, config)
         self.reference = common.load_policy(env.reference_dir).eval()
         self.scorer = RewardModel.load(env.reward_model_dir).eval()
         self.critic = RewardModel.load(env.reward_model_dir)
         common.freeze_layers(self.critic.lm, config["freeze_layers"])
+        common.checkpoint_activations(self.critic.lm, config)
         if self.reference.config.vocab_size != self.policy.config.vocab_size:
             raise JobError("the reference policy's vocabulary differs from the policy's")
         self.tokenizer = common.load_tokenizer(env.policy_dir)
@@ -423,7 +425,7 @@ class Trainer:
 
 def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     started = time.time()
-    config = {**DEFAULTS, **env.hyperparameters}
+    config = common.stage_config(DEFAULTS, env.hyperparameters)
     if env.reference_dir is None or env.reward_model_dir is None:
         raise JobError("PPO needs INSTRUCTD_REFERENCE_DIR and INSTRUCTD_REWARD_MODEL_DIR")
     if accelerator.num_processes > 1:
@@ -474,7 +476,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
 def probe(env: common.JobEnv, accelerator, episodes_file: Path) -> dict[str, Any]:
     """One PPO iteration's update on episodes and pre-training windows given in a JSON file (token ids, texts,
     the minibatch order and windows), for checking against the in-process trainer number for number."""
-    config = {**DEFAULTS, **env.hyperparameters}
+    config = common.stage_config(DEFAULTS, env.hyperparameters)
     spec = json.loads(episodes_file.read_text())
     trainer = Trainer(env, config, accelerator)
 

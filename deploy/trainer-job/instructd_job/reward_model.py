@@ -273,7 +273,7 @@ def train_step(rm, model, params, rankings, config, optimizer, lr, accelerator) 
 
 def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     started = time.time()
-    config = {**DEFAULTS, **env.hyperparameters}
+    config = common.stage_config(DEFAULTS, env.hyperparameters)
     if config["epochs"] <= 0 or config["batch_prompts"] <= 0 or config["micro_batch_prompts"] <= 0:
         raise JobError("RM config: epochs, batch_prompts and micro_batch_prompts must be positive")
     data = common.Snapshot.load(env.snapshot_dir)
@@ -282,6 +282,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
                                  Path(initial) if initial else None)
     common.freeze_layers(rm.lm, config["freeze_layers"])
     common.add_residual_dropout(rm.lm, config["residual_dropout"])
+    common.checkpoint_activations(rm.lm, config)
     counts = {"skipped": 0, "truncated": 0}
     train_set = encode_rankings(rm, data.rm, "train", counts)
     val_set = encode_rankings(rm, data.rm, "validation", counts)

@@ -114,7 +114,7 @@ def train_step(model, params, batch, config, optimizer, lr, accelerator) -> dict
 
 def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     started = time.time()
-    config = {**DEFAULTS, **env.hyperparameters}
+    config = common.stage_config(DEFAULTS, env.hyperparameters)
     if config["epochs"] <= 0 or config["batch_size"] <= 0 or config["micro_batch_size"] <= 0:
         raise JobError("SFT config: epochs, batch_size and micro_batch_size must be positive")
     data = common.Snapshot.load(env.snapshot_dir)
@@ -123,6 +123,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     model = common.load_policy(env.policy_dir)
     common.freeze_layers(model, config["freeze_layers"])
     common.add_residual_dropout(model, config["residual_dropout"])
+    common.checkpoint_activations(model, config)
     max_len = min(config["max_seq_len"], common.max_positions(model))
     stats = {"truncated": 0, "skipped": 0}
     train_set = encode_split(tokenizer, eos, data.sft, "train", max_len, stats)

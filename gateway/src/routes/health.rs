@@ -97,6 +97,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         stats.running.load(Ordering::Relaxed),
         stats.last_batch_size.load(Ordering::Relaxed),
     );
+    metrics::set_engine_preemptions(stats.layer_preemptions.load(Ordering::Relaxed));
     metrics::set_kv_cache(&stats.kv);
     metrics::set_serving_checkpoint(&engine.info().checkpoint);
     metrics::set_redis_reachable(state.redis.is_reachable());

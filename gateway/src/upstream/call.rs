@@ -22,9 +22,15 @@ enum Attempt {
     Cancelled,
     /// Failed before any token reached the client: another upstream may take it.
     Retryable(String),
+    /// A pooled keep-alive connection the upstream had closed (llama-server closes idle ones): the request never
+    /// got an answer, so it is sent again on a new connection without using up `retries`.
+    Stale(String),
     /// Failed for good (the upstream refused it, or broke off mid-answer).
     Failed(String),
 }
+
+/// How often one sample is sent again after hitting a closed keep-alive connection.
+const STALE_RESENDS: usize = 3;
 
 /// Runs sample `sample` of `request` to its end, sending its events; `queued` is released once it runs.
 pub async fn run_sample(
@@ -35,6 +41,7 @@ pub async fn run_sample(
     queued: Arc<Mutex<Option<QueueSlot>>>,
 ) {
     let mut tried: Vec<usize> = Vec::new();
+    let mut stale = 0;
     loop {
         let Some(index) = pool.pick(&tried) else {
             let _ = events.send(Event::Failed { message: "no upstream is configured".into() });
@@ -54,10 +61,15 @@ pub async fn run_sample(
         drop(queued.lock().unwrap_or_else(|e| e.into_inner()).take());
         match attempt(&pool, upstream, &request, sample, &events).await {
             Attempt::Done | Attempt::Cancelled => return,
-            Attempt::Retryable(message) if tried.len() <= pool.config.retries => {
+            Attempt::Stale(message) if stale < STALE_RESENDS => {
+                stale += 1;
+                tried.pop();
+                tracing::debug!(upstream = %upstream.base, error = %message, "stale upstream connection; sending again");
+            }
+            Attempt::Retryable(message) | Attempt::Stale(message) if tried.len() <= pool.config.retries => {
                 tracing::warn!(upstream = %upstream.base, error = %message, "upstream failed before the first token; retrying");
             }
-            Attempt::Retryable(message) | Attempt::Failed(message) => {
+            Attempt::Retryable(message) | Attempt::Stale(message) | Attempt::Failed(message) => {
                 let _ = events.send(Event::Failed { message });
                 return;
             }
@@ -99,7 +111,10 @@ async fn attempt(
     };
     let mut response = match tokio::time::timeout(read_timeout, call.send()).await {
         Err(_) => return unavailable(format!("upstream {} did not answer within {read_timeout:?}", upstream.base)),
-        Ok(Err(e)) => return unavailable(format!("upstream {} is unreachable: {e}", upstream.base)),
+        Ok(Err(e)) if closed_before_answer(&e) => {
+            return Attempt::Stale(format!("upstream {} closed the connection: {}", upstream.base, causes(&e)));
+        }
+        Ok(Err(e)) => return unavailable(format!("upstream {} is unreachable: {}", upstream.base, causes(&e))),
         Ok(Ok(response)) => response,
     };
     let status = response.status();
@@ -203,6 +218,31 @@ fn broken(upstream: &Upstream, progress: &Progress, message: String) -> Attempt 
         upstream.record_outcome(Outcome::Broken, Some(&message));
         Attempt::Failed(message)
     }
+}
+
+/// Whether the connection closed before any byte of the answer came back (hyper's "incomplete message"): what
+/// reusing a keep-alive connection the server has just closed looks like.
+fn closed_before_answer(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_incomplete_message) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// `error` and its causes, outermost first: reqwest's own message ("error sending request") names no cause.
+pub(super) fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The `error.message` of an OpenAI-style error body, else the body itself, cut short.

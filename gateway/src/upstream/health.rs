@@ -37,7 +37,7 @@ async fn probe(pool: &Pool, upstream: &Upstream) {
     let (healthy, error) = match result {
         Ok(status) if (200..300).contains(&status) => (true, None),
         Ok(status) => (false, Some(format!("health probe answered {status}"))),
-        Err(e) => (false, Some(format!("health probe failed: {e}"))),
+        Err(e) => (false, Some(format!("health probe failed: {}", super::call::causes(&e)))),
     };
     upstream.record_probe(healthy, started.elapsed(), error);
 }

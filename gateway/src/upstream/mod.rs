@@ -8,9 +8,15 @@
 //! built-in engine's. Requests go to the healthy upstream with the fewest in
 //! flight, at most `max_concurrency` per upstream; the rest wait in the
 //! engine's bounded queue (429/503 when it is full, as with the built-in one).
+//!
+//! The upstreams are either static (`upstreams`, run by the operator) or
+//! launched by the gateway, one process per checkpoint ([`launch`],
+//! [`blue_green`]): then each engine's pool holds its own process.
 
+pub mod blue_green;
 mod call;
 mod health;
+pub mod launch;
 mod request;
 pub mod sse;
 mod stats;
@@ -30,12 +36,21 @@ use stats::Upstream;
 pub enum UpstreamError {
     #[error("[engine.openai_http] upstreams is empty: name at least one base URL (http://host:port)")]
     NoUpstreams,
-    #[error("[engine.openai_http] upstream {0:?} is not an http:// URL")]
+    #[error(
+        "[engine.openai_http] names both upstreams and a launch command: the gateway either forwards to static \
+         upstreams or launches its own, not both"
+    )]
+    LaunchAndStatic,
+    #[error("[engine.openai_http] upstream {0:?} is not an http:// or https:// URL")]
     BadUrl(String),
+    #[error("[engine.openai_http] ca_file {path}: {reason}")]
+    CaFile { path: std::path::PathBuf, reason: String },
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error(transparent)]
     Model(#[from] inference::Error),
+    #[error(transparent)]
+    Launch(#[from] launch::LaunchError),
 }
 
 /// The upstreams and the HTTP client that reaches them.
@@ -43,6 +58,9 @@ pub struct Pool {
     upstreams: Vec<Upstream>,
     client: reqwest::Client,
     config: OpenAiHttpConfig,
+    /// The process behind the one upstream of a launched pool: stopped when the pool drops, i.e. once its engine
+    /// was replaced and every call on it has ended.
+    process: Option<launch::Process>,
 }
 
 impl Pool {
@@ -50,15 +68,17 @@ impl Pool {
         if config.upstreams.is_empty() {
             return Err(UpstreamError::NoUpstreams);
         }
-        if let Some(bad) = config.upstreams.iter().find(|u| !u.starts_with("http://")) {
+        if let Some(bad) = config.upstreams.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
             return Err(UpstreamError::BadUrl(bad.clone()));
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(config.connect_timeout_secs.max(1)))
-            .tcp_nodelay(true)
-            .build()?;
-        let upstreams = config.upstreams.iter().map(|base| Upstream::new(base, config.max_concurrency)).collect();
-        Ok(Self { upstreams, client, config: config.clone() })
+        let upstreams = config.upstreams.iter().map(|base| Upstream::new(base, config.max_concurrency, true)).collect();
+        Ok(Self { upstreams, client: client(config)?, config: config.clone(), process: None })
+    }
+
+    /// A pool of one upstream, `base`, served by `process` (not tried until a probe finds it healthy).
+    pub fn launched(config: &OpenAiHttpConfig, base: &str, process: launch::Process) -> Result<Self, UpstreamError> {
+        let upstreams = vec![Upstream::new(base, config.max_concurrency, false)];
+        Ok(Self { upstreams, client: client(config)?, config: config.clone(), process: Some(process) })
     }
 
     /// The upstream for the next attempt: not tried yet, healthy, fewest in flight (ties: the first). When every
@@ -70,6 +90,25 @@ impl Pool {
         };
         (0..self.upstreams.len()).min_by_key(rank)
     }
+}
+
+/// The client for every upstream: `https://` ones verified against the system's and Mozilla's roots and `ca_file`'s.
+fn client(config: &OpenAiHttpConfig) -> Result<reqwest::Client, UpstreamError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(config.connect_timeout_secs.max(1)))
+        .tcp_nodelay(true);
+    if !config.ca_file.as_os_str().is_empty() {
+        let ca_error = |reason: String| UpstreamError::CaFile { path: config.ca_file.clone(), reason };
+        let pem = std::fs::read(&config.ca_file).map_err(|e| ca_error(e.to_string()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
+        if roots.is_empty() {
+            return Err(ca_error("no PEM certificate in it".into()));
+        }
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    Ok(builder.build()?)
 }
 
 /// The pool as the engine's runner: each request's samples run as separate upstream calls.
@@ -123,22 +162,37 @@ impl ExternalRunner for Runner {
     }
 
     fn status(&self) -> Value {
-        json!({
-            "kind": "openai_http",
-            "upstreams": self.0.upstreams.iter().map(Upstream::status).collect::<Vec<_>>(),
-        })
+        let mut upstreams: Vec<Value> = self.0.upstreams.iter().map(Upstream::status).collect();
+        if let (Some(process), [upstream]) = (&self.0.process, upstreams.as_mut_slice()) {
+            upstream["process"] = process.status();
+        }
+        json!({ "kind": "openai_http", "upstreams": upstreams })
     }
 }
 
 /// The serving engine for `kind = "openai_http"`: the upstreams probed once, then every `health_interval_secs`;
 /// `model_dir`'s config and tokenizer (the weights the upstreams serve) for validation and accounting. The
-/// fingerprint is `openai_http.checkpoint`, else `default_checkpoint` (the model directory's name).
+/// fingerprint is `openai_http.checkpoint`, else `default_checkpoint` (the model directory's name). With
+/// `[engine.openai_http.launch]`, an upstream is started on `model_dir` first (see [`blue_green`]), its
+/// conversion and log under `checkpoints_dir`'s work directory.
 pub async fn start_engine(
     model_dir: &Path,
     name: &str,
     default_checkpoint: &str,
     config: EngineConfig,
+    checkpoints_dir: &Path,
 ) -> Result<Engine, UpstreamError> {
+    let checkpoint = match config.openai_http.checkpoint.as_str() {
+        "" => default_checkpoint.to_string(),
+        named => named.to_string(),
+    };
+    if config.openai_http.launch.is_enabled() {
+        if !config.openai_http.upstreams.is_empty() {
+            return Err(UpstreamError::LaunchAndStatic);
+        }
+        let work_dir = blue_green::work_dir(&config, checkpoints_dir);
+        return blue_green::start(model_dir, name, &checkpoint, config, &work_dir).await;
+    }
     let pool = Arc::new(Pool::new(&config.openai_http)?);
     health::probe_all(&pool).await;
     for upstream in pool.upstreams.iter().filter(|u| !u.is_healthy()) {
@@ -146,10 +200,6 @@ pub async fn start_engine(
     }
     // The probe task holds only a weak reference: it ends with the last engine using the pool.
     health::spawn(&pool);
-    let checkpoint = match config.openai_http.checkpoint.as_str() {
-        "" => default_checkpoint.to_string(),
-        named => named.to_string(),
-    };
     let runner: Arc<dyn ExternalRunner> = Arc::new(Runner(pool));
     Ok(inference::load::external_engine(model_dir, name, &checkpoint, config, runner)?)
 }

@@ -56,13 +56,14 @@ impl Outcome {
 }
 
 impl Upstream {
-    pub fn new(base: &str, max_concurrency: usize) -> Self {
+    /// `healthy`: whether it is tried before its first probe answers (a static upstream is: the gateway starts
+    /// with a probe round anyway; a launched one is not, it is probed until healthy before it serves).
+    pub fn new(base: &str, max_concurrency: usize, healthy: bool) -> Self {
         Self {
             base: base.trim_end_matches('/').to_string(),
             slots: std::sync::Arc::new(Semaphore::new(max_concurrency.max(1))),
             in_flight: AtomicUsize::new(0),
-            // Until the first probe answers, an upstream is tried: the gateway starts with a probe round anyway.
-            healthy: AtomicBool::new(true),
+            healthy: AtomicBool::new(healthy),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             last_first_token_ms: AtomicU64::new(0),

@@ -2,12 +2,20 @@
 //!
 //! Each iteration (a "step") admits waiting requests under a prompt-token
 //! budget, in the fair queue's order (weighted fair over tenants, or first
-//! come, first served), then runs a single [`Llama::forward_batch`] over every new prompt
+//! come, first served), then runs a single forward ([`Llama::begin_step`] to
+//! [`Llama::finish_step`]) over every new prompt
 //! (prefill) and every running sample's last token (decode), then samples.
 //! Requests join and leave the running batch between steps; nothing waits for
 //! the batch to drain. The `n` (or `best_of`) samples of one prompt share one
 //! prefill and fork its cache. A request whose receiver is gone is cancelled
 //! at the next step and its caches freed.
+//!
+//! With fair sharing, a tenant with nothing running does not wait for the
+//! step in flight either: after each decoder layer of the full batch's
+//! forward the batcher looks at its job channel, and a request from such a
+//! tenant is admitted then, its prompt run to its first token in a forward
+//! of its own, and the paused step resumed from the next layer
+//! (`preempt_between_layers`).
 //!
 //! On the CPU keys and values come from one [`BlockPool`] per engine: a
 //! request is admitted when the blocks its prompt needs (less those found in
@@ -26,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::fair_queue::FairQueue;
 use crate::engine::queue_account::QueueAccount;
-use crate::engine::request::{Event, GenerateRequest, TokenLogprob};
+use crate::engine::request::{Event, GenerateRequest, Tenant, TokenLogprob};
 use crate::engine::sequence::{Sequence, Vocabulary};
 use crate::engine::{EngineConfig, EngineStats};
 use crate::error::{Error, Result};
@@ -75,6 +83,11 @@ impl Active {
     fn work_done(&self) -> u64 {
         let prompt = if self.prefill.is_none() { self.request.prompt.len() } else { 0 };
         (prompt + self.samples.iter().map(Sequence::generated).sum::<usize>()) as u64
+    }
+
+    /// `echo` with logprobs: every prompt row's logits are scored.
+    fn wants_prompt_logprobs(&self) -> bool {
+        self.request.echo && self.request.sampling.top_logprobs.is_some()
     }
 
     /// Whether this step's `pass` runs it.
@@ -175,6 +188,45 @@ fn prompt_hits(pool: &mut BlockPool, request: &GenerateRequest) -> Vec<Arc<KvBlo
     pool.lookup(&request.prompt, max_blocks)
 }
 
+/// The prefix-cache hits `request` would start from when the pool has room
+/// for the rest of its prompt and a block per sample beyond `reserve`
+/// blocks; `None` when it has not (no pool: always room, no hits).
+fn kv_room(pool: Option<&mut BlockPool>, request: &GenerateRequest, reserve: usize) -> Option<Vec<Arc<KvBlock>>> {
+    let Some(pool) = pool else { return Some(Vec::new()) };
+    let hits = prompt_hits(pool, request);
+    let needed = pool.shape().blocks_for(request.prompt.len()) - hits.len() + request.samples();
+    pool.has_room(needed + reserve).then_some(hits)
+}
+
+/// Who a step's chunk belongs to: an active request's prefill (`None`) or
+/// one of its samples, by index into the batcher's `active`.
+type Owner = (usize, Option<usize>);
+
+/// The forward's chunks for `owners` (in `active`'s order), borrowing their
+/// new tokens and caches from `active`. Built again after a pause between
+/// layers from the same owners, they bring the same tokens and caches.
+fn chunks_of<'a>(active: &'a mut [Active], owners: &[Owner]) -> Vec<BatchChunk<'a>> {
+    let mut chunks = Vec::with_capacity(owners.len());
+    let mut next = owners.iter().peekable();
+    for (ai, active) in active.iter_mut().enumerate() {
+        let all_logits = active.wants_prompt_logprobs();
+        let Active { request, prefill, samples, .. } = active;
+        if next.next_if_eq(&&(ai, None)).is_some()
+            && let Some(cache) = prefill.as_mut()
+        {
+            // Past the prefix found in the cache (none when every row's logits are wanted).
+            let tokens = &request.prompt[cache.len()..];
+            chunks.push(BatchChunk { tokens, cache, all_logits });
+        }
+        for (si, sample) in samples.iter_mut().enumerate() {
+            if next.next_if_eq(&&(ai, Some(si))).is_some() {
+                chunks.push(BatchChunk { tokens: &sample.pending, cache: &mut sample.cache, all_logits: false });
+            }
+        }
+    }
+    chunks
+}
+
 /// What one forward of [`Batcher::step`] covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
@@ -198,6 +250,9 @@ pub(crate) struct Batcher {
     /// KV blocks and the prefix cache (CPU serving; `None` on a device,
     /// whose caches stay candle's).
     pool: Option<BlockPool>,
+    /// Set while the running batch's step is paused between layers
+    /// ([`Batcher::serve_newcomers`]): nothing may be parked then.
+    paused: bool,
 }
 
 impl Batcher {
@@ -234,7 +289,7 @@ impl Batcher {
                 "KV block pool"
             );
         }
-        Self { model, tokenizer, eos, config, stats, account, jobs, waiting, active: Vec::new(), pool }
+        Self { model, tokenizer, eos, config, stats, account, jobs, waiting, active: Vec::new(), pool, paused: false }
     }
 
     /// What a request needs of this engine's KV pool at least (`None`: no pool).
@@ -294,20 +349,7 @@ impl Batcher {
     /// is never overtaken forever; one oversized prompt may always enter an
     /// otherwise prefill-free step, so it cannot starve.
     fn admit(&mut self) {
-        loop {
-            match self.jobs.try_recv() {
-                Ok(job) => self.enqueue(job),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    // Every handle is gone (swapped out): nothing new will come, so no
-                    // cached prefix will be read again.
-                    if let Some(pool) = self.pool.as_mut() {
-                        pool.clear_cache();
-                    }
-                    break;
-                }
-            }
-        }
+        self.receive();
         for waiting in self.waiting.remove_unless(|w| !w.job.events.is_closed()) {
             self.account.release(&waiting.job.request);
         }
@@ -319,72 +361,143 @@ impl Batcher {
         let mut budget = self.config.max_batch_tokens;
         let mut admitted = 0;
         // Blocks running samples may take in their next step.
-        let mut reserve: usize = self.active.iter().filter(|a| !a.parked).map(Active::unfinished).sum();
+        let mut reserve = self.running_reserve();
         while let Some(Waiting { job, .. }) = self.waiting.peek() {
             let prompt_len = job.request.prompt.len();
             let fits_budget = prompt_len <= budget || admitted == 0;
-            let fits_running = self.running_samples() + job.request.samples()
-                <= self.config.max_running + self.headroom_for(&job.request)
-                || self.active.is_empty();
-            if !fits_budget || !fits_running {
+            if !fits_budget || !self.fits_running(&job.request) {
                 break;
             }
-            let (hits, fits_kv) = match self.pool.as_mut() {
-                None => (Vec::new(), true),
-                Some(pool) => {
-                    let hits = prompt_hits(pool, &job.request);
-                    let needed = pool.shape().blocks_for(prompt_len) - hits.len() + job.request.samples();
-                    let fits = pool.has_room(needed + reserve);
-                    (hits, fits)
-                }
-            };
-            if !fits_kv {
-                break;
-            }
-            let Some(Waiting { job, since_step }) = self.waiting.pop() else { break };
-            reserve += job.request.samples();
-            self.account.release(&job.request);
-            let queued_steps = self.stats.steps.load(Ordering::Relaxed) - since_step;
-            job.queued_steps.store(queued_steps, Ordering::Relaxed);
+            let Some(hits) = kv_room(self.pool.as_mut(), &job.request, reserve) else { break };
+            let Some(waiting) = self.waiting.pop() else { break };
+            reserve += waiting.job.request.samples();
             budget = budget.saturating_sub(prompt_len);
             admitted += 1;
-            let capacity = prompt_len + job.request.max_tokens;
-            // A tenant with nothing in the batch, joining one busy decoding
-            // others' work: its prompt gets a forward of its own (below).
-            let first_of_tenant = self.config.fair_sharing
-                && self.decoding()
-                && !self.active.iter().any(|a| a.request.tenant.id == job.request.tenant.id);
-            tracing::debug!(
-                request = job.id,
-                tenant = %job.request.tenant.id,
-                prompt_tokens = prompt_len,
-                samples = job.request.samples(),
-                queued_ms = job.enqueued.elapsed().as_millis() as u64,
-                queued_steps,
-                "admitted"
-            );
-            let prefill = match self.pool.as_ref() {
-                Some(pool) => {
-                    let kv = &self.stats.kv;
-                    kv.prefix_lookup_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
-                    kv.prefix_hit_blocks.fetch_add(hits.len() as u64, Ordering::Relaxed);
-                    kv.prefix_hit_tokens.fetch_add((hits.len() * pool.shape().tokens) as u64, Ordering::Relaxed);
-                    SequenceCache::pooled(pool.shape(), hits)
-                }
-                None => self.model.new_cache(capacity),
-            };
-            self.active.push(Active {
-                id: job.id,
-                prefill: Some(prefill),
-                request: Arc::new(job.request),
-                events: job.events,
-                samples: Vec::new(),
-                cancelled: false,
-                first_of_tenant,
-                parked: false,
-            });
+            self.activate(waiting, hits);
         }
         self.stats.queue_depth.store(self.account.depth(), Ordering::Relaxed);
+    }
+
+    /// Moves the jobs sent since the last call into the fair queue; returns
+    /// the tenants among their senders that have nothing in the batch.
+    fn receive(&mut self) -> Vec<Tenant> {
+        let mut idle: Vec<Tenant> = Vec::new();
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => {
+                    let tenant = &job.request.tenant;
+                    if !self.active.iter().any(|a| a.request.tenant.id == tenant.id)
+                        && !idle.iter().any(|t| t.id == tenant.id)
+                    {
+                        idle.push(tenant.clone());
+                    }
+                    self.enqueue(job);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    // Every handle is gone (swapped out): nothing new will come, so no
+                    // cached prefix will be read again.
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.clear_cache();
+                    }
+                    break;
+                }
+            }
+        }
+        idle
+    }
+
+    /// Blocks the samples of running (not parked) requests may take in their next step.
+    fn running_reserve(&self) -> usize {
+        self.active.iter().filter(|a| !a.parked).map(Active::unfinished).sum()
+    }
+
+    /// Whether `request`'s samples fit under `max_running` (with the
+    /// headroom its tenant may have); anything fits an empty batch.
+    fn fits_running(&self, request: &GenerateRequest) -> bool {
+        self.running_samples() + request.samples() <= self.config.max_running + self.headroom_for(request)
+            || self.active.is_empty()
+    }
+
+    /// Moves a job taken from the queue into the batch, its prefill cache
+    /// starting with the prefix-cache `hits` found for it.
+    fn activate(&mut self, Waiting { job, since_step }: Waiting, hits: Vec<Arc<KvBlock>>) {
+        self.account.release(&job.request);
+        let queued_steps = self.stats.steps.load(Ordering::Relaxed) - since_step;
+        job.queued_steps.store(queued_steps, Ordering::Relaxed);
+        let prompt_len = job.request.prompt.len();
+        let capacity = prompt_len + job.request.max_tokens;
+        // A tenant with nothing in the batch, joining one busy decoding
+        // others' work: its prompt gets a forward of its own (`Pass::FirstOfTenant`).
+        let first_of_tenant = self.config.fair_sharing
+            && self.decoding()
+            && !self.active.iter().any(|a| a.request.tenant.id == job.request.tenant.id);
+        tracing::debug!(
+            request = job.id,
+            tenant = %job.request.tenant.id,
+            prompt_tokens = prompt_len,
+            samples = job.request.samples(),
+            queued_ms = job.enqueued.elapsed().as_millis() as u64,
+            queued_steps,
+            "admitted"
+        );
+        let prefill = match self.pool.as_ref() {
+            Some(pool) => {
+                let kv = &self.stats.kv;
+                kv.prefix_lookup_tokens.fetch_add(prompt_len as u64, Ordering::Relaxed);
+                kv.prefix_hit_blocks.fetch_add(hits.len() as u64, Ordering::Relaxed);
+                kv.prefix_hit_tokens.fetch_add((hits.len() * pool.shape().tokens) as u64, Ordering::Relaxed);
+                SequenceCache::pooled(pool.shape(), hits)
+            }
+            None => self.model.new_cache(capacity),
+        };
+        self.active.push(Active {
+            id: job.id,
+            prefill: Some(prefill),
+            request: Arc::new(job.request),
+            events: job.events,
+            samples: Vec::new(),
+            cancelled: false,
+            first_of_tenant,
+            parked: false,
+        });
+    }
+
+    /// While the running batch's step is paused between layers (`layer` of
+    /// them done): takes the jobs that arrived and admits, out of fair order,
+    /// the oldest waiting request of each sender with nothing running, where
+    /// it fits as at a step boundary; runs their prompts to their first
+    /// tokens now. Nothing else enters mid-step. The paused step's
+    /// sequences keep their caches (a new prompt is given free blocks only,
+    /// never by parking another request).
+    fn serve_newcomers(&mut self, layer: usize) -> Result<()> {
+        let idle = self.receive();
+        if idle.is_empty() || !self.decoding() {
+            return Ok(());
+        }
+        let mut reserve = self.running_reserve();
+        let mut admitted = 0;
+        for tenant in &idle {
+            let Some(Waiting { job, .. }) = self.waiting.peek_tenant(tenant) else { continue };
+            if job.events.is_closed() || !self.fits_running(&job.request) {
+                continue;
+            }
+            let Some(hits) = kv_room(self.pool.as_mut(), &job.request, reserve) else { continue };
+            let Some(waiting) = self.waiting.pop_tenant(tenant) else { continue };
+            reserve += waiting.job.request.samples();
+            admitted += 1;
+            self.activate(waiting, hits);
+        }
+        self.stats.queue_depth.store(self.account.depth(), Ordering::Relaxed);
+        if admitted == 0 {
+            return Ok(());
+        }
+        self.stats.layer_preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(layer, admitted, "step paused between layers for new tenants' prompts");
+        self.paused = true;
+        let result = self.step(Pass::FirstOfTenant);
+        self.paused = false;
+        result
     }
 
     /// Samples past `max_running` that `request` may take. Under a flood the
@@ -439,6 +552,10 @@ impl Batcher {
             let needed: usize = self.active.iter().filter(|a| a.in_pass(pass)).map(Active::blocks_needed).sum();
             if pool.has_room(needed) {
                 break;
+            }
+            if self.paused {
+                // Admission checked the room; parking now would drop the paused step's caches.
+                return Err(Error::EngineFailure("no KV blocks for a prompt admitted during a paused step".into()));
             }
             let running: Vec<usize> = (0..self.active.len()).filter(|&i| !self.active[i].parked).collect();
             match running.as_slice() {
@@ -505,47 +622,62 @@ impl Batcher {
     }
 
     /// One forward over all prefills and decodes (or only the prefills of
-    /// tenants new to the batch), then sampling.
+    /// tenants new to the batch), then sampling. With
+    /// `preempt_between_layers`, the full batch's forward looks at the job
+    /// channel after each layer but the last (one check a layer) and, when
+    /// something arrived, lets [`Batcher::serve_newcomers`] run before it
+    /// goes on from the next layer.
     fn step(&mut self, pass: Pass) -> Result<()> {
         self.reserve_blocks(pass)?;
         let started = Instant::now();
-        let mut chunks = Vec::new();
-        // (active index, None = prefill | Some(sample index))
-        let mut owners: Vec<(usize, Option<usize>)> = Vec::new();
-        // Per chunk: the echo prompt scorer, for prefills that want prompt logprobs.
-        let mut scorers: Vec<Option<PromptScorer>> = Vec::new();
+        let mut owners: Vec<Owner> = Vec::new();
         for (ai, active) in self.active.iter_mut().enumerate() {
             if active.parked || (pass == Pass::FirstOfTenant && !std::mem::take(&mut active.first_of_tenant)) {
                 continue;
             }
-            let want_prompt_logprobs = active.request.echo && active.request.sampling.top_logprobs.is_some();
-            if let Some(cache) = active.prefill.as_mut() {
-                // Past the prefix found in the cache (none when every row's logits are wanted).
-                let tokens = &active.request.prompt[cache.len()..];
-                chunks.push(BatchChunk { tokens, cache, all_logits: want_prompt_logprobs });
+            if active.prefill.is_some() {
                 owners.push((ai, None));
-                scorers.push(want_prompt_logprobs.then(|| PromptScorer::new(&active.request)));
             }
-            for (si, sample) in active.samples.iter_mut().enumerate() {
-                if sample.finished || sample.pending.is_empty() {
-                    continue;
-                }
-                chunks.push(BatchChunk { tokens: &sample.pending, cache: &mut sample.cache, all_logits: false });
-                owners.push((ai, Some(si)));
-                scorers.push(None);
-            }
+            let pending = active.samples.iter().enumerate().filter(|(_, s)| !s.finished && !s.pending.is_empty());
+            owners.extend(pending.map(|(si, _)| (ai, Some(si))));
         }
-        if chunks.is_empty() {
+        if owners.is_empty() {
             return Ok(());
         }
+        // Per chunk: the echo prompt scorer, for prefills that want prompt logprobs.
+        let mut scorers: Vec<Option<PromptScorer>> = owners
+            .iter()
+            .map(|&(ai, sample)| {
+                let active = &self.active[ai];
+                (sample.is_none() && active.wants_prompt_logprobs()).then(|| PromptScorer::new(&active.request))
+            })
+            .collect();
+        let preempt = pass == Pass::All && self.config.fair_sharing && self.config.preempt_between_layers;
+        let layers = self.model.num_layers();
+        let mut chunks = chunks_of(&mut self.active, &owners);
         let batch = chunks.len();
         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let logits = self.model.forward_batch_streaming(&mut chunks, &mut |chunk, row| {
-            if let Some(Some(scorer)) = scorers.get_mut(chunk) {
-                scorer.score(row);
+        let Some(mut state) = self.model.begin_step(&mut chunks)? else { return Ok(()) };
+        if preempt {
+            for layer in 1..layers {
+                self.model.run_layers(&mut state, &mut chunks, layer)?;
+                if !self.jobs.is_empty() {
+                    drop(chunks);
+                    self.serve_newcomers(layer)?;
+                    chunks = chunks_of(&mut self.active, &owners);
+                }
             }
-            Ok(())
-        })?;
+        }
+        let logits = self.model.finish_step(
+            state,
+            &mut chunks,
+            Some(&mut |chunk, row| {
+                if let Some(Some(scorer)) = scorers.get_mut(chunk) {
+                    scorer.score(row);
+                }
+                Ok(())
+            }),
+        )?;
         drop(chunks);
         let forward_us = started.elapsed().as_micros() as u64;
         let vocab =
@@ -691,3 +823,7 @@ fn prompt_logprobs(
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "batcher_tests.rs"]
+mod tests;

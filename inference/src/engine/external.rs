@@ -32,8 +32,11 @@ pub enum EngineKind {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpenAiHttpConfig {
-    /// Base URLs of the upstreams, each up to `/v1` excluded (`http://10.0.0.5:8000`).
+    /// Base URLs of the upstreams, each up to `/v1` excluded (`http://10.0.0.5:8000`, `https://vllm.internal`).
     pub upstreams: Vec<String>,
+    /// PEM file of further root certificates trusted for `https://` upstreams (a private CA), beside the system's
+    /// and Mozilla's; empty: those only. Certificates are always verified.
+    pub ca_file: std::path::PathBuf,
     /// Requests one upstream runs at once; the rest wait in the gateway's
     /// queue (`queue_capacity`, `tenant_queue_share`).
     pub max_concurrency: usize,
@@ -54,12 +57,60 @@ pub struct OpenAiHttpConfig {
     pub api_key: String,
     /// Sent as `model` to the upstreams (vLLM and SGLang check it against the name they serve); empty: omitted.
     pub model: String,
+    /// `[engine.openai_http.launch]`: the gateway starts the upstream itself, one process per checkpoint.
+    pub launch: LaunchConfig,
+}
+
+/// `[engine.openai_http.launch]`: the gateway starts one upstream process per checkpoint it serves (the start-up
+/// model, then each published checkpoint: blue/green) instead of forwarding to the static `upstreams`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LaunchConfig {
+    /// The upstream's command line, one argument per element; empty: no launch. Placeholders: `{gguf}` (the
+    /// checkpoint exported to GGUF first), `{dir}` (its Hugging Face directory), `{port}` (a free port of
+    /// `ports`), `{host}`, `{checkpoint}` (its id).
+    pub command: Vec<String>,
+    /// The address the upstream listens on and the gateway calls.
+    pub host: String,
+    /// First and last port (inclusive) an upstream may listen on.
+    pub ports: [u16; 2],
+    /// Most seconds from the start of an upstream to its first healthy probe (loading a large model takes long).
+    pub health_timeout_secs: u64,
+    /// Seconds between SIGTERM and SIGKILL when an upstream is stopped.
+    pub stop_grace_secs: u64,
+    /// Matrix dtype of the `{gguf}` export: `f32` or `f16`.
+    pub gguf_dtype: String,
+    /// Where GGUF exports and upstream logs go, one directory per checkpoint; empty: `.upstreams` inside
+    /// `[gateway.rollout] checkpoints_dir`, next to the checkpoints (the store ignores dot directories).
+    pub work_dir: std::path::PathBuf,
+}
+
+impl LaunchConfig {
+    /// Whether the gateway launches its upstreams (a `command` is set).
+    pub fn is_enabled(&self) -> bool {
+        !self.command.is_empty()
+    }
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        Self {
+            command: Vec::new(),
+            host: "127.0.0.1".into(),
+            ports: [18100, 18199],
+            health_timeout_secs: 300,
+            stop_grace_secs: 10,
+            gguf_dtype: "f32".into(),
+            work_dir: std::path::PathBuf::new(),
+        }
+    }
 }
 
 impl Default for OpenAiHttpConfig {
     fn default() -> Self {
         Self {
             upstreams: Vec::new(),
+            ca_file: std::path::PathBuf::new(),
             max_concurrency: 16,
             connect_timeout_secs: 2,
             read_timeout_secs: 60,
@@ -68,6 +119,7 @@ impl Default for OpenAiHttpConfig {
             checkpoint: String::new(),
             api_key: String::new(),
             model: String::new(),
+            launch: LaunchConfig::default(),
         }
     }
 }

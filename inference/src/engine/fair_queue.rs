@@ -88,14 +88,36 @@ impl<T> FairQueue<T> {
     /// Takes the next request in fair order and charges its tenant.
     pub fn pop(&mut self) -> Option<T> {
         let id = self.next_lane()?.clone();
-        let lane = self.lanes.get_mut(&id)?;
+        let (item, start) = self.take_head(&id)?;
+        self.vtime = start;
+        self.forget_idle();
+        Some(item)
+    }
+
+    /// `tenant`'s oldest waiting request.
+    pub fn peek_tenant(&self, tenant: &Tenant) -> Option<&T> {
+        self.lanes.get(&self.lane_id(tenant))?.jobs.front().map(|q| &q.item)
+    }
+
+    /// Takes `tenant`'s oldest request out of fair order (the batcher does so
+    /// for a tenant with nothing running, which starts level with the
+    /// virtual time anyway) and charges the tenant as [`pop`](Self::pop)
+    /// would; the virtual time stays where it is, so the others' order is
+    /// unchanged.
+    pub fn pop_tenant(&mut self, tenant: &Tenant) -> Option<T> {
+        let (item, _) = self.take_head(&self.lane_id(tenant))?;
+        self.forget_idle();
+        Some(item)
+    }
+
+    /// Removes lane `id`'s head, charging the lane; returns it with its start tag.
+    fn take_head(&mut self, id: &Arc<str>) -> Option<(T, f64)> {
+        let lane = self.lanes.get_mut(id)?;
         let queued = lane.jobs.pop_front()?;
         let start = lane.finish.max(self.vtime);
         lane.finish = start + queued.cost / lane.weight;
-        self.vtime = start;
         self.len -= 1;
-        self.forget_idle();
-        Some(queued.item)
+        Some((queued.item, start))
     }
 
     /// Gives back `unused` tokens of work charged to `tenant` but not done.
@@ -216,6 +238,24 @@ mod tests {
         assert_eq!(queue.pop(), Some("a"));
         assert_eq!(drain(&mut queue), ["b", "b"]);
         assert!(!queue.lanes.contains_key("a"), "an idle lane behind the virtual time is forgotten");
+    }
+
+    #[test]
+    fn a_tenant_taken_out_of_order_is_charged_and_leaves_the_others_order_alone() {
+        let mut queue = FairQueue::new(true);
+        for _ in 0..3 {
+            queue.push(&tenant("a", 1), 10, "a");
+            queue.push(&tenant("b", 1), 10, "b");
+        }
+        queue.push(&tenant("c", 1), 10, "c");
+        assert_eq!(queue.peek_tenant(&tenant("c", 1)), Some(&"c"));
+        assert_eq!(queue.pop_tenant(&tenant("c", 1)), Some("c"));
+        assert_eq!(queue.pop_tenant(&tenant("c", 1)), None);
+        assert_eq!(queue.len(), 6);
+        // c was charged for the request taken: its next one ties with the
+        // second requests of a and b (uncharged, it would go third).
+        queue.push(&tenant("c", 1), 10, "c");
+        assert_eq!(drain(&mut queue), ["a", "b", "a", "b", "c", "a", "b"]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::mpsc;
 
-pub use external::{EngineKind, ExternalJob, ExternalRunner, OpenAiHttpConfig};
+pub use external::{EngineKind, ExternalJob, ExternalRunner, LaunchConfig, OpenAiHttpConfig};
 pub use request::{Event, FinishReason, GenerateRequest, RequestLimits, Tenant, TokenLogprob};
 
 use crate::error::{Error, Result};
@@ -55,6 +55,11 @@ pub struct EngineConfig {
     /// requests may fill, counting each request as its samples (`n` or
     /// `best_of`). Past it: `QueueShareExceeded` (HTTP 429).
     pub tenant_queue_share: f64,
+    /// With fair sharing, pause the running batch's forward between decoder
+    /// layers when a request of a tenant with nothing running arrives, run
+    /// that prompt to its first token, then resume: its first token waits
+    /// for one layer of the step in flight, not the rest of the step.
+    pub preempt_between_layers: bool,
     /// Memory for the keys and values of every running and cached sequence,
     /// in MiB (CPU serving). Sequences are admitted by the blocks they need
     /// and preempted (recomputed later) when decoding outgrows it. SmolLM2
@@ -100,6 +105,7 @@ impl Default for EngineConfig {
             compute_threads: 0,
             fair_sharing: true,
             tenant_queue_share: 0.5,
+            preempt_between_layers: true,
             kv_cache_mb: 4096,
             kv_cache_blocks: 0,
             kv_block_tokens: crate::kv_pool::DEFAULT_BLOCK_TOKENS,
@@ -117,6 +123,9 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub last_batch_size: AtomicUsize,
     pub steps: AtomicU64,
+    /// Steps paused between layers for a newly arrived tenant's prompt
+    /// (`[engine] preempt_between_layers`).
+    pub layer_preemptions: AtomicU64,
     /// The KV block pool (0 blocks in total where the engine has none:
     /// a device engine, or one whose requests run elsewhere).
     pub kv: KvStats,

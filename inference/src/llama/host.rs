@@ -8,13 +8,14 @@
 //!
 //! The projections are [`crate::cpu_linear`]'s; attention is
 //! [`crate::kv_cache`]'s. Each row's arithmetic does not depend on the other
-//! rows in the batch, so results stay independent of batching.
+//! rows in the batch, so results stay independent of batching. LoRA adapters
+//! ([`super::lora`]) add their update to their projection's output.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
-use super::{Attention, BatchChunk, Llama, Mlp, RmsNorm, RowVisitor, advance_caches, split_logits, stream_rows};
+use super::{Adapter, Attention, BatchChunk, Llama, Mlp, RmsNorm, RowVisitor, split_logits, stream_rows};
 use crate::cpu_linear::{linear_rows, with_host_f32};
 use crate::error::{Error, Result};
 use crate::kv_cache::{AttentionDims, SequenceCache, attend_rows};
@@ -23,64 +24,78 @@ use crate::simd;
 /// Element-wise work smaller than this stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 16;
 
+/// Each batch row's RoPE cos and sin values (`[n, head_dim / 2]` each).
+pub(super) type Rope = (Vec<f32>, Vec<f32>);
+
 impl Llama {
-    /// Whether [`Llama::forward_host`] can run this model.
+    /// Whether the host path (this module) can run this model.
     pub(super) fn runs_on_host(&self) -> bool {
         matches!(self.device, Device::Cpu) && self.dtype == DType::F32
     }
 
-    /// [`Llama::forward_batch`] after validation: `ids` and `positions` hold
-    /// every chunk's new tokens, in chunk order.
-    pub(super) fn forward_host(
-        &self,
-        chunks: &mut [BatchChunk<'_>],
-        ids: &[u32],
-        positions: &[usize],
-        visit: Option<RowVisitor<'_>>,
-    ) -> Result<Vec<Tensor>> {
-        let n = ids.len();
+    /// The embedding rows of `ids` `[n, hidden]` and the RoPE cos / sin rows
+    /// of their `positions`, gathered once for all layers.
+    pub(super) fn host_embed(&self, ids: &[u32], positions: &[usize]) -> Result<(Vec<f32>, Rope)> {
         let hidden = self.config.hidden_size;
-        let mut x = with_host_f32(self.embed_tokens.embeddings(), |table| {
-            let mut x = Vec::with_capacity(n * hidden);
+        let x = with_host_f32(self.embed_tokens.embeddings(), |table| {
+            let mut x = Vec::with_capacity(ids.len() * hidden);
             for &id in ids {
                 let row = id as usize * hidden;
                 x.extend_from_slice(&table[row..row + hidden]);
             }
             x
         })?;
-        // Each row's cos / sin table rows, gathered once for all layers.
         let half = self.config.head_dim() / 2;
         let gather = |table: &Tensor| {
             with_host_f32(table, |t| positions.iter().flat_map(|&p| t[p * half..(p + 1) * half].to_vec()).collect())
         };
-        let rope: (Vec<f32>, Vec<f32>) = (gather(&self.rope.cos)?, gather(&self.rope.sin)?);
-        let mut caches: Vec<(&mut SequenceCache, usize)> =
-            chunks.iter_mut().map(|c| (&mut *c.cache, c.tokens.len())).collect();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.host(&x, hidden)?;
-            let attn = layer.attn.host(&h, n, &rope, &mut caches, i)?;
-            add_into(&mut x, &attn);
-            let h = layer.post_attention_layernorm.host(&x, hidden)?;
-            let mlp = layer.mlp.host(&h, n)?;
-            add_into(&mut x, &mlp);
-        }
-        drop(caches);
+        Ok((x, (gather(&self.rope.cos)?, gather(&self.rope.sin)?)))
+    }
 
-        // Only the rows someone asked for go through the (large) vocabulary projection.
-        let mut rows = advance_caches(chunks);
+    /// Decoder layer `i` over the `n` rows of the residual stream `x`, in place.
+    pub(super) fn host_layer(
+        &self,
+        i: usize,
+        x: &mut [f32],
+        n: usize,
+        rope: &Rope,
+        caches: &mut [(&mut SequenceCache, usize)],
+    ) -> Result<()> {
+        let hidden = self.config.hidden_size;
+        let layer = &self.layers[i];
+        let h = layer.input_layernorm.host(x, hidden)?;
+        let attn = layer.attn.host(&h, n, rope, caches, i)?;
+        add_into(x, &attn);
+        let h = layer.post_attention_layernorm.host(x, hidden)?;
+        let mlp = layer.mlp.host(&h, n)?;
+        add_into(x, &mlp);
+        Ok(())
+    }
+
+    /// Per chunk, the logits of the batch `rows` it asked for, from the
+    /// residual stream `x` after the last layer (`visit` gets the rows of
+    /// `all_logits` chunks, see [`stream_rows`]).
+    pub(super) fn host_logits(
+        &self,
+        x: &[f32],
+        chunks: &[BatchChunk<'_>],
+        rows: &mut [(usize, usize)],
+        visit: Option<RowVisitor<'_>>,
+    ) -> Result<Vec<Tensor>> {
+        let hidden = self.config.hidden_size;
         let vocab = self.lm_head.weight().dim(0)?;
         if let Some(visit) = visit {
-            stream_rows(chunks, &mut rows, vocab, visit, |start, count| {
+            stream_rows(chunks, rows, vocab, visit, |start, count| {
                 project(&self.norm.host(&x[start * hidden..(start + count) * hidden], hidden)?, count, &self.lm_head)
             })?;
         }
         let mut picked = Vec::new();
-        for &(start, take) in &rows {
+        for &(start, take) in rows.iter() {
             picked.extend_from_slice(&x[start * hidden..(start + take) * hidden]);
         }
         let count = picked.len() / hidden;
         let logits = project(&self.norm.host(&picked, hidden)?, count, &self.lm_head)?;
-        split_logits(&Tensor::from_vec(logits, (count, vocab), &Device::Cpu)?, &rows)
+        split_logits(&Tensor::from_vec(logits, (count, vocab), &Device::Cpu)?, rows)
     }
 }
 
@@ -92,14 +107,14 @@ impl Attention {
         &self,
         x: &[f32],
         n: usize,
-        (cos, sin): &(Vec<f32>, Vec<f32>),
+        (cos, sin): &Rope,
         caches: &mut [(&mut SequenceCache, usize)],
         layer: usize,
     ) -> Result<Vec<f32>> {
         let dims =
             AttentionDims { num_heads: self.num_heads, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         let (qw, kw, d) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim);
-        let (mut q, mut k, v) = match &self.qkv {
+        let (mut q, mut k, mut v) = match &self.qkv {
             Some(fused) => {
                 // Rows of [q | k | v]; split them into three row-major blocks.
                 let qkv = project(x, n, &fused.linear)?;
@@ -115,6 +130,10 @@ impl Attention {
             }
             None => (project(x, n, &self.q_proj)?, project(x, n, &self.k_proj)?, project(x, n, &self.v_proj)?),
         };
+        let [lq, lk, lv, lo] = self.lora.each_ref().map(Option::as_ref);
+        add_adapter(&mut q, x, n, lq)?;
+        add_adapter(&mut k, x, n, lk)?;
+        add_adapter(&mut v, x, n, lv)?;
         for row in 0..n {
             let (cos, sin) = (&cos[row * d / 2..(row + 1) * d / 2], &sin[row * d / 2..(row + 1) * d / 2]);
             for head in q[row * qw..(row + 1) * qw].chunks_exact_mut(d) {
@@ -126,7 +145,9 @@ impl Attention {
         }
         let mut out = vec![0f32; n * qw];
         attend_rows(&q, &k, &v, caches, layer, dims, &mut out)?;
-        project(&out, n, &self.o_proj)
+        let mut y = project(&out, n, &self.o_proj)?;
+        add_adapter(&mut y, &out, n, lo)?;
+        Ok(y)
     }
 }
 
@@ -150,12 +171,16 @@ impl Mlp {
                 act
             }
             None => {
-                let (mut gate, up) = (project(x, n, &self.gate_proj)?, project(x, n, &self.up_proj)?);
+                let (mut gate, mut up) = (project(x, n, &self.gate_proj)?, project(x, n, &self.up_proj)?);
+                add_adapter(&mut gate, x, n, self.lora[0].as_ref())?;
+                add_adapter(&mut up, x, n, self.lora[1].as_ref())?;
                 simd::silu_mul(&mut gate, &up);
                 gate
             }
         };
-        project(&act, n, &self.down_proj)
+        let mut y = project(&act, n, &self.down_proj)?;
+        add_adapter(&mut y, &act, n, self.lora[2].as_ref())?;
+        Ok(y)
     }
 }
 
@@ -181,6 +206,16 @@ impl RmsNorm {
 fn project(x: &[f32], n: usize, linear: &Linear) -> Result<Vec<f32>> {
     linear_rows(x, n, linear.weight(), linear.bias())?
         .ok_or_else(|| Error::EngineFailure("a projection's weights are not contiguous F32 in memory".into()))
+}
+
+/// Adds `adapter`'s `(α/r)·(x·Aᵀ)·Bᵀ` to `y`, the projection of `x` `[n, in]` it adapts.
+fn add_adapter(y: &mut [f32], x: &[f32], n: usize, adapter: Option<&Adapter>) -> Result<()> {
+    let Some(adapter) = adapter else { return Ok(()) };
+    let missing = || Error::EngineFailure("a LoRA adapter is not contiguous F32 in memory".into());
+    let hidden = linear_rows(x, n, &adapter.a, None)?.ok_or_else(missing)?;
+    let delta = linear_rows(&hidden, n, &adapter.b, None)?.ok_or_else(missing)?;
+    simd::axpy(y, adapter.scale as f32, &delta);
+    Ok(())
 }
 
 /// RoPE on one head (the rotate-half layout): pairs `(i, i + d/2)`.

@@ -23,12 +23,18 @@ pub use crate::kv_cache::SequenceCache;
 use crate::kv_cache::{AttentionDims, attend_batch, causal_mask};
 
 mod host;
+pub mod lora;
+#[cfg(test)]
+mod lora_tests;
 mod serve_weights;
+mod step;
 pub mod train_kernels;
 pub mod train_layer;
 pub mod train_ops;
 pub mod weight_grads;
 
+pub use lora::{Adapter, LoraSpec, NamedAdapter, Projection};
+pub use step::StepState;
 pub use weight_grads::WeightGrads;
 
 use train_ops::{AttentionShape, fused};
@@ -52,6 +58,8 @@ pub struct Llama {
     frozen_layers: usize,
     /// Where the fused training ops put weight gradients ([`WeightGrads`]); `None` hands them to candle.
     weight_grads: Option<WeightGrads>,
+    /// The whole-layer training nodes keep only their input and recompute their activations in the backward.
+    gradient_checkpointing: bool,
 }
 
 /// The new tokens one sequence brings to a serving step, with its cache.
@@ -92,6 +100,7 @@ impl Llama {
             dtype,
             frozen_layers: 0,
             weight_grads: None,
+            gradient_checkpointing: false,
         })
     }
 
@@ -121,6 +130,48 @@ impl Llama {
     /// (see [`WeightGrads`]): whoever runs `backward` must then move them over with [`WeightGrads::drain_into`].
     pub fn with_weight_grads(mut self, grads: WeightGrads) -> Self {
         self.weight_grads = Some(grads);
+        self
+    }
+
+    /// Freezes every base weight (detached views, as [`Llama::with_frozen_layers`] does) and gives the `targets`
+    /// projections of each layer above the frozen ones a LoRA adapter ([`lora`]); returns the adapters, whose
+    /// variables are then the model's only trainable parameters. Freeze layers first: a layer frozen later
+    /// drops its adapters.
+    pub fn with_lora(mut self, spec: &LoraSpec) -> Result<(Self, Vec<NamedAdapter>)> {
+        lora::validate(spec)?;
+        let frozen = self.frozen_layers;
+        let depth = self.layers.len();
+        self = self.with_frozen_layers(depth);
+        self.frozen_layers = frozen;
+        self.lm_head = detached(&self.lm_head);
+        self.norm = self.norm.detached();
+        let mut adapters = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate().skip(frozen) {
+            for &target in &spec.targets {
+                let weight = layer.projection(target).weight();
+                let shape = weight.dims2()?;
+                let seed =
+                    spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i * Projection::ALL.len() + target.index()) as u64;
+                let (a, b) = Adapter::create(shape, spec, seed, &self.device, self.dtype)?;
+                let named = NamedAdapter {
+                    weight: format!("model.layers.{i}.{}", target.weight_name()),
+                    a,
+                    b,
+                    scale: spec.scale(),
+                };
+                layer.set_adapter(target, named.adapter());
+                adapters.push(named);
+            }
+        }
+        Ok((self, adapters))
+    }
+
+    /// Gradient checkpointing: each whole-layer training node ([`train_layer`]) keeps only its input through the
+    /// forward and recomputes its activations in the backward (about one more forward pass, much less memory
+    /// for long sequences). A trainable layer that cannot run as one node (residual dropout, not F32 on the
+    /// CPU, no [`WeightGrads`]) is then refused rather than silently kept whole.
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
         self
     }
 
@@ -171,6 +222,7 @@ impl Llama {
                 .any(|p| p.weight().is_variable() || p.bias().is_some_and(Tensor::is_variable))
                 || l.input_layernorm.weight.is_variable()
                 || l.post_attention_layernorm.weight.is_variable()
+                || l.adapters().any(|a| a.a.is_variable() || a.b.is_variable())
         });
         layer_vars
             || self.embed_tokens.embeddings().is_variable()
@@ -212,7 +264,7 @@ impl Llama {
         let sink = self.weight_grads.as_ref();
         let mut x = prefix.clone();
         for layer in &self.layers[self.frozen_layers..] {
-            x = layer.forward_train(&x, &cos, &sin, &mask, residual_dropout, sink)?;
+            x = layer.forward_train(&x, &cos, &sin, &mask, residual_dropout, sink, self.gradient_checkpointing)?;
         }
         self.norm.forward_differentiable(&x)
     }
@@ -231,7 +283,7 @@ impl Llama {
             self.embed_tokens.forward(input_ids)?
         };
         for layer in &self.layers[..layers] {
-            x = layer.forward_train(&x, &cos, &sin, &mask, 0.0, sink)?;
+            x = layer.forward_train(&x, &cos, &sin, &mask, 0.0, sink, false)?;
         }
         Ok(x)
     }
@@ -276,64 +328,10 @@ impl Llama {
     }
 
     fn forward_step(&self, chunks: &mut [BatchChunk<'_>], visit: Option<RowVisitor<'_>>) -> Result<Vec<Tensor>> {
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        for chunk in chunks.iter() {
-            if chunk.tokens.is_empty() {
-                return Err(Error::invalid("prompt", "a sequence brought no tokens to the batch"));
-            }
-            let start = chunk.cache.len;
-            let end = start + chunk.tokens.len();
-            if end > self.max_positions() {
-                return Err(Error::invalid(
-                    "prompt",
-                    format!("sequence would reach {end} tokens, beyond the model's {} positions", self.max_positions()),
-                ));
-            }
-            if let Some(&bad) = chunk.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(Error::invalid(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size),
-                ));
-            }
-            ids.extend_from_slice(chunk.tokens);
-            positions.extend((start..end).map(|p| p as u32));
+        match self.begin_step(chunks)? {
+            Some(state) => self.finish_step(state, chunks, visit),
+            None => Ok(Vec::new()),
         }
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        for chunk in chunks.iter_mut() {
-            chunk.cache.prepare(chunk.tokens.len())?;
-        }
-        if self.runs_on_host() {
-            let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-            return self.forward_host(chunks, &ids, &positions, visit);
-        }
-        let n = ids.len();
-        let positions = Tensor::from_vec(positions, n, &self.device)?;
-        let cos = self.rope.cos.index_select(&positions, 0)?;
-        let sin = self.rope.sin.index_select(&positions, 0)?;
-        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, n, &self.device)?)?;
-        let mut caches: Vec<(&mut SequenceCache, usize)> =
-            chunks.iter_mut().map(|c| (&mut *c.cache, c.tokens.len())).collect();
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward_batch(&x, &cos, &sin, &mut caches, i)?;
-        }
-        drop(caches);
-        // Only the rows someone asked for go through the (large) vocabulary projection.
-        let mut rows = advance_caches(chunks);
-        if let Some(visit) = visit {
-            let vocab = self.config.vocab_size;
-            stream_rows(chunks, &mut rows, vocab, visit, |start, count| {
-                let block = serve(&self.lm_head, &self.norm.forward_fast(&x.narrow(0, start, count)?)?)?;
-                Ok(block.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-            })?;
-        }
-        let index: Vec<u32> = rows.iter().flat_map(|&(s, k)| (s..s + k).map(|r| r as u32)).collect();
-        let len = index.len();
-        let picked = x.index_select(&Tensor::from_vec(index, len, &self.device)?, 0)?;
-        let logits = serve(&self.lm_head, &self.norm.forward_fast(&picked)?)?.to_dtype(DType::F32)?;
-        split_logits(&logits, &rows)
     }
 }
 
@@ -422,14 +420,43 @@ impl DecoderLayer {
         })
     }
 
-    /// The weights for [`train_layer::decoder_layer`], when it applies: F32 on the CPU, trainable, no
-    /// projection biases.
+    /// The projection `p` (its base weight).
+    fn projection(&self, p: Projection) -> &Linear {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj][p.index()]
+    }
+
+    /// Gives projection `p` an adapter; the stacked serving matrices go (the adapters apply per projection).
+    fn set_adapter(&mut self, p: Projection, adapter: Adapter) {
+        self.attn.qkv = None;
+        self.mlp.gate_up = None;
+        match p.index() {
+            i @ 0..4 => self.attn.lora[i] = Some(adapter),
+            i => self.mlp.lora[i - 4] = Some(adapter),
+        }
+    }
+
+    /// The layer's adapters, by [`Projection::index`].
+    fn lora(&self) -> [Option<Adapter>; 7] {
+        let ([q, k, v, o], [gate, up, down]) = (self.attn.lora.clone(), self.mlp.lora.clone());
+        [q, k, v, o, gate, up, down]
+    }
+
+    fn adapters(&self) -> impl Iterator<Item = &Adapter> {
+        self.attn.lora.iter().chain(&self.mlp.lora).flatten()
+    }
+
+    /// The weights for [`train_layer::decoder_layer`], when it applies: F32 on the CPU, no projection biases,
+    /// and either every projection trainable (full fine-tune) or none and some adapters (LoRA).
     fn fused_weights(&self, x: &Tensor) -> Option<train_layer::LayerWeights> {
         let (a, m) = (&self.attn, &self.mlp);
         let projections = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        let usable =
-            fused(x) && projections.iter().all(|l| l.bias().is_none() && l.weight().is_variable() && fused(l.weight()));
-        usable.then(|| train_layer::LayerWeights {
+        let plain = fused(x) && projections.iter().all(|l| l.bias().is_none() && fused(l.weight()));
+        let full = projections.iter().all(|l| l.weight().is_variable());
+        let lora = projections.iter().all(|l| !l.weight().is_variable())
+            && self.adapters().next().is_some()
+            && self.adapters().all(|a| fused(&a.a) && fused(&a.b));
+        (plain && (full || lora)).then(|| train_layer::LayerWeights {
             input_norm: self.input_layernorm.weight.clone(),
             post_attention_norm: self.post_attention_layernorm.weight.clone(),
             q: a.q_proj.weight().clone(),
@@ -439,11 +466,12 @@ impl DecoderLayer {
             gate: m.gate_proj.weight().clone(),
             up: m.up_proj.weight().clone(),
             down: m.down_proj.weight().clone(),
+            lora: self.lora(),
             eps: self.input_layernorm.eps as f32,
         })
     }
 
-    /// The same layer on detached views of its weights (frozen: no gradient reaches them).
+    /// The same layer on detached views of its weights, without adapters (frozen: no gradient reaches them).
     fn detached(&self) -> Self {
         Self {
             attn: Attention {
@@ -451,6 +479,7 @@ impl DecoderLayer {
                 k_proj: detached(&self.attn.k_proj),
                 v_proj: detached(&self.attn.v_proj),
                 o_proj: detached(&self.attn.o_proj),
+                lora: Default::default(),
                 ..self.attn.clone()
             },
             mlp: Mlp {
@@ -458,12 +487,15 @@ impl DecoderLayer {
                 up_proj: detached(&self.mlp.up_proj),
                 down_proj: detached(&self.mlp.down_proj),
                 gate_up: self.mlp.gate_up.clone(),
+                lora: Default::default(),
             },
             input_layernorm: self.input_layernorm.detached(),
             post_attention_layernorm: self.post_attention_layernorm.detached(),
         }
     }
 
+    /// `checkpoint`: run as a whole-layer node that recomputes its activations in the backward, or fail.
+    #[allow(clippy::too_many_arguments)]
     fn forward_train(
         &self,
         x: &Tensor,
@@ -472,6 +504,7 @@ impl DecoderLayer {
         mask: &Tensor,
         dropout: f32,
         sink: Option<&WeightGrads>,
+        checkpoint: bool,
     ) -> Result<Tensor> {
         if let Some(grads) = sink
             && dropout == 0.0
@@ -479,7 +512,13 @@ impl DecoderLayer {
         {
             let a = &self.attn;
             let shape = AttentionShape { num_heads: a.num_heads, num_kv_heads: a.num_kv_heads, head_dim: a.head_dim };
-            return Ok(train_layer::decoder_layer(x, &weights, cos, sin, shape, grads)?);
+            return Ok(train_layer::decoder_layer(x, &weights, cos, sin, shape, grads, checkpoint)?);
+        }
+        if checkpoint {
+            return Err(Error::invalid(
+                "gradient_checkpointing",
+                "gradient checkpointing needs the whole-layer training path (F32 on the CPU, no residual dropout)",
+            ));
         }
         let h = self.attn.forward_train(&self.input_layernorm.forward_differentiable(x)?, cos, sin, mask, sink)?;
         let x = (x + residual_dropout(&h, dropout)?)?;
@@ -585,6 +624,22 @@ pub fn linear_rows(linear: &Linear, x: &Tensor, sink: Option<&WeightGrads>) -> R
     Ok(y.reshape(out_dims)?)
 }
 
+/// `y` (a projection of `x`) plus its LoRA adapter's update, differentiable.
+fn with_adapter(y: Tensor, adapter: Option<&Adapter>, x: &Tensor, sink: Option<&WeightGrads>) -> Result<Tensor> {
+    match adapter {
+        Some(adapter) => Ok((y + adapter.delta_train(x, sink)?)?),
+        None => Ok(y),
+    }
+}
+
+/// [`with_adapter`] on the serving path (`x` `[N, in]`).
+fn serve_adapter(y: Tensor, adapter: Option<&Adapter>, x: &Tensor) -> Result<Tensor> {
+    match adapter {
+        Some(adapter) => Ok((y + adapter.delta_serving(x)?)?),
+        None => Ok(y),
+    }
+}
+
 fn residual_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if p > 0.0 { Ok(candle_nn::ops::dropout(x, p)?) } else { Ok(x.clone()) }
 }
@@ -597,6 +652,8 @@ struct Attention {
     o_proj: Linear,
     /// Q, K and V as one matrix for serving (absent when training).
     qkv: Option<Fused>,
+    /// LoRA adapters of q, k, v, o.
+    lora: [Option<Adapter>; 4],
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -619,6 +676,7 @@ impl Attention {
             k_proj,
             v_proj,
             qkv,
+            lora: Default::default(),
             o_proj: candle_nn::linear_no_bias(h * d, cfg.hidden_size, vb.pp("o_proj"))?,
             num_heads: h,
             num_kv_heads: kv,
@@ -643,12 +701,13 @@ impl Attention {
         }
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            Ok(proj.forward(x)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        let heads = |i: usize, proj: &Linear, n: usize| -> Result<Tensor> {
+            let y = with_adapter(proj.forward(x)?, self.lora[i].as_ref(), x, sink)?;
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = candle_nn::rotary_emb::rope_slow(&heads(&self.q_proj, h)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&heads(&self.k_proj, kv)?, cos, sin)?;
-        let v = heads(&self.v_proj, kv)?;
+        let q = candle_nn::rotary_emb::rope_slow(&heads(0, &self.q_proj, h)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(1, &self.k_proj, kv)?, cos, sin)?;
+        let v = heads(2, &self.v_proj, kv)?;
         let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
         let dtype = q.dtype();
         let scores = (q.to_dtype(ATTENTION_DTYPE)?.matmul(&k.to_dtype(ATTENTION_DTYPE)?.t()?)?
@@ -656,7 +715,7 @@ impl Attention {
         .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        Ok(self.o_proj.forward(&out)?)
+        with_adapter(self.o_proj.forward(&out)?, self.lora[3].as_ref(), &out, sink)
     }
 
     /// [`Attention::forward_train`] through the fused CPU kernels: projections on `[B·T, hidden]` rows, RoPE and
@@ -671,12 +730,15 @@ impl Attention {
         let (b, t, hidden) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rows = x.reshape((b * t, hidden))?;
-        let q = train_ops::rope(&linear_rows(&self.q_proj, &rows, sink)?.reshape((b, t, h, d))?, cos, sin)?;
-        let k = train_ops::rope(&linear_rows(&self.k_proj, &rows, sink)?.reshape((b, t, kv, d))?, cos, sin)?;
-        let v = linear_rows(&self.v_proj, &rows, sink)?.reshape((b, t, kv, d))?;
+        let project =
+            |i: usize, proj: &Linear| with_adapter(linear_rows(proj, &rows, sink)?, self.lora[i].as_ref(), &rows, sink);
+        let q = train_ops::rope(&project(0, &self.q_proj)?.reshape((b, t, h, d))?, cos, sin)?;
+        let k = train_ops::rope(&project(1, &self.k_proj)?.reshape((b, t, kv, d))?, cos, sin)?;
+        let v = project(2, &self.v_proj)?.reshape((b, t, kv, d))?;
         let shape = AttentionShape { num_heads: h, num_kv_heads: kv, head_dim: d };
         let out = train_ops::causal_attention(&q, &k, &v, shape)?.reshape((b * t, h * d))?;
-        Ok(linear_rows(&self.o_proj, &out, sink)?.reshape((b, t, hidden))?)
+        let y = with_adapter(linear_rows(&self.o_proj, &out, sink)?, self.lora[3].as_ref(), &out, sink)?;
+        Ok(y.reshape((b, t, hidden))?)
     }
 
     /// `[B, kv, T, D]` to `[B, heads, T, D]`: head `i` reads kv head `i / groups`.
@@ -703,6 +765,8 @@ impl Attention {
             Some(qkv) => qkv.forward(x)?,
             None => [serve(&self.q_proj, x)?, serve(&self.k_proj, x)?, serve(&self.v_proj, x)?],
         };
+        let [q, k, v] = [(0, q), (1, k), (2, v)].map(|(i, y)| serve_adapter(y, self.lora[i].as_ref(), x));
+        let (q, k, v) = (q?, k?, v?);
         let q = q.reshape((1, n, h, d))?;
         let k = k.reshape((1, n, kv, d))?;
         let v = v.reshape((n, kv, d))?;
@@ -710,7 +774,7 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
         let dims = AttentionDims { num_heads: h, num_kv_heads: kv, head_dim: d };
         let out = attend_batch(&q, &k, &v, caches, layer, dims)?;
-        serve(&self.o_proj, &out)
+        serve_adapter(serve(&self.o_proj, &out)?, self.lora[3].as_ref(), &out)
     }
 }
 
@@ -721,6 +785,8 @@ struct Mlp {
     down_proj: Linear,
     /// Gate and up as one matrix for serving (absent when training).
     gate_up: Option<Fused>,
+    /// LoRA adapters of gate, up, down.
+    lora: [Option<Adapter>; 3],
 }
 
 impl Mlp {
@@ -734,17 +800,22 @@ impl Mlp {
             up_proj,
             down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
             gate_up,
+            lora: Default::default(),
         })
     }
 
     /// The training MLP (differentiable); `[B·T, hidden]` rows and the fused SwiGLU on the CPU.
     fn forward(&self, x: &Tensor, sink: Option<&WeightGrads>) -> Result<Tensor> {
+        let [gate_lora, up_lora, down_lora] = self.lora.each_ref().map(Option::as_ref);
         if fused(x) {
-            let (gate, up) = (linear_rows(&self.gate_proj, x, sink)?, linear_rows(&self.up_proj, x, sink)?);
-            return linear_rows(&self.down_proj, &train_ops::swiglu(&gate, &up)?, sink);
+            let gate = with_adapter(linear_rows(&self.gate_proj, x, sink)?, gate_lora, x, sink)?;
+            let up = with_adapter(linear_rows(&self.up_proj, x, sink)?, up_lora, x, sink)?;
+            let activation = train_ops::swiglu(&gate, &up)?;
+            return with_adapter(linear_rows(&self.down_proj, &activation, sink)?, down_lora, &activation, sink);
         }
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let gate = candle_nn::ops::silu(&with_adapter(self.gate_proj.forward(x)?, gate_lora, x, sink)?)?;
+        let activation = (gate * with_adapter(self.up_proj.forward(x)?, up_lora, x, sink)?)?;
+        with_adapter(self.down_proj.forward(&activation)?, down_lora, &activation, sink)
     }
 
     fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
@@ -752,7 +823,10 @@ impl Mlp {
             Some(gate_up) => gate_up.forward(x)?,
             None => [serve(&self.gate_proj, x)?, serve(&self.up_proj, x)?],
         };
-        serve(&self.down_proj, &(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = serve_adapter(gate, self.lora[0].as_ref(), x)?;
+        let up = serve_adapter(up, self.lora[1].as_ref(), x)?;
+        let activation = (candle_nn::ops::silu(&gate)? * up)?;
+        serve_adapter(serve(&self.down_proj, &activation)?, self.lora[2].as_ref(), &activation)
     }
 }
 
@@ -838,11 +912,11 @@ pub fn last_position(logits: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_nn::VarMap;
 
-    fn tiny_config() -> LlamaConfig {
+    pub(super) fn tiny_config() -> LlamaConfig {
         serde_json::from_str(
             r#"{"architectures":["LlamaForCausalLM"],"hidden_size":32,"intermediate_size":64,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":50,
@@ -852,7 +926,7 @@ mod tests {
     }
 
     /// A randomly initialised model whose parameters are all trainable vars.
-    fn trainable(cfg: &LlamaConfig) -> (VarMap, Llama) {
+    pub(super) fn trainable(cfg: &LlamaConfig) -> (VarMap, Llama) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let model = Llama::new(cfg, vb).unwrap();

@@ -7,8 +7,9 @@
 //! its format does not change the bytes read per step; with tied embeddings
 //! the LM head gets its own packed copy), the norm weights and RoPE tables
 //! (a few kilobytes), biases, activations, attention and the KV cache.
-//! llama.cpp keeps the same split for Q8_0 except that it also stores the
-//! embedding table in Q8_0; the LM head's format is measured in
+//! llama.cpp keeps the same split for Q8_0 and Q4_0 except that it also
+//! stores the embedding table quantized (and, for Q4_0 files, the output
+//! matrix in Q6_K); the LM head's format is measured in
 //! `instructd bench-quality` with the rest.
 
 use candle_nn::Linear;
@@ -110,7 +111,8 @@ mod tests {
 
     /// The whole tiny model (2 layers, GQA, tied LM head) served packed
     /// stays within each format's error of F32: BF16 rounds every operand to
-    /// 8 significant bits, Q8_0 to 1/254 of each block's largest value.
+    /// 8 significant bits, Q8_0 to 1/254 of each block's largest value, Q4_0
+    /// weights to 1/16 of it (a full step on the clamped side).
     /// Tolerances are relative to the largest F32 logit.
     #[test]
     fn packed_models_match_f32_logits_within_tolerance() {
@@ -119,9 +121,10 @@ mod tests {
         let load = |dtype| LoadedModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap().with_serve_dtype(dtype);
         let reference = logits(&load(ServeDtype::F32).unwrap().model);
         let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-        for (dtype, tolerance) in [(ServeDtype::Bf16, 0.02), (ServeDtype::Q8_0, 0.03)] {
+        for (dtype, tolerance) in [(ServeDtype::Bf16, 0.02), (ServeDtype::Q8_0, 0.03), (ServeDtype::Q4_0, 0.12)] {
             let model = load(dtype).unwrap().model;
-            assert_eq!(model.lm_head.weight().dtype(), if dtype == ServeDtype::Bf16 { DType::BF16 } else { DType::U8 });
+            let hidden = TinySpec::default().hidden_size;
+            assert_eq!(quant::packed_dtype(model.lm_head.weight(), hidden), Some(dtype));
             let got = logits(&model);
             let diff = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff > 0.0, "{dtype}: identical to F32, so the packed weights were not used");
@@ -132,11 +135,13 @@ mod tests {
     #[test]
     fn unpackable_models_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        // 48-wide rows are not a whole number of Q8_0 blocks (32); BF16 has no such limit.
+        // 48-wide rows are not a whole number of Q8_0 or Q4_0 blocks (32); BF16 has no such limit.
         init_tiny(dir.path(), &TinySpec { hidden_size: 48, intermediate_size: 96, ..Default::default() }).unwrap();
         let load = || LoadedModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
-        let err = load().with_serve_dtype(ServeDtype::Q8_0).err().expect("48-wide rows cannot be Q8_0");
-        assert!(matches!(err, Error::ServeDtype { dtype: "q8_0", .. }), "{err}");
+        for dtype in [ServeDtype::Q8_0, ServeDtype::Q4_0] {
+            let err = load().with_serve_dtype(dtype).err().expect("48-wide rows cannot be Q8_0 or Q4_0");
+            assert!(matches!(err, Error::ServeDtype { dtype: d, .. } if d == dtype.as_str()), "{err}");
+        }
         assert!(load().with_serve_dtype(ServeDtype::Bf16).is_ok());
         let bf16 = LoadedModel::load(dir.path(), DType::BF16, &Device::Cpu).unwrap();
         let err = bf16.with_serve_dtype(ServeDtype::Bf16).err().expect("BF16 activations are not packed");

@@ -165,10 +165,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, seed: f32) -> Vec<f32> {
-        (0..len).map(|i| ((i as f32 * 0.731 + seed).sin() * 1.7).fract()).collect()
-    }
+    use crate::quant::test_data::data;
 
     /// The exact product of the BF16-rounded operands, in F64.
     fn reference(x: &[f32], m: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {

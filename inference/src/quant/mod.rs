@@ -9,10 +9,16 @@
 //!   (a quarter of the bytes plus 1/8 for scales), dotted with activations
 //!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd`; see
 //!   [`q8_0`].
+//! * `q4_0`: llama.cpp's Q4_0, 4-bit weights with one F16 scale per 32
+//!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are; see
+//!   [`q4_0`]. Both integer formats lay their blocks out across the
+//!   vector lanes as `lanes` describes.
 //!
 //! A packed matrix travels in a candle [`Tensor`] so it can sit wherever a
 //! weight does (`candle_nn::Linear`): BF16 as a `BF16` tensor `[n, k]`,
-//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]` in [`q8_0`]'s layout.
+//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]` in [`q8_0`]'s layout,
+//! Q4_0 as a `U8` tensor `[n, q4_0::row_bytes(k)]` (the widths differ for
+//! every `k`: `1.25 k` against `0.5625 k`).
 //! Only [`crate::cpu_linear`] reads them; candle's own ops refuse the U8
 //! carrier (a dtype mismatch), so a packed weight cannot be misused silently.
 //!
@@ -20,7 +26,11 @@
 //! ([`crate::llama::Llama::with_serve_dtype`]).
 
 pub mod bf16;
+mod lanes;
+pub mod q4_0;
 pub mod q8_0;
+#[cfg(test)]
+mod test_data;
 
 use std::fmt;
 use std::str::FromStr;
@@ -40,16 +50,19 @@ pub enum ServeDtype {
     Bf16,
     #[serde(rename = "q8_0")]
     Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
 }
 
 impl ServeDtype {
-    pub const ALL: [ServeDtype; 3] = [ServeDtype::F32, ServeDtype::Bf16, ServeDtype::Q8_0];
+    pub const ALL: [ServeDtype; 4] = [ServeDtype::F32, ServeDtype::Bf16, ServeDtype::Q8_0, ServeDtype::Q4_0];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ServeDtype::F32 => "f32",
             ServeDtype::Bf16 => "bf16",
             ServeDtype::Q8_0 => "q8_0",
+            ServeDtype::Q4_0 => "q4_0",
         }
     }
 }
@@ -67,7 +80,7 @@ impl FromStr for ServeDtype {
         Self::ALL
             .into_iter()
             .find(|d| d.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown serve dtype {s:?}: expected f32, bf16 or q8_0"))
+            .ok_or_else(|| format!("unknown serve dtype {s:?}: expected f32, bf16, q8_0 or q4_0"))
     }
 }
 
@@ -89,6 +102,11 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
             let bytes = q8_0::pack(&values, n, k)?;
             Ok(Tensor::from_vec(bytes, (n, q8_0::row_bytes(k)), &Device::Cpu)?)
         }
+        ServeDtype::Q4_0 => {
+            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bytes = q4_0::pack(&values, n, k)?;
+            Ok(Tensor::from_vec(bytes, (n, q4_0::row_bytes(k)), &Device::Cpu)?)
+        }
     }
 }
 
@@ -98,6 +116,7 @@ pub fn packed_dtype(weight: &Tensor, k: usize) -> Option<ServeDtype> {
     match (weight.dtype(), weight.dims2().ok()?) {
         (DType::BF16, (_, cols)) if cols == k => Some(ServeDtype::Bf16),
         (DType::U8, (_, cols)) if k.is_multiple_of(q8_0::BLOCK) && cols == q8_0::row_bytes(k) => Some(ServeDtype::Q8_0),
+        (DType::U8, (_, cols)) if k.is_multiple_of(q8_0::BLOCK) && cols == q4_0::row_bytes(k) => Some(ServeDtype::Q4_0),
         _ => None,
     }
 }

@@ -6,32 +6,34 @@
 //! **Signedness.** `vpdpbusd` multiplies an unsigned byte by a signed one.
 //! Activations are stored offset by 128 (`u = q + 128`, in 1..=255), so
 //! `Σ u·w = Σ q·w + 128 Σ w`; each weight block keeps `-128 Σ w` (an i32),
-//! which seeds the accumulator and cancels the offset exactly.
+//! which is added to the block's integer dot and cancels the offset exactly.
 //!
-//! **Layout.** One i32 lane per block: a weight row's blocks are taken 16 at a
-//! time (a "group", the last may be shorter), and within a group byte `e` of
-//! block `b` sits at `4·nb·(e / 4) + 4·b + e % 4` (`nb` blocks in the group).
-//! Eight `vpdpbusd` over a group leave each lane holding its block's whole
-//! integer dot, which is then scaled (`x scale · w scale`) and added into
-//! that lane's F32 sum: one conversion per 16 blocks, not per block.
-//! Activations are laid out the same way. A packed row is
-//! `[k quant bytes][k/32 F32 scales][k/32 i32 offsets]`, little-endian
-//! ([`row_bytes`]).
+//! **Layout.** A packed row is `[k quant bytes][k/32 F32 scales][k/32 i32
+//! offsets]`, little-endian ([`row_bytes`]), the quant bytes in
+//! [`super::lanes`]' group layout (up to 8 lanes per block, so a 576-wide
+//! row's 2-block tail fills one vector): `vpdpbusd` steps over a group leave
+//! each lane holding its part of a block's integer dot; the parts are added
+//! into one lane per block (exactly), and each block's dot is scaled
+//! (`x scale · w scale`) and added into its lane's F32 sum: one conversion
+//! per group, not per block, and bit-identical results to one lane per
+//! block. Activations are laid out the same way.
 //!
-//! The portable path computes the same integers and the same F32 operations
-//! in the same order up to the final 16-lane sum, so both agree to rounding. Tiling and threading
+//! The portable path ([`super::lanes::column`]) computes the same integers
+//! and the same F32 operations in the same order up to the final 16-lane sum,
+//! so both agree to rounding. Tiling and threading
 //! are [`crate::cpu_linear::run_tiled`]'s.
 
 use rayon::prelude::*;
 
-use super::bf16::reduce;
 use crate::cpu_linear::{Tiles, run_tiled};
 use crate::error::{Error, Result};
 
-/// Values per quantization block (one scale each).
-pub const BLOCK: usize = 32;
-/// Blocks per group: one per i32 lane of a 512-bit vector.
-const GROUP: usize = 16;
+pub use super::lanes::BLOCK;
+use super::lanes::{self, Quantized, position as lane_position, quantize_row, quantize_rows};
+
+/// Lanes a block may spread over: all eight of its words (a 2-block group
+/// fills a vector in one step).
+const MAX_LANES: usize = 8;
 
 /// Bytes of one packed row of `k` weights (`k` a multiple of [`BLOCK`]).
 pub fn row_bytes(k: usize) -> usize {
@@ -51,37 +53,18 @@ pub fn has_simd() -> bool {
     false
 }
 
-/// Where byte `e` of block `b` goes in a row of `nb` blocks (see the module docs).
+/// Where byte `e` of block `b` goes in a row of `nb` blocks.
 fn position(b: usize, e: usize, nb: usize) -> usize {
-    let group = b / GROUP;
-    let in_group = (nb - group * GROUP).min(GROUP);
-    group * GROUP * BLOCK + 4 * in_group * (e / 4) + 4 * (b % GROUP) + e % 4
-}
-
-/// Quantizes one row of `k` values into `quants` (laid out per
-/// [`position`], each byte `q + offset`) and `scales` (one per block);
-/// returns each block's quant sum.
-fn quantize_row(values: &[f32], quants: &mut [u8], scales: &mut [f32], offset: u8) -> Vec<i32> {
-    let nb = values.len() / BLOCK;
-    let mut sums = Vec::with_capacity(nb);
-    for (b, (block, scale)) in values.chunks_exact(BLOCK).zip(scales.iter_mut()).enumerate() {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        *scale = d;
-        let mut sum = 0i32;
-        for (e, &v) in block.iter().enumerate() {
-            let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            sum += i32::from(q);
-            quants[position(b, e, nb)] = (q as u8).wrapping_add(offset);
-        }
-        sums.push(sum);
-    }
-    sums
+    lane_position(b, e, nb, MAX_LANES)
 }
 
 /// Packs `values` `[n, k]` (row-major F32) into `n` rows of [`row_bytes`].
 pub fn pack(values: &[f32], n: usize, k: usize) -> Result<Vec<u8>> {
+    pack_with(values, n, k, MAX_LANES)
+}
+
+/// [`pack`] with at most `lanes` lanes per block (tests compare layouts).
+fn pack_with(values: &[f32], n: usize, k: usize, lanes: usize) -> Result<Vec<u8>> {
     if !k.is_multiple_of(BLOCK) {
         return Err(Error::ServeDtype {
             dtype: "q8_0",
@@ -97,7 +80,7 @@ pub fn pack(values: &[f32], n: usize, k: usize) -> Result<Vec<u8>> {
     out.par_chunks_mut(bytes.max(1)).zip(values.par_chunks(k.max(1))).for_each(|(row, values)| {
         let (quants, tail) = row.split_at_mut(k);
         let mut scales = vec![0f32; nb];
-        let sums = quantize_row(values, quants, &mut scales, 0);
+        let sums = quantize_row(values, quants, &mut scales, 0, lanes);
         let (scale_bytes, offset_bytes) = tail.split_at_mut(4 * nb);
         for (dst, s) in scale_bytes.chunks_exact_mut(4).zip(&scales) {
             dst.copy_from_slice(&s.to_le_bytes());
@@ -123,26 +106,6 @@ pub fn unpack(packed: &[u8], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// Activations quantized for one product: offset quants `[m, k]` and scales `[m, k/32]`.
-struct Activations {
-    quants: Vec<u8>,
-    scales: Vec<f32>,
-}
-
-fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
-    let nb = k / BLOCK;
-    let mut a = Activations { quants: vec![0u8; m * k], scales: vec![0f32; m * nb] };
-    let run = |((values, quants), scales): ((&[f32], &mut [u8]), &mut [f32])| {
-        quantize_row(values, quants, scales, 128);
-    };
-    if m * k >= 1 << 16 {
-        x.par_chunks(k).zip(a.quants.par_chunks_mut(k)).zip(a.scales.par_chunks_mut(nb)).for_each(run);
-    } else {
-        x.chunks(k).zip(a.quants.chunks_mut(k)).zip(a.scales.chunks_mut(nb)).for_each(run);
-    }
-    a
-}
-
 /// `out[i][j] = Σ_c x[i][c] · w[j][c]` for `x` `[m, k]` F32 and `w` packed
 /// by [`pack`] (`n` rows), returned row-major `[m, n]`; activations are
 /// quantized per 32-block first.
@@ -152,6 +115,11 @@ pub fn matmul(x: &[f32], m: usize, w: &[u8], n: usize, k: usize) -> Vec<f32> {
 
 /// [`matmul`] on the SIMD kernel or the portable one (tests run both).
 pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool) -> Vec<f32> {
+    matmul_with(x, m, w, n, k, simd, MAX_LANES)
+}
+
+/// [`matmul_on`] for weights packed with at most `lanes` lanes per block.
+fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool, lanes: usize) -> Vec<f32> {
     assert!(
         k.is_multiple_of(BLOCK) && x.len() == m * k && w.len() == n * row_bytes(k),
         "q8_0 matmul: slices do not match [{m}, {k}] x packed [{n}, {k}]"
@@ -159,14 +127,16 @@ pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd:
     if k == 0 {
         return vec![0f32; m * n];
     }
-    let activations = quantize_activations(x, m, k);
-    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, simd: simd && has_simd() })
+    let activations = quantize_rows(x, m, k, 128, lanes);
+    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, lanes, simd: simd && has_simd() })
 }
 
 struct Q8Tiles<'a> {
-    a: &'a Activations,
+    a: &'a Quantized,
     w: &'a [u8],
     k: usize,
+    /// Lanes per block at most (the layout `w` and the activations are in).
+    lanes: usize,
     simd: bool,
 }
 
@@ -184,38 +154,28 @@ impl Tiles for Q8Tiles<'_> {
             if self.simd {
                 // SAFETY: `simd` is only set where `has_simd` holds; `xq` holds R rows of k bytes, `xs` R rows of
                 // nb scales, and `row` one packed row of `bytes`.
-                return unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k) };
+                return unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) };
             }
-            column_portable::<R>(xq, xs, row, k)
+            column_portable::<R>(xq, xs, row, k, self.lanes)
         });
         std::array::from_fn(|r| std::array::from_fn(|c| columns[c][r]))
     }
 }
 
 /// The SIMD kernel's arithmetic, lane by lane.
-fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize) -> [f32; R] {
+fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize, max_lanes: usize) -> [f32; R] {
     let nb = k / BLOCK;
-    let word = |bytes: &[u8], at: usize| [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
-    let mut out = [0f32; R];
-    for (r, o) in out.iter_mut().enumerate() {
+    let word = |at: usize| [row[at], row[at + 1], row[at + 2], row[at + 3]];
+    std::array::from_fn(|r| {
         let (xq, xs) = (&xq[r * k..(r + 1) * k], &xs[r * nb..(r + 1) * nb]);
-        let mut lanes = [0f32; GROUP];
-        for group in 0..nb.div_ceil(GROUP) {
-            let blocks = (nb - group * GROUP).min(GROUP);
-            for (lane, acc) in lanes.iter_mut().enumerate().take(blocks) {
-                let b = group * GROUP + lane;
-                let mut dot = i32::from_le_bytes(word(row, k + 4 * nb + 4 * b));
-                for e in 0..BLOCK {
-                    let at = position(b, e, nb);
-                    dot += i32::from(xq[at]) * i32::from(row[at] as i8);
-                }
-                let scale = xs[b] * f32::from_le_bytes(word(row, k + 4 * b));
-                *acc = (dot as f32).mul_add(scale, *acc);
-            }
-        }
-        *o = reduce(lanes);
-    }
-    out
+        lanes::column(
+            nb,
+            max_lanes,
+            |p| i32::from(xq[p]) * i32::from(row[p] as i8),
+            |b| i32::from_le_bytes(word(k + 4 * nb + 4 * b)),
+            |b| xs[b] * f32::from_le_bytes(word(k + 4 * b)),
+        )
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -223,59 +183,82 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize) 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, GROUP};
+    use super::super::lanes::x86::{low, per_block};
+    use super::super::lanes::{Group, groups};
+    use super::BLOCK;
 
     /// The dots of `R` quantized input rows with one packed weight row.
     ///
     /// # Safety
     /// AVX-512F, BW, VL and VNNI must be available; `xq` must hold `R · k`
-    /// bytes, `xs` `R · k/32` scales and `row` one packed row for `k`.
+    /// bytes, `xs` `R · k/32` scales and `row` one packed row for `k`, both
+    /// laid out with at most `max_lanes` lanes per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn column<const R: usize>(xq: *const u8, xs: *const f32, row: *const u8, k: usize) -> [f32; R] {
+    pub unsafe fn column<const R: usize>(
+        xq: *const u8,
+        xs: *const f32,
+        row: *const u8,
+        k: usize,
+        max_lanes: usize,
+    ) -> [f32; R] {
         let nb = k / BLOCK;
         let (w_scales, w_offsets) = (row.wrapping_add(k) as *const f32, row.wrapping_add(k + 4 * nb) as *const i32);
         let mut acc = [_mm512_setzero_ps(); R];
-        let mut group = 0;
-        while group * GROUP < nb {
-            let blocks = (nb - group * GROUP).min(GROUP);
-            // Lanes past a short last group load as zero (scale 0), so they add nothing.
-            let mask: __mmask16 = if blocks == GROUP { u16::MAX } else { (1u16 << blocks) - 1 };
-            let base = group * GROUP * BLOCK;
-            // SAFETY (whole block): masked loads read only the group's `4 · blocks`-byte words, its scales and
-            // offsets, all inside the rows (caller); the scale and offset arrays may be unaligned (loadu).
+        for g in groups(nb, max_lanes) {
+            // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
+            let blocks = low(g.blocks);
+            // SAFETY (whole block): masked loads read only the group's steps, scales and offsets, all inside the
+            // rows (caller); the scale and offset arrays may be unaligned (loadu).
             unsafe {
-                let first = group * GROUP;
-                let seed = _mm512_maskz_loadu_epi32(mask, w_offsets.add(first));
-                let w_scale = _mm512_maskz_loadu_ps(mask, w_scales.add(first));
-                let mut dots = [seed; R];
-                for step in 0..BLOCK / 4 {
-                    let at = base + 4 * blocks * step;
-                    let wv = _mm512_maskz_loadu_epi32(mask, row.add(at) as *const i32);
-                    for r in 0..R {
-                        let xv = _mm512_maskz_loadu_epi32(mask, xq.add(r * k + at) as *const i32);
-                        dots[r] = _mm512_dpbusd_epi32(dots[r], xv, wv);
-                    }
-                }
+                let seed = _mm512_maskz_loadu_epi32(blocks, w_offsets.add(g.first));
+                let w_scale = _mm512_maskz_loadu_ps(blocks, w_scales.add(g.first));
+                // A const step count keeps the full groups' eight steps unrolled.
+                let dots = match g.steps() {
+                    8 => steps::<R, 8>(g, xq, row, k),
+                    4 => steps::<R, 4>(g, xq, row, k),
+                    2 => steps::<R, 2>(g, xq, row, k),
+                    _ => steps::<R, 1>(g, xq, row, k),
+                };
                 for r in 0..R {
-                    let scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xs.add(r * nb + first)), w_scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+                    let dot = _mm512_add_epi32(per_block(g, dots[r]), seed);
+                    let scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)), w_scale);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                 }
             }
-            group += 1;
         }
         // The hardware reduction: copying the accumulators out to sum them in
         // `reduce`'s order made LLVM keep them in memory (measured 3x slower).
         std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+    }
+
+    /// Group `g`'s `T` steps of `vpdpbusd` for `R` input rows, from zero.
+    ///
+    /// # Safety
+    /// As [`column`]; `T` must be `g.steps()`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn steps<const R: usize, const T: usize>(g: Group, xq: *const u8, row: *const u8, k: usize) -> [__m512i; R] {
+        let used = low(g.used_lanes());
+        let mut dots = [_mm512_setzero_si512(); R];
+        for t in 0..T {
+            let at = g.start() + g.step_bytes() * t;
+            // SAFETY: step `t` of the group lies inside the weight row and each input row (caller).
+            unsafe {
+                let wv = _mm512_maskz_loadu_epi32(used, row.add(at) as *const i32);
+                for r in 0..R {
+                    let xv = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at) as *const i32);
+                    dots[r] = _mm512_dpbusd_epi32(dots[r], xv, wv);
+                }
+            }
+        }
+        dots
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, seed: f32) -> Vec<f32> {
-        (0..len).map(|i| ((i as f32 * 0.731 + seed).sin() * 1.7).fract()).collect()
-    }
+    use crate::quant::test_data::{BLOCK_SHAPES, data};
 
     #[test]
     fn packing_round_trips_within_half_a_step() {
@@ -299,14 +282,15 @@ mod tests {
     }
 
     /// Both paths against the F64 product of the quantized operands, for
-    /// widths with one full group, a short last group, and several groups.
+    /// widths whose last group has 1, 2 (SmolLM2's 576), 3, 5, 7, 9 and 16
+    /// blocks (1, 2, 4 and 8 lanes per block), one group or several.
     #[test]
     fn both_paths_match_the_quantized_product() {
-        for &(m, n, k) in &[(1, 1, 32), (1, 130, 576), (3, 65, 64), (5, 200, 1536), (16, 129, 576), (40, 7, 544)] {
+        for &(m, n, k) in BLOCK_SHAPES {
             let x = data(m * k, 0.3);
             let w = pack(&data(n * k, 1.1), n, k).unwrap();
             let wq = unpack(&w, n, k);
-            let a = quantize_activations(&x, m, k);
+            let a = quantize_rows(&x, m, k, 128, MAX_LANES);
             let nb = k / BLOCK;
             let xq: Vec<f32> = (0..m * k)
                 .map(|idx| {
@@ -328,6 +312,26 @@ mod tests {
                 let simd = matmul_on(&x, m, &w, n, k, true);
                 let diff = simd.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(diff < 1e-5, "{m}x{n}x{k}: simd and portable differ by {diff}");
+            }
+        }
+    }
+
+    /// Spreading a short group's blocks over several lanes changes which
+    /// instructions run, not the numbers: results are bit-identical to one
+    /// lane per block (the layout before), on both paths.
+    #[test]
+    fn spread_groups_are_bit_identical_to_one_lane_per_block() {
+        for &(m, n, k) in &[(1, 9, 32), (3, 9, 64), (5, 31, 576), (2, 7, 1536), (2, 5, 8192), (4, 11, 96), (3, 9, 608)]
+        {
+            let (x, w) = (data(m * k, 0.7), data(n * k, 1.9));
+            let (spread, one) = (pack(&w, n, k).unwrap(), pack_with(&w, n, k, 1).unwrap());
+            for simd in [false, true] {
+                let got = matmul_with(&x, m, &spread, n, k, simd, MAX_LANES);
+                let want = matmul_with(&x, m, &one, n, k, simd, 1);
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{n}x{k} (simd {simd}): {got:?} vs {want:?}"
+                );
             }
         }
     }

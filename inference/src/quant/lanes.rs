@@ -1,0 +1,246 @@
+//! Where a row's 32-value blocks sit in the 16 i32 lanes of the VNNI kernels
+//! ([`super::q8_0`], [`super::q4_0`]), the per-block int8 quantization both
+//! use, and the portable arithmetic both kernels follow lane by lane.
+//!
+//! **Groups.** A row's blocks are taken 16 at a time (a group; the last may
+//! be shorter). In a group of `s` blocks each block owns `L` adjacent lanes,
+//! `L` the largest of 1, 2, 4, 8 (up to a format's cap) with `s · L ≤ 16`, and
+//! its eight 4-byte words are spread over them: in step `t` (of `8 / L`) lane
+//! `L · b + j` holds word `L · t + j` of block `b`. Each step is one
+//! contiguous `4 · s · L`-byte load. A full group has one lane per block and
+//! eight steps; SmolLM2's 576-wide rows (18 blocks) end in a 2-block group
+//! that fills all 16 lanes in one step, where one lane per block would run
+//! eight steps at 2 of 16 lanes.
+//!
+//! **Arithmetic.** Each lane's integer dot is exact. After a group's steps
+//! the `L` lanes of a block are added together (integers, so exactly) and the
+//! blocks' dots moved to lanes `0..s` ([`x86::per_block`]): the same
+//! integers, in the same lanes, as one lane per block gives. Each is seeded
+//! with its block's correction term, converted, multiplied by the block's
+//! `x scale · w scale` and added into its lane's F32 sum. So the F32
+//! operations do not depend on how a group is spread: results are
+//! bit-identical to a one-lane-per-block kernel, and [`column`] below does
+//! the same operations in the same order up to the final 16-lane sum.
+
+use rayon::prelude::*;
+
+use super::bf16::reduce;
+
+/// Values per quantization block (one scale each).
+pub const BLOCK: usize = 32;
+/// Blocks per group: one per i32 lane of a 512-bit vector when the group is full.
+pub const GROUP: usize = 16;
+/// 4-byte words per block (what one `vpdpbusd` lane consumes per step).
+const WORDS: usize = BLOCK / 4;
+
+/// One group of a row's blocks and how its blocks share the lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    /// Index of the group's first block in the row.
+    pub first: usize,
+    /// Blocks in the group (16 except perhaps the last).
+    pub blocks: usize,
+    /// Lanes per block.
+    pub lanes: usize,
+}
+
+impl Group {
+    /// The group of `nb` blocks' row that block `b` is in, lanes capped at `max_lanes`.
+    #[inline]
+    pub fn of(b: usize, nb: usize, max_lanes: usize) -> Group {
+        let first = b / GROUP * GROUP;
+        let blocks = (nb - first).min(GROUP);
+        let mut lanes = 1;
+        while lanes * 2 <= max_lanes && blocks * lanes * 2 <= GROUP {
+            lanes *= 2;
+        }
+        Group { first, blocks, lanes }
+    }
+
+    /// Offset of the group's first byte in the row's quant bytes.
+    #[inline]
+    pub fn start(&self) -> usize {
+        self.first * BLOCK
+    }
+
+    /// Loads per block word set: `8 / lanes`.
+    #[inline]
+    pub fn steps(&self) -> usize {
+        WORDS / self.lanes
+    }
+
+    /// Bytes one step loads.
+    #[inline]
+    pub fn step_bytes(&self) -> usize {
+        4 * self.used_lanes()
+    }
+
+    /// Lanes holding data (the rest load as zero).
+    #[inline]
+    pub fn used_lanes(&self) -> usize {
+        self.blocks * self.lanes
+    }
+}
+
+/// The groups of a row of `nb` blocks, lanes per block capped at `max_lanes` (1, 2, 4 or 8).
+#[inline]
+pub fn groups(nb: usize, max_lanes: usize) -> impl Iterator<Item = Group> {
+    (0..nb.div_ceil(GROUP)).map(move |g| Group::of(g * GROUP, nb, max_lanes))
+}
+
+/// Where byte `e` of block `b` goes among a row's quant bytes (see the module docs).
+pub fn position(b: usize, e: usize, nb: usize, max_lanes: usize) -> usize {
+    let g = Group::of(b, nb, max_lanes);
+    let word = e / 4;
+    g.start() + g.step_bytes() * (word / g.lanes) + 4 * (g.lanes * (b - g.first) + word % g.lanes) + e % 4
+}
+
+/// Quantizes one row to int8 per 32-block (symmetric, `amax / 127` steps):
+/// quants into `quants` laid out per [`position`] (each byte `q + offset`),
+/// scales into `scales`; returns each block's quant sum.
+pub fn quantize_row(values: &[f32], quants: &mut [u8], scales: &mut [f32], offset: u8, max_lanes: usize) -> Vec<i32> {
+    let nb = values.len() / BLOCK;
+    let mut sums = Vec::with_capacity(nb);
+    for (b, (block, scale)) in values.chunks_exact(BLOCK).zip(scales.iter_mut()).enumerate() {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        *scale = d;
+        let mut sum = 0i32;
+        for (e, &v) in block.iter().enumerate() {
+            let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            sum += i32::from(q);
+            quants[position(b, e, nb, max_lanes)] = (q as u8).wrapping_add(offset);
+        }
+        sums.push(sum);
+    }
+    sums
+}
+
+/// Rows of activations quantized per 32-block for one product ([`quantize_row`]).
+pub struct Quantized {
+    /// `[m, k]`, each byte `q + offset`, in [`position`]'s layout.
+    pub quants: Vec<u8>,
+    /// `[m, k/32]`.
+    pub scales: Vec<f32>,
+    /// `[m, k/32]`: each block's quant sum.
+    pub sums: Vec<i32>,
+}
+
+/// One row's input and outputs in [`quantize_rows`].
+type RowParts<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [i32]);
+
+/// Quantizes `m` rows of `k` (a multiple of [`BLOCK`]), in parallel when the product is large.
+pub fn quantize_rows(x: &[f32], m: usize, k: usize, offset: u8, max_lanes: usize) -> Quantized {
+    let nb = k / BLOCK;
+    let mut a = Quantized { quants: vec![0u8; m * k], scales: vec![0f32; m * nb], sums: vec![0i32; m * nb] };
+    if k == 0 {
+        return a;
+    }
+    let run = |(((values, quants), scales), sums): RowParts| {
+        sums.copy_from_slice(&quantize_row(values, quants, scales, offset, max_lanes));
+    };
+    if m * k >= 1 << 16 {
+        x.par_chunks(k)
+            .zip(a.quants.par_chunks_mut(k))
+            .zip(a.scales.par_chunks_mut(nb))
+            .zip(a.sums.par_chunks_mut(nb))
+            .for_each(run);
+    } else {
+        x.chunks(k).zip(a.quants.chunks_mut(k)).zip(a.scales.chunks_mut(nb)).zip(a.sums.chunks_mut(nb)).for_each(run);
+    }
+    a
+}
+
+/// One row's dot, the SIMD kernels' arithmetic lane by lane: `product(p)` is
+/// the integer product at quant byte `p`, `seed(b)` block `b`'s correction
+/// and `scale(b)` its `x scale · w scale`; block `b` of a group adds into
+/// lane `b - first`.
+pub fn column(
+    nb: usize,
+    max_lanes: usize,
+    product: impl Fn(usize) -> i32,
+    seed: impl Fn(usize) -> i32,
+    scale: impl Fn(usize) -> f32,
+) -> f32 {
+    let mut sums = [0f32; GROUP];
+    for g in groups(nb, max_lanes) {
+        for (local, sum) in sums.iter_mut().enumerate().take(g.blocks) {
+            let b = g.first + local;
+            let mut dot = seed(b);
+            for lane in local * g.lanes..(local + 1) * g.lanes {
+                for t in 0..g.steps() {
+                    let at = g.start() + g.step_bytes() * t + 4 * lane;
+                    dot += (at..at + 4).map(&product).sum::<i32>();
+                }
+            }
+            *sum = (dot as f32).mul_add(scale(b), *sum);
+        }
+    }
+    reduce(sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Group;
+
+    /// Lanes `0..n` of a 16-lane mask.
+    #[inline]
+    pub fn low(n: usize) -> __mmask16 {
+        if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+    }
+
+    /// Each block's partial dots (its `lanes` adjacent lanes) added into
+    /// one, and the blocks' dots moved to lanes `0..blocks` (the rest zero):
+    /// what one lane per block would hold.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn per_block(g: Group, mut v: __m512i) -> __m512i {
+        if g.lanes == 1 {
+            return v;
+        }
+        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        // Butterfly within each aligned run of `lanes` lanes: afterwards every lane holds its block's sum.
+        let mut d = g.lanes / 2;
+        while d > 0 {
+            let partner = _mm512_xor_si512(iota, _mm512_set1_epi32(d as i32));
+            v = _mm512_add_epi32(v, _mm512_permutexvar_epi32(partner, v));
+            d /= 2;
+        }
+        // One lane per block (`l % lanes == 0`), packed to the bottom.
+        let first = (0..g.used_lanes()).step_by(g.lanes).fold(0u16, |m, l| m | (1 << l));
+        _mm512_maskz_compress_epi32(first, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every byte of a row has exactly one place, each step is contiguous,
+    /// and groups of 2 blocks use all 16 lanes.
+    #[test]
+    fn positions_are_a_permutation_with_dense_steps() {
+        for nb in 1..=40 {
+            for max_lanes in [1, 4, 8] {
+                let mut seen = vec![false; nb * BLOCK];
+                for b in 0..nb {
+                    for e in 0..BLOCK {
+                        let p = position(b, e, nb, max_lanes);
+                        assert!(!seen[p], "nb {nb} cap {max_lanes}: ({b}, {e}) collides at {p}");
+                        seen[p] = true;
+                    }
+                }
+                for g in groups(nb, max_lanes) {
+                    assert_eq!(g.steps() * g.step_bytes(), g.blocks * BLOCK);
+                    assert!(g.used_lanes() <= GROUP && g.lanes <= max_lanes);
+                    if g.blocks == 2 && max_lanes == 8 {
+                        assert_eq!(g.used_lanes(), GROUP, "nb {nb}: a 2-block group fills the vector");
+                    }
+                }
+            }
+        }
+    }
+}
