@@ -98,9 +98,10 @@ fn job<'a>(stage: Stage, snapshot: &'a Path, data: &'a Dataset, policy: &'a Path
     }
 }
 
-#[test]
-fn sft_matches_the_in_process_trainer() {
-    let Some(python) = job_python() else { return };
+/// The SFT tests' inputs: a tiny policy, a snapshot of demonstrations, and a config of `epochs` epochs with one
+/// optimiser step each (every training example in the batch, so both sides see the same batches whatever order
+/// their shuffles give), in two micro-batches (the token-weighted accumulation).
+fn sft_fixture(epochs: usize) -> (tempfile::TempDir, PathBuf, PathBuf, Dataset, TrainerConfig) {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tiny(&tmp.path().join("policy"), 5);
     let snapshot = tmp.path().join("snapshot");
@@ -108,13 +109,18 @@ fn sft_matches_the_in_process_trainer() {
     let data = Dataset { sft: demonstrations(), ..Dataset::default() };
     write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
     let mut config = TrainerConfig::default();
-    // One optimiser step per epoch (every training example in the batch), so both sides see the same batches
-    // whatever order their shuffles give; two micro-batches test the token-weighted accumulation; the high
-    // learning rate makes the gradient clip (norm 1) act.
-    config.sft.epochs = 3;
-    config.sft.learning_rate = 1e-2;
+    config.sft.epochs = epochs;
     config.sft.batch_size = 8;
     config.sft.micro_batch_size = 4;
+    (tmp, policy, snapshot, data, config)
+}
+
+#[test]
+fn sft_matches_the_in_process_trainer() {
+    let Some(python) = job_python() else { return };
+    let (tmp, policy, snapshot, data, mut config) = sft_fixture(3);
+    // The high learning rate makes the gradient clip (norm 1) act.
+    config.sft.learning_rate = 1e-2;
 
     // The in-process first step on the training split.
     let model = PolicyModel::load(&policy, &Device::Cpu).unwrap();
@@ -422,16 +428,7 @@ fn the_reward_model_on_two_processes_matches_one_process() {
 #[test]
 fn the_job_checkpoints_activations_and_refuses_lora() {
     let Some(python) = job_python() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = tiny(&tmp.path().join("policy"), 5);
-    let snapshot = tmp.path().join("snapshot");
-    std::fs::create_dir_all(&snapshot).unwrap();
-    let data = Dataset { sft: demonstrations(), ..Dataset::default() };
-    write_jsonl(&snapshot.join("sft.jsonl"), &data.sft);
-    let mut config = TrainerConfig::default();
-    config.sft.epochs = 1;
-    config.sft.batch_size = 8;
-    config.sft.micro_batch_size = 4;
+    let (tmp, policy, snapshot, data, mut config) = sft_fixture(1);
     config.sft.gradient_checkpointing = true;
 
     let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
