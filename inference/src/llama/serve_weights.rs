@@ -27,6 +27,14 @@ impl Llama {
             return Ok(self);
         }
         let refuse = |message: String| Error::ServeDtype { dtype: dtype.as_str(), message };
+        match quant::kernel(dtype) {
+            quant::Kernel::Portable => tracing::warn!(
+                serve_dtype = %dtype,
+                "this CPU has neither AVX2 nor the format's AVX-512 instructions: {dtype} runs on the portable loop, \
+                 tens of times slower than f32; serve f32 here"
+            ),
+            kernel => tracing::info!(serve_dtype = %dtype, ?kernel, "projection weights packed for this CPU's kernel"),
+        }
         if !self.runs_on_host() {
             return Err(refuse(format!(
                 "packed weights run on the CPU with dtype = \"f32\" activations; this model is {:?} on {:?}",

@@ -1,15 +1,24 @@
-//! `x @ Wᵀ` with BF16 weights: activations are rounded to BF16 once per
-//! product and each dot product runs on AVX-512 BF16's `vdpbf16ps` (two BF16
-//! products added into each F32 lane), twice the multiply-adds per
-//! instruction of F32 FMA and half the weight bytes.
+//! `x @ Wᵀ` with BF16 weights (half the bytes of F32): activations are
+//! rounded to BF16 once per product, then dotted in F32 on the best kernel
+//! the CPU has ([`kernel`]):
 //!
-//! Where the CPU lacks AVX-512 BF16 a portable loop computes the same lanes
-//! in the same order (BF16 × BF16 products are exact in F32), so both paths
-//! agree to rounding noise. Tiling and threading are
+//! * AVX-512 BF16: `vdpbf16ps` adds two BF16 products into each F32 lane,
+//!   twice the multiply-adds per instruction of F32 FMA.
+//! * AVX2 + FMA, where AVX-512 BF16 is missing (every AVX2-only x86-64,
+//!   Haswell / Zen 1 to Zen 3): each 16-value weight chunk is widened to
+//!   F32 with two integer ops (a BF16 is the high half of an F32) and fed to
+//!   `vfmadd`; the activations are widened once per product.
+//! * A portable loop, the reference arithmetic (and orders of magnitude
+//!   slower).
+//!
+//! BF16 × BF16 products are exact in F32, so the kernels differ only in the
+//! order of the additions and agree to rounding noise; each sums every entry
+//! in one order whatever the batch. Tiling and threading are
 //! [`crate::cpu_linear::run_tiled`]'s.
 
 use rayon::prelude::*;
 
+use super::Kernel;
 use crate::cpu_linear::{Tiles, run_tiled};
 
 /// BF16 values per 512-bit vector.
@@ -29,7 +38,7 @@ pub fn from_bits(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// Whether this CPU runs the `vdpbf16ps` kernel.
+/// Whether this CPU runs the AVX-512 BF16 (`vdpbf16ps`) kernel.
 pub fn has_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -42,46 +51,100 @@ pub fn has_simd() -> bool {
     false
 }
 
+/// The kernel [`matmul`] runs on this CPU.
+pub fn kernel() -> Kernel {
+    Kernel::best(has_simd())
+}
+
 /// `out[i][j] = Σ_c bf16(x[i][c]) · w[j][c]` for `x` `[m, k]` F32 and `w`
 /// `[n, k]` BF16 bits, returned row-major `[m, n]`.
 pub fn matmul(x: &[f32], m: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {
-    matmul_on(x, m, w, n, k, has_simd())
+    matmul_on(x, m, w, n, k, kernel())
 }
 
-/// [`matmul`] on the SIMD kernel or the portable one (tests run both).
-pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u16], n: usize, k: usize, simd: bool) -> Vec<f32> {
+/// [`matmul`] on a given kernel (tests and benchmarks run each one). A
+/// kernel this CPU lacks falls back to the best one below it it has.
+pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u16], n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
     assert!(x.len() == m * k && w.len() == n * k, "bf16 matmul: slices do not match [{m}, {k}] x [{n}, {k}]");
-    let mut xb = vec![0u16; m * k];
-    let convert = |(o, i): (&mut u16, &f32)| *o = to_bits(*i);
-    if m * k >= 1 << 16 {
-        xb.par_iter_mut().zip(x.par_iter()).for_each(convert);
+    let kernel = kernel.supported(has_simd());
+    let (mut xb, mut xf) = (Vec::new(), Vec::new());
+    if kernel == Kernel::Avx2 {
+        // The AVX2 tile reads the activations as F32 (their BF16 values),
+        // de-interleaved as it widens the weights: converted here once
+        // rather than in every tile.
+        xf = vec![0f32; m * k];
+        let convert = |(o, i): (&mut [f32], &[f32])| widen_row(i, o);
+        if m * k >= 1 << 16 {
+            xf.par_chunks_mut(k.max(1)).zip(x.par_chunks(k.max(1))).for_each(convert);
+        } else {
+            xf.chunks_mut(k.max(1)).zip(x.chunks(k.max(1))).for_each(convert);
+        }
     } else {
-        xb.iter_mut().zip(x).for_each(convert);
+        xb = vec![0u16; m * k];
+        let convert = |(o, i): (&mut u16, &f32)| *o = to_bits(*i);
+        if m * k >= 1 << 16 {
+            xb.par_iter_mut().zip(x.par_iter()).for_each(convert);
+        } else {
+            xb.iter_mut().zip(x).for_each(convert);
+        }
     }
-    run_tiled(m, n, &Bf16Tiles { x: &xb, w, k, simd: simd && has_simd() })
+    run_tiled(m, n, &Bf16Tiles { x: &xb, xf: &xf, w, k, kernel })
+}
+
+/// Values per AVX2 step: one 256-bit load of BF16 weights, widened into an
+/// F32 vector of its even-indexed values and one of its odd-indexed ones.
+const AVX2_STEP: usize = 16;
+
+/// One activation row as the AVX2 tile reads it: each value rounded to BF16
+/// and widened back, each full 16-value chunk stored as its 8 even-indexed
+/// values then its 8 odd-indexed ones; the tail as it is.
+fn widen_row(x: &[f32], out: &mut [f32]) {
+    let full = x.len() / AVX2_STEP * AVX2_STEP;
+    for (xs, os) in x[..full].chunks_exact(AVX2_STEP).zip(out[..full].chunks_exact_mut(AVX2_STEP)) {
+        for l in 0..AVX2_STEP / 2 {
+            os[l] = from_bits(to_bits(xs[2 * l]));
+            os[l + AVX2_STEP / 2] = from_bits(to_bits(xs[2 * l + 1]));
+        }
+    }
+    for (o, &v) in out[full..].iter_mut().zip(&x[full..]) {
+        *o = from_bits(to_bits(v));
+    }
 }
 
 struct Bf16Tiles<'a> {
+    /// Activations as BF16 bits, for the AVX-512 and portable kernels.
     x: &'a [u16],
+    /// Activations as [`widen_row`] lays them out, for the AVX2 kernel.
+    xf: &'a [f32],
     w: &'a [u16],
     k: usize,
-    simd: bool,
+    /// One that this CPU runs ([`Kernel::supported`]).
+    kernel: Kernel,
 }
 
 impl Tiles for Bf16Tiles<'_> {
     fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize) -> [[f32; C]; R] {
         let k = self.k;
-        let (x, w) = (&self.x[i * k..(i + R) * k], &self.w[j * k..(j + C) * k]);
-        #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: `simd` is only set where `has_simd` holds; `x` holds R rows and `w` C rows of `k` values.
-            return unsafe { x86::tile::<R, C>(x.as_ptr(), w.as_ptr(), k) };
+        let w = &self.w[j * k..(j + C) * k];
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                let x = &self.x[i * k..(i + R) * k];
+                // SAFETY: `Kernel::supported` chose Avx512 only where `has_simd` holds; `x` holds R rows and `w` C rows of `k` values.
+                unsafe { x86::tile::<R, C>(x.as_ptr(), w.as_ptr(), k) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                let x = &self.xf[i * k..(i + R) * k];
+                // SAFETY: `Kernel::supported` chose Avx2 only where AVX2 and FMA are present; `x` holds R rows and `w` C rows of `k` values.
+                unsafe { x86::tile_avx2::<R, C>(x.as_ptr(), w.as_ptr(), k) }
+            }
+            _ => tile_portable::<R, C>(&self.x[i * k..(i + R) * k], w, k),
         }
-        tile_portable::<R, C>(x, w, k)
     }
 }
 
-/// The SIMD kernel's arithmetic: lane `l` of each 32-value chunk takes
+/// The AVX-512 kernel's arithmetic: lane `l` of each 32-value chunk takes
 /// values `2l + 1` then `2l` (as `vdpbf16ps` does), and the 16 lanes are
 /// summed by [`reduce`].
 fn tile_portable<const R: usize, const C: usize>(x: &[u16], w: &[u16], k: usize) -> [[f32; C]; R] {
@@ -107,7 +170,7 @@ fn tile_portable<const R: usize, const C: usize>(x: &[u16], w: &[u16], k: usize)
 }
 
 /// The portable path's sum of its 16 lanes (a fixed tree order; the SIMD
-/// paths use the hardware reduction, so the two agree to rounding).
+/// kernels sum theirs in their own orders, so all agree to rounding).
 pub(crate) fn reduce(l: [f32; 16]) -> f32 {
     let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
     let q: [f32; 4] = std::array::from_fn(|i| h[i] + h[i + 4]);
@@ -119,7 +182,7 @@ pub(crate) fn reduce(l: [f32; 16]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::LANES;
+    use super::{AVX2_STEP, LANES};
 
     /// # Safety
     /// AVX-512F, BW, VL and BF16 must be available; `x` must hold `R · k`
@@ -160,6 +223,97 @@ mod x86 {
         }
         out
     }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `x` must hold `R · k` values laid out
+    /// by [`super::widen_row`] and `w` `C · k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: usize) -> [[f32; C]; R] {
+        let mut out = [[0f32; C]; R];
+        // AVX2 has 16 registers: a 5 × 5 tile's 25 accumulators would live
+        // in memory. Two input rows at a time (10 accumulators, 2 widened
+        // weight vectors) stay in registers; the weight tile (5 rows of
+        // `k` BF16) is re-read from L1 for each pair.
+        let mut r = 0;
+        while r + 2 <= R {
+            // SAFETY: rows `r` and `r + 1` are within `x`'s R rows.
+            let rows = unsafe { rows_avx2::<2, C>(x.add(r * k), w, k, r == 0) };
+            out[r..r + 2].copy_from_slice(&rows);
+            r += 2;
+        }
+        if r < R {
+            // SAFETY: row `r` is within `x`'s R rows.
+            out[r] = unsafe { rows_avx2::<1, C>(x.add(r * k), w, k, r == 0) }[0];
+        }
+        out
+    }
+
+    /// [`tile_avx2`] for `G` input rows; `prefetch` fetches the next weight
+    /// tile (the first group of a tile asks, later ones find it in cache).
+    /// Every entry is summed in one order whatever `G` and `C` are: its
+    /// accumulator's lanes step by step (even values, then odd), [`hsum`],
+    /// then the tail in order.
+    ///
+    /// # Safety
+    /// As [`tile_avx2`], for `G` rows of `x`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_avx2<const G: usize, const C: usize>(
+        x: *const f32,
+        w: *const u16,
+        k: usize,
+        prefetch: bool,
+    ) -> [[f32; C]; G] {
+        let mut acc = [[_mm256_setzero_ps(); C]; G];
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let full = k / AVX2_STEP * AVX2_STEP;
+        let mut p = 0;
+        while p < full {
+            // SAFETY (whole block): `p + 16 <= k`, so each load reads within
+            // its row; prefetches never fault.
+            unsafe {
+                for c in 0..C {
+                    if prefetch && p % 32 == 0 {
+                        // Weights stream from memory once per step: fetch the next tile's rows meanwhile (one 64-byte line per 32 values).
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((c + C) * k + p) as *const i8);
+                    }
+                    let v = _mm256_loadu_si256(w.add(c * k + p) as *const __m256i);
+                    // Lane `l` holds values 2l (low half) and 2l + 1 (high
+                    // half); a BF16 is the high half of its F32.
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                    for r in 0..G {
+                        let xe = _mm256_loadu_ps(x.add(r * k + p));
+                        let xo = _mm256_loadu_ps(x.add(r * k + p + AVX2_STEP / 2));
+                        acc[r][c] = _mm256_fmadd_ps(xe, even, acc[r][c]);
+                        acc[r][c] = _mm256_fmadd_ps(xo, odd, acc[r][c]);
+                    }
+                }
+            }
+            p += AVX2_STEP;
+        }
+        let mut out = [[0f32; C]; G];
+        for r in 0..G {
+            for c in 0..C {
+                let mut sum = hsum(acc[r][c]);
+                for e in full..k {
+                    // SAFETY: `e < k`.
+                    sum = unsafe { (*x.add(r * k + e)).mul_add(super::from_bits(*w.add(c * k + e)), sum) };
+                }
+                out[r][c] = sum;
+            }
+        }
+        out
+    }
+
+    /// The 8 lanes' sum in a fixed order, without leaving registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
 }
 
 #[cfg(test)]
@@ -192,20 +346,49 @@ mod tests {
     }
 
     #[test]
-    fn both_paths_match_the_rounded_product_for_odd_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (3, 65, 32), (5, 200, 33), (16, 129, 576), (40, 7, 100)] {
+    fn every_kernel_matches_the_rounded_product_for_odd_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 130, 67),
+            (3, 65, 32),
+            (5, 200, 33),
+            (16, 129, 576),
+            (40, 7, 100),
+            (2, 11, 15),
+            (7, 13, 48),
+        ] {
             let x = data(m * k, 0.3);
             let w: Vec<u16> = data(n * k, 1.1).into_iter().map(to_bits).collect();
             let want = reference(&x, m, &w, n, k);
-            let portable = matmul_on(&x, m, &w, n, k, false);
+            let portable = matmul_on(&x, m, &w, n, k, Kernel::Portable);
             let diff = portable.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-4, "portable {m}x{n}x{k}: max difference {diff}");
-            if has_simd() {
-                let simd = matmul_on(&x, m, &w, n, k, true);
-                let diff = simd.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-5, "simd vs portable {m}x{n}x{k}: max difference {diff}");
+            for kernel in Kernel::available(has_simd()) {
+                let got = matmul_on(&x, m, &w, n, k, kernel);
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "{kernel:?} {m}x{n}x{k}: max difference {diff}");
+                // AVX-512 sums the portable loop's lanes (only the final
+                // reduction differs); AVX2's 8 lanes are an order of their own,
+                // held to the reference's bound above.
+                if kernel == Kernel::Avx512 {
+                    let diff = got.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(diff < 1e-5, "{kernel:?} vs portable {m}x{n}x{k}: max difference {diff}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_kernel_the_cpu_lacks_falls_back_to_one_it_has() {
+        let available = Kernel::available(has_simd());
+        for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
+            let chosen = kernel.supported(has_simd());
+            assert!(available.contains(&chosen), "{kernel:?} ran as {chosen:?}, not in {available:?}");
+            if available.contains(&kernel) {
+                assert_eq!(chosen, kernel);
+            }
+        }
+        assert_eq!(kernel(), *available.last().expect("portable is always there"));
     }
 
     #[test]
@@ -214,12 +397,14 @@ mod tests {
         let (x, wf) = (data(m * k, 0.5), data(n * k, 2.0));
         let w: Vec<u16> = wf.iter().map(|&v| to_bits(v)).collect();
         let exact = crate::cpu_linear::matmul_transposed(&x, m, &wf, n, k);
-        let got = matmul(&x, m, &w, n, k);
         // Each term |x·w| < 1 carries an error below 2^-8 (two roundings of
         // 2^-9), of either sign: the sum's error grows like √k, not k.
         let bound = (k as f32).sqrt() * 2f32.powi(-8);
-        let diff = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff > 0.0 && diff < bound, "max difference {diff} (bound {bound})");
+        for kernel in Kernel::available(has_simd()) {
+            let got = matmul_on(&x, m, &w, n, k, kernel);
+            let diff = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff > 0.0 && diff < bound, "{kernel:?}: max difference {diff} (bound {bound})");
+        }
     }
 
     #[test]
@@ -227,11 +412,13 @@ mod tests {
         let (n, k) = (97, 300);
         let w: Vec<u16> = data(n * k, 2.0).into_iter().map(to_bits).collect();
         let x = data(40 * k, 0.5);
-        for m in [16, 40] {
-            let batched = matmul(&x[..m * k], m, &w, n, k);
-            for i in 0..m {
-                let alone = matmul(&x[i * k..(i + 1) * k], 1, &w, n, k);
-                assert_eq!(alone, batched[i * n..(i + 1) * n], "row {i} of {m}");
+        for kernel in Kernel::available(has_simd()) {
+            for m in [16, 40] {
+                let batched = matmul_on(&x[..m * k], m, &w, n, k, kernel);
+                for i in 0..m {
+                    let alone = matmul_on(&x[i * k..(i + 1) * k], 1, &w, n, k, kernel);
+                    assert_eq!(alone, batched[i * n..(i + 1) * n], "{kernel:?}: row {i} of {m}");
+                }
             }
         }
     }

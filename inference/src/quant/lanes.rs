@@ -215,6 +215,107 @@ pub mod x86 {
     }
 }
 
+/// The AVX2 kernels' side of the layout: a 16-lane step is two 256-bit
+/// halves (lanes 0..8 and 8..16), loaded with masks where a group uses fewer.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Group;
+
+    /// Lanes of a 256-bit half.
+    pub const HALF: usize = 8;
+
+    /// A load mask for lanes `0..n` of 8 (`n` at most 8).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mask(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// Lanes of half `half` that a group's `used` lanes fill (0..=8).
+    #[inline]
+    pub fn used_in(used: usize, half: usize) -> usize {
+        used.saturating_sub(HALF * half).min(HALF)
+    }
+
+    /// `n` (at most 8) 4-byte words from `p`, the other lanes zero.
+    ///
+    /// # Safety
+    /// AVX2 must be available and `p` valid for `4 · n` bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn load(p: *const u8, n: usize) -> __m256i {
+        // SAFETY: the caller's `n` words are readable; masked-off lanes are not read.
+        unsafe {
+            if n >= HALF {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_maskload_epi32(p as *const i32, mask(n))
+            }
+        }
+    }
+
+    /// `n` (at most 8) F32 values from `p`, the other lanes zero.
+    ///
+    /// # Safety
+    /// AVX2 must be available and `p` valid for `n` values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn load_ps(p: *const f32, n: usize) -> __m256 {
+        // SAFETY: as `load`.
+        unsafe { if n >= HALF { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask(n)) } }
+    }
+
+    /// For a group with more than one lane per block (so at most 8 blocks):
+    /// each block's partial dots in `lo` and `hi` added into one, the blocks
+    /// moved to lanes `0..blocks` of the result, the rest zero: what one lane
+    /// per block would hold. Integer additions, so exact in any order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn per_block(g: Group, lo: __m256i, hi: __m256i) -> __m256i {
+        match (g.lanes, g.blocks) {
+            // SmolLM2's 576-wide rows in Q8_0: block 0 is `lo`, block 1 `hi`.
+            (8, 2) => {
+                let t = _mm256_hadd_epi32(lo, hi);
+                let t = _mm256_hadd_epi32(t, t);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                _mm256_set_m128i(_mm_setzero_si128(), _mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
+            }
+            // The same rows in Q4_0 (4 lanes per block): both blocks in `lo`.
+            (4, 2) => {
+                let t = _mm256_hadd_epi32(lo, lo);
+                let t = _mm256_hadd_epi32(t, t);
+                let s = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                _mm256_set_m128i(_mm_setzero_si128(), _mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
+            }
+            _ => {
+                let mut lanes = [0i32; 2 * HALF];
+                // SAFETY: `lanes` holds 16 i32s, two unaligned 32-byte stores.
+                unsafe {
+                    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, lo);
+                    _mm256_storeu_si256(lanes.as_mut_ptr().add(HALF) as *mut __m256i, hi);
+                }
+                let mut out = [0i32; HALF];
+                for (b, o) in out.iter_mut().enumerate().take(g.blocks) {
+                    *o = lanes[b * g.lanes..(b + 1) * g.lanes].iter().sum();
+                }
+                // SAFETY: `out` holds 8 i32s.
+                unsafe { _mm256_loadu_si256(out.as_ptr() as *const __m256i) }
+            }
+        }
+    }
+
+    /// The sum of an accumulator's 8 lanes, in a fixed order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,14 +4,15 @@
 //! * `f32`: as trained; [`crate::cpu_linear`]'s kernel.
 //! * `bf16`: weights rounded to bfloat16 (half the bytes per token), dotted
 //!   with activations rounded to bfloat16 by AVX-512 BF16's `vdpbf16ps`
-//!   (F32 accumulation); see [`bf16`].
+//!   (F32 accumulation), or, where AVX-512 BF16 is missing, by AVX2 FMA on
+//!   the values widened to F32; see [`bf16`].
 //! * `q8_0`: llama.cpp's Q8_0 scheme, int8 weights with one F32 scale per 32
 //!   (a quarter of the bytes plus 1/8 for scales), dotted with activations
-//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd`; see
-//!   [`q8_0`].
+//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd`, or
+//!   AVX2's `vpmaddubsw` + `vpmaddwd` on CPUs without it; see [`q8_0`].
 //! * `q4_0`: llama.cpp's Q4_0, 4-bit weights with one F16 scale per 32
-//!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are; see
-//!   [`q4_0`]. Both integer formats lay their blocks out across the
+//!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are
+//!   (VNNI, else AVX2); see [`q4_0`]. Both integer formats lay their blocks out across the
 //!   vector lanes as `lanes` describes.
 //!
 //! A packed matrix travels in a candle [`Tensor`] so it can sit wherever a
@@ -81,6 +82,80 @@ impl FromStr for ServeDtype {
             .into_iter()
             .find(|d| d.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| format!("unknown serve dtype {s:?}: expected f32, bf16, q8_0 or q4_0"))
+    }
+}
+
+/// The instruction set a format's product runs on. Each format picks the
+/// best its CPU has ([`bf16::kernel`], [`q8_0::kernel`], [`q4_0::kernel`]);
+/// tests run every one the CPU has against the portable loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, the reference arithmetic; orders of magnitude slower.
+    Portable,
+    /// AVX2 + FMA + F16C (x86-64 from Haswell / Zen 1 on).
+    Avx2,
+    /// The format's AVX-512 kernel (BF16 or VNNI dot-product instructions).
+    Avx512,
+}
+
+impl Kernel {
+    /// Whether this CPU has AVX2, FMA and F16C (every AVX2 CPU has the other two).
+    pub fn has_avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The kernels this CPU runs, given whether it has the format's AVX-512 one.
+    pub fn available(avx512: bool) -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        if Self::has_avx2() {
+            kernels.push(Kernel::Avx2);
+        }
+        if avx512 {
+            kernels.push(Kernel::Avx512);
+        }
+        kernels
+    }
+
+    /// `self` if this CPU runs it (`avx512`: whether it has the format's
+    /// AVX-512 kernel), else the best one below it that it does: products
+    /// call `target_feature` functions only on what this returns.
+    pub fn supported(self, avx512: bool) -> Kernel {
+        let available = Self::available(avx512);
+        let wanted: &[Kernel] = match self {
+            Kernel::Avx512 => &[Kernel::Avx512, Kernel::Avx2],
+            Kernel::Avx2 => &[Kernel::Avx2],
+            Kernel::Portable => &[],
+        };
+        wanted.iter().copied().find(|k| available.contains(k)).unwrap_or(Kernel::Portable)
+    }
+
+    /// The fastest of [`Kernel::available`].
+    pub fn best(avx512: bool) -> Kernel {
+        if avx512 {
+            Kernel::Avx512
+        } else if Self::has_avx2() {
+            Kernel::Avx2
+        } else {
+            Kernel::Portable
+        }
+    }
+}
+
+/// The kernel `dtype`'s products run on on this CPU (F32's own dispatch is
+/// [`crate::simd`]'s; reported as AVX2 or better where the CPU has it).
+pub fn kernel(dtype: ServeDtype) -> Kernel {
+    match dtype {
+        ServeDtype::F32 => Kernel::best(false),
+        ServeDtype::Bf16 => bf16::kernel(),
+        ServeDtype::Q8_0 => q8_0::kernel(),
+        ServeDtype::Q4_0 => q4_0::kernel(),
     }
 }
 

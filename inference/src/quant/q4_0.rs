@@ -22,6 +22,9 @@
 //! nibble and step `2p + 1`'s in its high one. One load, a mask and a shift
 //! give two `vpdpbusd` operands already in the activations' layout.
 //!
+//! **Without VNNI** the [`avx2`] kernel does the same with `vpmaddubsw`
+//! (nibbles unsigned, activations signed) and `vpmaddwd`.
+//!
 //! The portable path ([`super::lanes::column`]) does the kernel's integer
 //! and F32 arithmetic lane by lane, so both agree to rounding; tiling and
 //! threading are [`crate::cpu_linear::run_tiled`]'s.
@@ -29,6 +32,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::Kernel;
 use super::lanes::{self, BLOCK, GROUP, Group, Quantized, quantize_rows};
 use crate::cpu_linear::{Tiles, run_tiled};
 use crate::error::{Error, Result};
@@ -46,6 +50,11 @@ pub fn row_bytes(k: usize) -> usize {
 /// AVX-512F's `vcvtph2ps`).
 pub fn has_simd() -> bool {
     super::q8_0::has_simd()
+}
+
+/// The kernel products run on here: VNNI, else AVX2 ([`avx2`]), else the portable loop.
+pub fn kernel() -> Kernel {
+    Kernel::best(has_simd())
 }
 
 /// The nibble byte and shift (0 or 4) holding byte `p` of a row's int8 view.
@@ -114,11 +123,11 @@ pub fn unpack(packed: &[u8], n: usize, k: usize) -> Vec<f32> {
 /// by [`pack`] (`n` rows), returned row-major `[m, n]`; activations are
 /// quantized to int8 per 32-block first.
 pub fn matmul(x: &[f32], m: usize, w: &[u8], n: usize, k: usize) -> Vec<f32> {
-    matmul_on(x, m, w, n, k, has_simd())
+    matmul_on(x, m, w, n, k, kernel())
 }
 
-/// [`matmul`] on the SIMD kernel or the portable one (tests run both).
-pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool) -> Vec<f32> {
+/// [`matmul`] on `kernel` (tests run each the CPU has); one the CPU lacks runs the portable loop.
+pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
     assert!(
         k.is_multiple_of(BLOCK) && x.len() == m * k && w.len() == n * row_bytes(k),
         "q4_0 matmul: slices do not match [{m}, {k}] x packed [{n}, {k}]"
@@ -128,7 +137,8 @@ pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd:
     }
     let mut activations = quantize_rows(x, m, k, 0, MAX_LANES);
     activations.sums.iter_mut().for_each(|s| *s *= -8);
-    run_tiled(m, n, &Q4Tiles { a: &activations, w, k, simd: simd && has_simd() })
+    let kernel = kernel.supported(has_simd());
+    run_tiled(m, n, &Q4Tiles { a: &activations, w, k, kernel })
 }
 
 /// The product's operands; `a.sums` holds each block's seed, `-8 Σ x`.
@@ -136,7 +146,8 @@ struct Q4Tiles<'a> {
     a: &'a Quantized,
     w: &'a [u8],
     k: usize,
-    simd: bool,
+    /// One the CPU has ([`matmul_on`] checked).
+    kernel: Kernel,
 }
 
 impl Tiles for Q4Tiles<'_> {
@@ -148,13 +159,22 @@ impl Tiles for Q4Tiles<'_> {
         // One weight row against the R input rows at a time, as in Q8_0.
         let columns: [[f32; R]; C] = std::array::from_fn(|c| {
             let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
-            #[cfg(target_arch = "x86_64")]
-            if self.simd {
-                // SAFETY: `simd` is only set where `has_simd` holds; `xq` holds R rows of k bytes, `xs` and
-                // `seeds` R rows of nb values, and `row` one packed row of `bytes`.
-                return unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), seeds.as_ptr(), row.as_ptr(), k) };
+            // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_on`); `xq` holds R rows of k
+            // bytes, `xs` and `seeds` R rows of nb values, and `row` one packed row of `bytes`.
+            let (xq, xs, seeds, w) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr(), row.as_ptr());
+            match self.kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe { x86::column::<R>(xq, xs, seeds, w, k) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { avx2::column::<R>(xq, xs, seeds, w, k) },
+                _ => column_portable::<R>(
+                    &self.a.quants[i * k..(i + R) * k],
+                    &self.a.scales[i * nb..(i + R) * nb],
+                    &self.a.sums[i * nb..(i + R) * nb],
+                    row,
+                    k,
+                ),
             }
-            column_portable::<R>(xq, xs, seeds, row, k)
         });
         std::array::from_fn(|r| std::array::from_fn(|c| columns[c][r]))
     }
@@ -261,10 +281,141 @@ mod x86 {
     }
 }
 
+/// The kernel for CPUs with AVX2 but not AVX-512 VNNI: each 16-lane step
+/// of the layout as two 256-bit halves, `vpmaddubsw` (unsigned nibbles 0..15
+/// by signed activations; pairs within ±2·15·127, no saturation) and
+/// `vpmaddwd` into i32 lanes: the VNNI kernel's integers, its F32
+/// operations per block; only the final sum of the lanes is ordered differently.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // Index loops over const bounds unroll into registers.
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::lanes::avx2::{HALF, load, load_ps, per_block, sum, used_in};
+    use super::super::lanes::{Group, groups};
+    use super::{BLOCK, MAX_LANES};
+
+    /// The dots of `R` quantized input rows (with their blocks' seeds) with one packed weight row.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `xq` must hold `R · k` bytes,
+    /// `xs` and `seeds` `R · k/32` values and `row` one packed row for `k`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn column<const R: usize>(
+        xq: *const u8,
+        xs: *const f32,
+        seeds: *const i32,
+        row: *const u8,
+        k: usize,
+    ) -> [f32; R] {
+        let nb = k / BLOCK;
+        let w_scales = row.wrapping_add(k / 2) as *const u16;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for g in groups(nb, MAX_LANES) {
+            // SAFETY (whole block): loads stay inside the group's nibbles, scales and seeds (caller).
+            unsafe {
+                if g.lanes == 1 {
+                    // A block per lane: the halves are independent, one at a time.
+                    for half in 0..2 {
+                        let blocks = used_in(g.blocks, half);
+                        if blocks == 0 {
+                            break;
+                        }
+                        let dots = pairs::<R, 4>(g, half, xq, row, k);
+                        let first = g.first + HALF * half;
+                        let w_scale = scales(w_scales.add(first), blocks);
+                        for r in 0..R {
+                            let dot = _mm256_add_epi32(dots[r], load(seeds.add(r * nb + first) as *const u8, blocks));
+                            let scale = _mm256_mul_ps(load_ps(xs.add(r * nb + first), blocks), w_scale);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                        }
+                    }
+                } else {
+                    // A short group: at most 8 blocks, whose lanes may sit in both halves.
+                    let (lo, hi) = match g.steps() {
+                        4 => (pairs::<R, 2>(g, 0, xq, row, k), pairs::<R, 2>(g, 1, xq, row, k)),
+                        _ => (pairs::<R, 1>(g, 0, xq, row, k), pairs::<R, 1>(g, 1, xq, row, k)),
+                    };
+                    let w_scale = scales(w_scales.add(g.first), g.blocks);
+                    for r in 0..R {
+                        let seed = load(seeds.add(r * nb + g.first) as *const u8, g.blocks);
+                        let dot = _mm256_add_epi32(per_block(g, lo[r], hi[r]), seed);
+                        let scale = _mm256_mul_ps(load_ps(xs.add(r * nb + g.first), g.blocks), w_scale);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|r| sum(acc[r]))
+    }
+
+    /// `n` (at most 8) F16 scales from `p` as F32, the other lanes zero.
+    ///
+    /// # Safety
+    /// F16C must be available and `p` valid for `n` values.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(p: *const u16, n: usize) -> __m256 {
+        // SAFETY: `n` values are readable at `p`; the short copy reads only those.
+        unsafe {
+            if n >= HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            } else {
+                let mut buf = [0u16; HALF];
+                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+                _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+            }
+        }
+    }
+
+    /// Half `half` of group `g`'s `P` nibble loads, two steps each, for `R`
+    /// input rows, from zero (zero where the group has no lanes in that half).
+    ///
+    /// # Safety
+    /// As [`column`]; `P` must be `g.steps() / 2`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pairs<const R: usize, const P: usize>(
+        g: Group,
+        half: usize,
+        xq: *const u8,
+        row: *const u8,
+        k: usize,
+    ) -> [__m256i; R] {
+        let used = used_in(g.used_lanes(), half);
+        let mut dots = [_mm256_setzero_si256(); R];
+        if used == 0 {
+            return dots;
+        }
+        let (bytes, offset) = (g.step_bytes(), 4 * HALF * half);
+        let (nibbles, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
+        for p in 0..P {
+            let at = g.start() + bytes * 2 * p + offset;
+            // SAFETY: nibble chunk `p` and steps `2p`, `2p + 1` of this half lie inside the weight row and each
+            // input row (caller).
+            unsafe {
+                let packed = load(row.add(g.start() / 2 + bytes * p + offset), used);
+                let lo = _mm256_and_si256(packed, nibbles);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibbles);
+                for r in 0..R {
+                    let x0 = load(xq.add(r * k + at), used);
+                    let x1 = load(xq.add(r * k + at + bytes), used);
+                    // Each step's pairs are within ±3810, so the two steps' sum fits an i16.
+                    let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+                    dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(both, ones));
+                }
+            }
+        }
+        dots
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::test_data::{BLOCK_SHAPES, data};
+    use crate::quant::test_data::{
+        BLOCK_SHAPES, assert_kernels_match_portable, assert_rows_do_not_depend_on_the_batch, data,
+    };
 
     /// llama.cpp's rounding: the largest-magnitude value comes back exactly
     /// (`-8 d`, up to the F16 scale), the others within half a step, except
@@ -320,7 +471,7 @@ mod tests {
                     q * a.scales[i * nb + c / BLOCK]
                 })
                 .collect();
-            let portable = matmul_on(&x, m, &w, n, k, false);
+            let portable = matmul_on(&x, m, &w, n, k, Kernel::Portable);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|c| f64::from(xq[i * k + c]) * f64::from(wq[j * k + c])).sum();
@@ -328,12 +479,7 @@ mod tests {
                     assert!((f64::from(got) - want).abs() < 1e-4, "{m}x{n}x{k} ({i}, {j}): {got} vs {want}");
                 }
             }
-            if has_simd() {
-                // Same integers and products; only the final 16-lane sum's order differs.
-                let simd = matmul_on(&x, m, &w, n, k, true);
-                let diff = simd.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-5, "{m}x{n}x{k}: simd and portable differ by {diff}");
-            }
+            assert_kernels_match_portable((m, n, k), &portable, |kernel| matmul_on(&x, m, &w, n, k, kernel));
         }
     }
 
@@ -354,13 +500,6 @@ mod tests {
     fn rows_do_not_depend_on_the_batch() {
         let (n, k) = (97, 576);
         let w = pack(&data(n * k, 2.0), n, k).unwrap();
-        let x = data(40 * k, 0.5);
-        for m in [16, 40] {
-            let batched = matmul(&x[..m * k], m, &w, n, k);
-            for i in 0..m {
-                let alone = matmul(&x[i * k..(i + 1) * k], 1, &w, n, k);
-                assert_eq!(alone, batched[i * n..(i + 1) * n], "row {i} of {m}");
-            }
-        }
+        assert_rows_do_not_depend_on_the_batch(n, k, |x, m, kernel| matmul_on(x, m, &w, n, k, kernel));
     }
 }

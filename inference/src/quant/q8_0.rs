@@ -18,6 +18,11 @@
 //! per group, not per block, and bit-identical results to one lane per
 //! block. Activations are laid out the same way.
 //!
+//! **Without VNNI** (AVX2 only: Zen 1-3, Intel before Ice Lake) the
+//! [`avx2`] kernel computes the same integers with `vpmaddubsw` on the
+//! weights' magnitudes and sign-adjusted activations (stored without the
+//! offset there), so no correction is added.
+//!
 //! The portable path ([`super::lanes::column`]) computes the same integers
 //! and the same F32 operations in the same order up to the final 16-lane sum,
 //! so both agree to rounding. Tiling and threading
@@ -28,6 +33,7 @@ use rayon::prelude::*;
 use crate::cpu_linear::{Tiles, run_tiled};
 use crate::error::{Error, Result};
 
+use super::Kernel;
 pub use super::lanes::BLOCK;
 use super::lanes::{self, Quantized, position as lane_position, quantize_row, quantize_rows};
 
@@ -51,6 +57,11 @@ pub fn has_simd() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The kernel products run on here: VNNI, else AVX2 ([`avx2`]), else the portable loop.
+pub fn kernel() -> Kernel {
+    Kernel::best(has_simd())
 }
 
 /// Where byte `e` of block `b` goes in a row of `nb` blocks.
@@ -110,16 +121,16 @@ pub fn unpack(packed: &[u8], n: usize, k: usize) -> Vec<f32> {
 /// by [`pack`] (`n` rows), returned row-major `[m, n]`; activations are
 /// quantized per 32-block first.
 pub fn matmul(x: &[f32], m: usize, w: &[u8], n: usize, k: usize) -> Vec<f32> {
-    matmul_on(x, m, w, n, k, has_simd())
+    matmul_on(x, m, w, n, k, kernel())
 }
 
-/// [`matmul`] on the SIMD kernel or the portable one (tests run both).
-pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool) -> Vec<f32> {
-    matmul_with(x, m, w, n, k, simd, MAX_LANES)
+/// [`matmul`] on `kernel` (tests run each the CPU has); one the CPU lacks runs the portable loop.
+pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
+    matmul_with(x, m, w, n, k, kernel, MAX_LANES)
 }
 
 /// [`matmul_on`] for weights packed with at most `lanes` lanes per block.
-fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool, lanes: usize) -> Vec<f32> {
+fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel, lanes: usize) -> Vec<f32> {
     assert!(
         k.is_multiple_of(BLOCK) && x.len() == m * k && w.len() == n * row_bytes(k),
         "q8_0 matmul: slices do not match [{m}, {k}] x packed [{n}, {k}]"
@@ -127,8 +138,11 @@ fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, simd: bool, la
     if k == 0 {
         return vec![0f32; m * n];
     }
-    let activations = quantize_rows(x, m, k, 128, lanes);
-    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, lanes, simd: simd && has_simd() })
+    let kernel = kernel.supported(has_simd());
+    // AVX2 multiplies signed activations by the weights' magnitudes (no offset to cancel).
+    let offset = if kernel == Kernel::Avx2 { 0 } else { 128 };
+    let activations = quantize_rows(x, m, k, offset, lanes);
+    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, lanes, kernel })
 }
 
 struct Q8Tiles<'a> {
@@ -137,7 +151,8 @@ struct Q8Tiles<'a> {
     k: usize,
     /// Lanes per block at most (the layout `w` and the activations are in).
     lanes: usize,
-    simd: bool,
+    /// One the CPU has ([`matmul_with`] checked).
+    kernel: Kernel,
 }
 
 impl Tiles for Q8Tiles<'_> {
@@ -150,13 +165,15 @@ impl Tiles for Q8Tiles<'_> {
         // would need 2·R·C registers; the input rows come again from L1.
         let columns: [[f32; R]; C] = std::array::from_fn(|c| {
             let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
-            #[cfg(target_arch = "x86_64")]
-            if self.simd {
-                // SAFETY: `simd` is only set where `has_simd` holds; `xq` holds R rows of k bytes, `xs` R rows of
-                // nb scales, and `row` one packed row of `bytes`.
-                return unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) };
+            // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_with`); `xq` holds R rows of k
+            // bytes, `xs` R rows of nb scales, and `row` one packed row of `bytes`.
+            match self.kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { avx2::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
+                _ => column_portable::<R>(xq, xs, row, k, self.lanes),
             }
-            column_portable::<R>(xq, xs, row, k, self.lanes)
         });
         std::array::from_fn(|r| std::array::from_fn(|c| columns[c][r]))
     }
@@ -255,10 +272,120 @@ mod x86 {
     }
 }
 
+/// The kernel for CPUs with AVX2 but not AVX-512 VNNI: each 16-lane step
+/// of the layout as two 256-bit halves, `vpmaddubsw` + `vpmaddwd` for the
+/// integer dots. `vpmaddubsw` multiplies unsigned by signed bytes into
+/// saturating i16 pairs, so it takes the weights' magnitudes and the signed
+/// activations with the weights' signs (llama.cpp's trick): `|w|·(±x)` pairs
+/// stay within ±2·127·127, no saturation, and the dots are the VNNI kernel's
+/// exact integers without its offset. Per block, the same F32 operations as
+/// the VNNI kernel; only the final sum of the lanes is ordered differently.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // Index loops over const bounds unroll into registers.
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::lanes::avx2::{HALF, load, load_ps, per_block, sum, used_in};
+    use super::super::lanes::{Group, groups};
+    use super::BLOCK;
+
+    /// The dots of `R` quantized input rows (signed, no offset) with one packed weight row.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `xq` must hold `R · k` bytes, `xs`
+    /// `R · k/32` scales and `row` one packed row for `k`, both laid out with
+    /// at most `max_lanes` lanes per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn column<const R: usize>(
+        xq: *const u8,
+        xs: *const f32,
+        row: *const u8,
+        k: usize,
+        max_lanes: usize,
+    ) -> [f32; R] {
+        let nb = k / BLOCK;
+        let w_scales = row.wrapping_add(k) as *const f32;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for g in groups(nb, max_lanes) {
+            // SAFETY (whole block): loads stay inside the group's steps and the rows' scales (caller).
+            unsafe {
+                if g.lanes == 1 {
+                    // A block per lane: the halves are independent, one at a time (fewer live registers).
+                    for half in 0..2 {
+                        let blocks = used_in(g.blocks, half);
+                        if blocks == 0 {
+                            break;
+                        }
+                        let dots = steps::<R, 8>(g, half, xq, row, k);
+                        let first = g.first + HALF * half;
+                        let w_scale = load_ps(w_scales.add(first), blocks);
+                        for r in 0..R {
+                            let scale = _mm256_mul_ps(load_ps(xs.add(r * nb + first), blocks), w_scale);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
+                        }
+                    }
+                } else {
+                    // A short group: a block's lanes may sit in both halves; at most 8 blocks.
+                    let (lo, hi) = match g.steps() {
+                        4 => (steps::<R, 4>(g, 0, xq, row, k), steps::<R, 4>(g, 1, xq, row, k)),
+                        2 => (steps::<R, 2>(g, 0, xq, row, k), steps::<R, 2>(g, 1, xq, row, k)),
+                        _ => (steps::<R, 1>(g, 0, xq, row, k), steps::<R, 1>(g, 1, xq, row, k)),
+                    };
+                    let w_scale = load_ps(w_scales.add(g.first), g.blocks);
+                    for r in 0..R {
+                        let dot = per_block(g, lo[r], hi[r]);
+                        let scale = _mm256_mul_ps(load_ps(xs.add(r * nb + g.first), g.blocks), w_scale);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|r| sum(acc[r]))
+    }
+
+    /// Half `half` of group `g`'s `T` steps for `R` input rows, from zero
+    /// (zero where the group has no lanes in that half).
+    ///
+    /// # Safety
+    /// As [`column`]; `T` must be `g.steps()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn steps<const R: usize, const T: usize>(
+        g: Group,
+        half: usize,
+        xq: *const u8,
+        row: *const u8,
+        k: usize,
+    ) -> [__m256i; R] {
+        let used = used_in(g.used_lanes(), half);
+        let mut dots = [_mm256_setzero_si256(); R];
+        if used == 0 {
+            return dots;
+        }
+        let ones = _mm256_set1_epi16(1);
+        for t in 0..T {
+            let at = g.start() + g.step_bytes() * t + 4 * HALF * half;
+            // SAFETY: step `t`'s `used` words of this half lie inside the weight row and each input row (caller).
+            unsafe {
+                let w = load(row.add(at), used);
+                let magnitude = _mm256_sign_epi8(w, w);
+                for r in 0..R {
+                    let x = _mm256_sign_epi8(load(xq.add(r * k + at), used), w);
+                    let pairs = _mm256_maddubs_epi16(magnitude, x);
+                    dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        dots
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::test_data::{BLOCK_SHAPES, data};
+    use crate::quant::test_data::{
+        BLOCK_SHAPES, assert_kernels_match_portable, assert_rows_do_not_depend_on_the_batch, data,
+    };
 
     #[test]
     fn packing_round_trips_within_half_a_step() {
@@ -299,7 +426,7 @@ mod tests {
                     q * a.scales[i * nb + c / BLOCK]
                 })
                 .collect();
-            let portable = matmul_on(&x, m, &w, n, k, false);
+            let portable = matmul_on(&x, m, &w, n, k, Kernel::Portable);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|c| f64::from(xq[i * k + c]) * f64::from(wq[j * k + c])).sum();
@@ -307,12 +434,7 @@ mod tests {
                     assert!((f64::from(got) - want).abs() < 1e-4, "{m}x{n}x{k} ({i}, {j}): {got} vs {want}");
                 }
             }
-            if has_simd() {
-                // Same integers and products; only the final 16-lane sum's order differs.
-                let simd = matmul_on(&x, m, &w, n, k, true);
-                let diff = simd.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-5, "{m}x{n}x{k}: simd and portable differ by {diff}");
-            }
+            assert_kernels_match_portable((m, n, k), &portable, |kernel| matmul_on(&x, m, &w, n, k, kernel));
         }
     }
 
@@ -325,12 +447,12 @@ mod tests {
         {
             let (x, w) = (data(m * k, 0.7), data(n * k, 1.9));
             let (spread, one) = (pack(&w, n, k).unwrap(), pack_with(&w, n, k, 1).unwrap());
-            for simd in [false, true] {
-                let got = matmul_with(&x, m, &spread, n, k, simd, MAX_LANES);
-                let want = matmul_with(&x, m, &one, n, k, simd, 1);
+            for kernel in Kernel::available(has_simd()) {
+                let got = matmul_with(&x, m, &spread, n, k, kernel, MAX_LANES);
+                let want = matmul_with(&x, m, &one, n, k, kernel, 1);
                 assert!(
                     got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{n}x{k} (simd {simd}): {got:?} vs {want:?}"
+                    "{m}x{n}x{k} ({kernel:?}): {got:?} vs {want:?}"
                 );
             }
         }
@@ -352,13 +474,6 @@ mod tests {
     fn rows_do_not_depend_on_the_batch() {
         let (n, k) = (97, 320);
         let w = pack(&data(n * k, 2.0), n, k).unwrap();
-        let x = data(40 * k, 0.5);
-        for m in [16, 40] {
-            let batched = matmul(&x[..m * k], m, &w, n, k);
-            for i in 0..m {
-                let alone = matmul(&x[i * k..(i + 1) * k], 1, &w, n, k);
-                assert_eq!(alone, batched[i * n..(i + 1) * n], "row {i} of {m}");
-            }
-        }
+        assert_rows_do_not_depend_on_the_batch(n, k, |x, m, kernel| matmul_on(x, m, &w, n, k, kernel));
     }
 }

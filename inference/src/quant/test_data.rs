@@ -1,6 +1,8 @@
 //! Inputs the formats' kernel tests share: deterministic values in (-1, 1), and the (m, n, k) shapes whose
 //! last 16-block group holds 1, 2 (SmolLM2's 576), 3, 5, 7, 9 and 16 blocks, one group or several.
 
+use super::Kernel;
+
 /// `len` values in (-1, 1), a different sequence for each `seed`.
 pub fn data(len: usize, seed: f32) -> Vec<f32> {
     (0..len).map(|i| ((i as f32 * 0.731 + seed).sin() * 1.7).fract()).collect()
@@ -22,3 +24,35 @@ pub const BLOCK_SHAPES: &[(usize, usize, usize)] = &[
     (2, 19, 608),
     (5, 23, 1056),
 ];
+
+/// Each kernel the CPU has (`product(kernel)`) against the portable loop's
+/// `portable`: the same integers and products, only the final sum of the
+/// lanes ordered differently, so a few F32 ulps of the largest result.
+pub fn assert_kernels_match_portable(
+    (m, n, k): (usize, usize, usize),
+    portable: &[f32],
+    product: impl Fn(Kernel) -> Vec<f32>,
+) {
+    for kernel in Kernel::available(super::q8_0::has_simd()) {
+        let got = product(kernel);
+        let diff = got.iter().zip(portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let tolerance = 1e-5 * portable.iter().fold(1f32, |a, v| a.max(v.abs()));
+        assert!(diff < tolerance, "{m}x{n}x{k}: {kernel:?} and portable differ by {diff}");
+    }
+}
+
+/// On each kernel the CPU has, every input row's result alone equals its
+/// row of a 16- and a 40-row product (`product(x, m, kernel)` over `n`
+/// weight rows of `k`): what a request gets does not depend on its batch.
+pub fn assert_rows_do_not_depend_on_the_batch(n: usize, k: usize, product: impl Fn(&[f32], usize, Kernel) -> Vec<f32>) {
+    let x = data(40 * k, 0.5);
+    for kernel in Kernel::available(super::q8_0::has_simd()) {
+        for m in [16, 40] {
+            let batched = product(&x[..m * k], m, kernel);
+            for i in 0..m {
+                let alone = product(&x[i * k..(i + 1) * k], 1, kernel);
+                assert_eq!(alone, batched[i * n..(i + 1) * n], "{kernel:?}: row {i} of {m}");
+            }
+        }
+    }
+}
