@@ -198,6 +198,17 @@ mod tests {
     }
 
     #[test]
+    fn reward_model_margin_comes_from_file_or_environment() {
+        assert_eq!(load("", &[]).unwrap().trainer.reward_model.margin_per_rank, 0.0);
+        let text = "[trainer.reward_model]\nmargin_per_rank = 0.25\n";
+        assert_eq!(load(text, &[]).unwrap().trainer.reward_model.margin_per_rank, 0.25);
+        for (value, want) in [("0.5", 0.5), ("1", 1.0)] {
+            let env = load(text, &[("INSTRUCTD__TRAINER__REWARD_MODEL__MARGIN_PER_RANK", value)]).unwrap();
+            assert_eq!(env.trainer.reward_model.margin_per_rank, want);
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_errors() {
         assert!(load("[gateway]\nadress = \"x\"\n", &[]).is_err());
         assert!(load("", &[("INSTRUCTD__GATEWAY__NOPE", "1")]).is_err());

@@ -46,6 +46,7 @@ DEFAULTS = {
     "cache_frozen_activations": True,
     "keep_best_epoch": True,
     "early_stop_patience": None,
+    "margin_per_rank": 0.0,
 }
 
 
@@ -179,10 +180,12 @@ def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     return [(w, l) for w, rw in enumerate(ranks) for l, rl in enumerate(ranks) if rw < rl]
 
 
-def ranking_loss(rewards: torch.Tensor, rankings: list[dict[str, Any]]) -> tuple[torch.Tensor, float, int]:
-    """losses/reward.rs: ranking_loss_weighted. The weighted mean over prompts of each prompt's mean
-    -log σ(r_w - r_l) over its ordered pairs; the pooled pair accuracy and the pair count."""
-    winners, losers, weights = [], [], []
+def ranking_loss(rewards: torch.Tensor, rankings: list[dict[str, Any]],
+                 margin_per_rank: float = 0.0) -> tuple[torch.Tensor, float, int]:
+    """losses/reward.rs: ranking_loss_with. The weighted mean over prompts of each prompt's mean
+    -log σ(r_w - r_l - m·(gap - 1)) over its ordered pairs (gap = ranks[l] - ranks[w]; m = `margin_per_rank`,
+    0 = the paper's loss); the pooled pair accuracy (r_w > r_l, no margin) and the pair count."""
+    winners, losers, weights, margins = [], [], [], []
     offset, weight_sum = 0, 0.0
     for r in rankings:
         pairs = ranking_pairs(r["ranks"])
@@ -193,12 +196,15 @@ def ranking_loss(rewards: torch.Tensor, rankings: list[dict[str, Any]]) -> tuple
                 winners.append(offset + a)
                 losers.append(offset + b)
                 weights.append(w / len(pairs))
+                margins.append(margin_per_rank * (r["ranks"][b] - r["ranks"][a] - 1))
         offset += len(r["ranks"])
     if not winners:
         raise JobError("no ordered pair in the batch")
     diff = rewards[torch.tensor(winners)] - rewards[torch.tensor(losers)]
     w = torch.tensor(weights, dtype=torch.float32) / max(weight_sum, 1e-300)
-    loss = -(torch.nn.functional.logsigmoid(diff) * w).sum()
+    # Margins computed in float64 and rounded once to float32, as the in-process trainer does; none at m = 0.
+    separated = diff - torch.tensor(margins, dtype=torch.float32) if margin_per_rank > 0 else diff
+    loss = -(torch.nn.functional.logsigmoid(separated) * w).sum()
     correct = float((diff.detach() > 0).float().sum())
     return loss, correct / len(winners), len(winners)
 
@@ -226,14 +232,15 @@ def micro_rewards(rm: RewardModel, micro, module=None) -> torch.Tensor:
     return rm.rewards([s for r in micro for s in r["sequences"]], module)
 
 
-def evaluate(rm: RewardModel, rankings, micro_batch: int) -> dict[str, float]:
-    """reward_model.rs: evaluate. Mean per-prompt ranking loss (unweighted) and pooled pair accuracy."""
+def evaluate(rm: RewardModel, rankings, micro_batch: int, margin_per_rank: float = 0.0) -> dict[str, float]:
+    """reward_model.rs: evaluate. Mean per-prompt ranking loss (unweighted, with the training margin, so the
+    kept epoch is chosen by the trained objective) and pooled pair accuracy."""
     loss_sum, correct, pairs = 0.0, 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rankings), micro_batch):
             chunk = rankings[i : i + micro_batch]
             unweighted = [{**r, "weight": 1.0} for r in chunk]
-            loss, accuracy, n = ranking_loss(micro_rewards(rm, chunk), unweighted)
+            loss, accuracy, n = ranking_loss(micro_rewards(rm, chunk), unweighted, margin_per_rank)
             loss_sum += float(loss) * len(chunk)
             correct += accuracy * n
             pairs += n
@@ -251,7 +258,7 @@ def train_step(rm, model, params, rankings, config, optimizer, lr, accelerator) 
     loss_sum, correct, pairs = 0.0, 0.0, 0
     for k, index in enumerate(mine):
         chunk = chunks[index if index >= 0 else 0]
-        loss, accuracy, n = ranking_loss(micro_rewards(rm, chunk, model), chunk)
+        loss, accuracy, n = ranking_loss(micro_rewards(rm, chunk, model), chunk, config["margin_per_rank"])
         weight = 0.0 if index < 0 else sum(r["weight"] for r in chunk) / max(total, 1e-300)
         if index >= 0:
             loss_sum += float(loss.detach()) * weight
@@ -276,6 +283,9 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     config = common.stage_config(DEFAULTS, env.hyperparameters)
     if config["epochs"] <= 0 or config["batch_prompts"] <= 0 or config["micro_batch_prompts"] <= 0:
         raise JobError("RM config: epochs, batch_prompts and micro_batch_prompts must be positive")
+    config["margin_per_rank"] = float(config["margin_per_rank"])
+    if not (math.isfinite(config["margin_per_rank"]) and config["margin_per_rank"] >= 0):
+        raise JobError("RM config: margin_per_rank must be finite and >= 0")
     data = common.Snapshot.load(env.snapshot_dir)
     initial = os.environ.get("INSTRUCTD_RM_INITIAL_HEAD")
     rm = RewardModel.from_policy(env.policy_dir, config["seed"], config["max_seq_len"],
@@ -289,7 +299,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     if not train_set:
         raise JobError("no training-split rankings with an ordered pair")
     rm.eval()
-    val_before = evaluate(rm, val_set, config["micro_batch_prompts"]) if val_set else None
+    val_before = evaluate(rm, val_set, config["micro_batch_prompts"], config["margin_per_rank"]) if val_set else None
     training = common.StageTraining.prepare(accelerator, rm, config, len(train_set), config["batch_prompts"])
     model, optimizer, params, schedule = training.model, training.optimizer, training.params, training.schedule
     steps_per_epoch, total_steps = training.steps_per_epoch, training.total_steps
@@ -313,7 +323,7 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
             last_lr = lr
             step += 1
         rm.eval()
-        val = evaluate(rm, val_set, config["micro_batch_prompts"]) if val_set else None
+        val = evaluate(rm, val_set, config["micro_batch_prompts"], config["margin_per_rank"]) if val_set else None
         epochs.append({"epoch": epoch, "steps": steps_per_epoch, "train_loss": loss_sum / steps_per_epoch,
                        "train_accuracy": correct / max(pairs, 1), "val": val, "last_lr": last_lr,
                        "wall_secs": time.time() - epoch_start})

@@ -43,7 +43,9 @@ pub use ppo::{
     PAPER_CLIP_RATIO, PAPER_GAE_GAMMA, PAPER_KL_BETA, PAPER_PTX_GAMMA, gae, kl_penalty, ppo_policy_loss, ppo_ptx_total,
     ppo_total, shaped_rewards, value_loss, whiten,
 };
-pub use reward::{ranking_loss, ranking_loss_batch, ranking_loss_weighted, ranking_pairs};
+pub use reward::{
+    RankingLossOptions, ranking_loss, ranking_loss_batch, ranking_loss_weighted, ranking_loss_with, ranking_pairs,
+};
 pub use sft::masked_nll;
 
 /// Log-probabilities of the given tokens under `logits`: `log_softmax(logits)[.., token]`, through a numerically

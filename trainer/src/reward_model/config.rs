@@ -59,6 +59,14 @@ pub struct RmConfig {
     pub keep_best_epoch: bool,
     /// Stop after this many epochs without a lower validation loss (`None`: run every epoch).
     pub early_stop_patience: Option<usize>,
+    /// Rank-gap margin `m` of the ranking loss: a pair the labeler put `gap` ranks apart contributes
+    /// `-log σ(r_w - r_l - m · (gap - 1))`, so adjacent ranks get none and far-apart pairs must be separated
+    /// further (Llama 2's preference-strength margin, with the rank distance as the strength since InstructGPT's
+    /// rankings carry no rating; see `losses::reward`). Default 0.0, which is the paper's setting: eq. 1 has no
+    /// margin, every ordered pair counts alike. The validation loss (which picks the kept epoch and drives early
+    /// stopping) uses the same margin, so epochs are chosen by the objective being trained; pair accuracy
+    /// ignores it.
+    pub margin_per_rank: f64,
 }
 
 impl Default for RmConfig {
@@ -84,6 +92,7 @@ impl Default for RmConfig {
             cache_frozen_activations: true,
             keep_best_epoch: true,
             early_stop_patience: None,
+            margin_per_rank: 0.0,
         }
     }
 }
@@ -111,9 +120,37 @@ impl RmConfig {
         if !(0.0..1.0).contains(&self.residual_dropout) {
             return bad("residual_dropout must be within [0, 1)");
         }
+        if !(self.margin_per_rank.is_finite() && self.margin_per_rank >= 0.0) {
+            return bad("margin_per_rank must be finite and >= 0");
+        }
         if let Some(problem) = self.cost_options().check(self.residual_dropout) {
             return bad(problem);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn margin_defaults_to_the_papers_none_and_must_be_finite_and_non_negative() {
+        assert_eq!(RmConfig::default().margin_per_rank, 0.0);
+        assert!(RmConfig::default().validate().is_ok());
+        assert!(RmConfig { margin_per_rank: 0.25, ..RmConfig::default() }.validate().is_ok());
+        for m in [-0.1, f64::NAN, f64::INFINITY] {
+            let err = RmConfig { margin_per_rank: m, ..RmConfig::default() }.validate().unwrap_err();
+            assert!(err.to_string().contains("margin_per_rank"), "{m}: {err}");
+        }
+    }
+
+    #[test]
+    fn margin_deserialises_from_float_or_integer_and_typos_are_refused() {
+        let config: RmConfig = serde_json::from_str(r#"{"margin_per_rank": 0.5}"#).unwrap();
+        assert_eq!(config.margin_per_rank, 0.5);
+        let config: RmConfig = serde_json::from_str(r#"{"margin_per_rank": 1}"#).unwrap();
+        assert_eq!(config.margin_per_rank, 1.0);
+        assert!(serde_json::from_str::<RmConfig>(r#"{"margin_per_ranks": 1.0}"#).is_err());
     }
 }

@@ -6,7 +6,8 @@
 //!   final-norm hidden state of the EOS token, which attends to the whole prompt and response. Sequences longer
 //!   than `max_seq_len` keep their last `max_seq_len` tokens (the response and EOS matter most).
 //! - Loss ([`ranking_loss_batch`]): each prompt's K completions are forwarded once, in one batch, and all its
-//!   C(K,2) comparisons (ties dropped) form one batch element; a step averages over prompts.
+//!   C(K,2) comparisons (ties dropped) form one batch element; a step averages over prompts. Optionally
+//!   (`margin_per_rank`, off as in the paper) pairs ranked far apart must win by a rank-gap margin.
 //! - One epoch by default (the paper: more overfit), Adam β = (0.9, 0.95), cosine decay to 10% of the peak
 //!   (paper peak: 9e-6 at 6B; here 1e-5 for SmolLM2-135M, and 2e-3 for the tiny random test models).
 //! - Afterwards the head's bias is shifted so the labelers' demonstrations (training split) score 0 on average.

@@ -9,7 +9,7 @@ use candle_core::{Tensor, Var};
 use feedback::split::Split;
 use serde::{Deserialize, Serialize};
 
-use crate::losses::{ranking_loss_weighted, ranking_pairs};
+use crate::losses::{RankingLossOptions, ranking_loss_with, ranking_pairs};
 use crate::optim::Adam;
 use crate::policy_model::{TrainError, TrainResult};
 use crate::snapshot::{RankedExample, SftExample};
@@ -388,7 +388,9 @@ pub fn train_step(
                 let ranks: Vec<&[usize]> = micro.iter().map(|r| r.ranks.as_slice()).collect();
                 let weights: Vec<f32> = micro.iter().map(|r| r.weight).collect();
                 let rewards = Ranking::rewards_of(rm, micro, config.residual_dropout)?;
-                Ok(ranking_loss_weighted(&rewards, &ranks, Some(&weights))?)
+                let options =
+                    RankingLossOptions { prompt_weights: Some(&weights), margin_per_rank: config.margin_per_rank };
+                Ok(ranking_loss_with(&rewards, &ranks, options)?)
             })?;
             let weight = micro.iter().map(|r| f64::from(r.weight)).sum::<f64>() / total.max(f64::MIN_POSITIVE);
             step.backward(rm.trunk(), &loss, weight)?;
