@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs `instructd bench` and llama.cpp (bench/llamacpp) back to back on the
-# same SmolLM2 weights (F32) with the same workload, so the ratio comes from
+# Runs `instructd bench` and llama.cpp (bench/llamacpp: its Python API for
+# prefill and batch-1 decode, `llama-server -np PARALLEL` for the concurrent
+# rows) back to back on the same SmolLM2 weights with the same workload, so the ratio comes from
 # one sitting on one machine. Optional: needs `bash bench/llamacpp/setup.sh`
 # (builds llama.cpp from PyPI's llama-cpp-python) and the default model.
 #
@@ -41,6 +42,10 @@ GGUF="$F32_GGUF"
 cargo build --release --bin instructd
 "$BIN" model fetch-default
 bash bench/llamacpp/setup.sh
+# The concurrency peer: llama.cpp's own server, batching continuously in PARALLEL slots (default: the largest
+# concurrency asked for).
+LLAMA_SERVER="$(bash scripts/build-llama-server.sh | tail -n 1)"
+PARALLEL="${PARALLEL:-$(tr ',' '\n' <<< "$C" | sort -n | tail -n 1)}"
 if [[ ! -f .cache/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
     "$BIN" model fetch-default --force   # re-fetches the GGUF the model came from
 fi
@@ -63,9 +68,10 @@ run_instructd() {
 }
 
 run_llamacpp() {
-    echo "== llama.cpp, llama-cpp-python (round $1) =="
-    .cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$GGUF" \
-        --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --threads "$(nproc)" --json | tee "$OUT/raw"
+    echo "== llama.cpp: Python API, then llama-server -np $PARALLEL (round $1) =="
+    .cache/bench-venv/bin/python bench/llamacpp/bench.py --gguf "$GGUF" --llama-server "$LLAMA_SERVER" \
+        --parallel "$PARALLEL" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --threads "$(nproc)" \
+        --json | tee "$OUT/raw"
     tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
 }
 

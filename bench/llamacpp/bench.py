@@ -7,10 +7,14 @@ prints it in the same table layout:
   * prefill: one prompt of P tokens, time to first token (median of 3 after a
     warm-up), through the `llama_cpp.Llama` Python API;
   * decode at batch 1 through the same API (G tokens, greedy, EOS ignored);
-  * decode at each concurrency c: llama-cpp-python's OpenAI-compatible server
-    on 127.0.0.1, c concurrent streaming /v1/completions requests with distinct
-    P-token prompts and max_tokens G; aggregate completion tok/s, TTFT and
-    request latency percentiles, and the server's peak RSS.
+  * decode at each concurrency c: an OpenAI-compatible server on 127.0.0.1,
+    c concurrent streaming /v1/completions requests with distinct P-token
+    prompts and max_tokens G; aggregate completion tok/s, TTFT and request
+    latency percentiles, and the server's peak RSS. The server is llama.cpp's
+    own `llama-server` with `--parallel` slots batching continuously when
+    `--llama-server BIN` is given (scripts/build-llama-server.sh builds it from
+    the same vendored sources), else llama-cpp-python's server, which runs one
+    request at a time.
 
 Prompts are built as `instructd bench` builds them: "Request {i}. " followed by
 a repeated English passage, tokenized without special tokens and truncated to
@@ -255,11 +259,28 @@ def bench_api(args, llm, prompts: dict[int, list[int]]) -> tuple[list[Row], dict
 
 
 class Server:
-    """llama-cpp-python's OpenAI server as a child process, killed on exit."""
+    """The OpenAI server as a child process, killed on exit: llama.cpp's
+    `llama-server` (`--llama-server`), or llama-cpp-python's."""
 
     def __init__(self, args, log_path: str):
         self.port = args.port or free_port()
         self.base = f"http://{HOST}:{self.port}"
+        self.ready_path = "/health" if args.llama_server else "/v1/models"
+        if args.llama_server:
+            # The context is split across the slots: each gets n_ctx.
+            cmd = [
+                args.llama_server,
+                "-m", args.gguf,
+                "--host", HOST,
+                "--port", str(self.port),
+                "-c", str(args.n_ctx * args.parallel),
+                "-np", str(args.parallel),
+                "-t", str(args.threads),
+                "-tb", str(args.threads),
+            ]  # fmt: skip
+            self.log = open(log_path, "wb")
+            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            return
         cmd = [
             sys.executable, "-m", "llama_cpp.server",
             "--model", args.gguf,
@@ -282,7 +303,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready")
             try:
-                with urllib.request.urlopen(f"{self.base}/v1/models", timeout=2) as r:
+                # llama-server lists its model while still loading; its /health turns 200 once it serves.
+                with urllib.request.urlopen(f"{self.base}{self.ready_path}", timeout=2) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -447,6 +469,8 @@ def parse_args(argv=None):
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--server-timeout", type=float, default=120.0, help="seconds for the server to load")
     p.add_argument("--skip-server", action="store_true", help="only the Python API measurements")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary for the concurrent rows")
+    p.add_argument("--parallel", type=int, default=16, help="llama-server slots (-np), with --llama-server")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -504,9 +528,11 @@ def main(argv=None) -> int:
     cpu = cpu_name()
     cores = os.cpu_count() or 1
     peak = extra.get("server_peak_rss_mb") or extra.get("api_peak_rss_mb")
+    server = f"llama-server -np {args.parallel}" if args.llama_server else "llama-cpp-python's server"
+    extra["server"] = server
     print(
-        f"engine llama.cpp (llama-cpp-python {llama_cpp.__version__}), model {args.gguf} ({dtype}), {cpu}, "
-        f"{cores} cores, {args.threads} compute threads, load {load_s:.2f}s"
+        f"engine llama.cpp (llama-cpp-python {llama_cpp.__version__}; concurrent rows: {server}), model {args.gguf} "
+        f"({dtype}), {cpu}, {cores} cores, {args.threads} compute threads, load {load_s:.2f}s"
     )
     print()
     print("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms |")
