@@ -334,6 +334,42 @@ mod x86 {
         w_stride: usize,
         k: usize,
     ) -> [[f32; C]; R] {
+        // AVX2 has 16 vector registers: a 5 x 5 tile's 25 accumulators would
+        // live in memory, so the rows go two at a time (10 accumulators, 5
+        // weight vectors, one input vector) and the weights come again from
+        // L1. Each entry is summed exactly as before, whatever R is.
+        let mut out = [[0f32; C]; R];
+        let mut r = 0;
+        while r < R {
+            let x = x.wrapping_add(r * x_stride);
+            if R - r >= 2 {
+                // SAFETY: rows `r` and `r + 1` lie within the caller's `R` rows.
+                let pair = unsafe { dot_block_avx2::<2, C>(x, x_stride, w, w_stride, k) };
+                out[r] = pair[0];
+                out[r + 1] = pair[1];
+                r += 2;
+            } else {
+                // SAFETY: row `r` lies within the caller's `R` rows.
+                out[r] = unsafe { dot_block_avx2::<1, C>(x, x_stride, w, w_stride, k) }[0];
+                r += 1;
+            }
+        }
+        out
+    }
+
+    /// [`dot_tile_avx2`] for a block of rows small enough to keep in registers.
+    ///
+    /// # Safety
+    /// As [`dot_tile_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_block_avx2<const R: usize, const C: usize>(
+        x: *const f32,
+        x_stride: usize,
+        w: *const f32,
+        w_stride: usize,
+        k: usize,
+    ) -> [[f32; C]; R] {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut wv = [_mm256_setzero_ps(); C];
         let mut c = 0;
