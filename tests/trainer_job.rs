@@ -210,6 +210,43 @@ fn reward_model_fixture(epochs: usize) -> (tempfile::TempDir, PathBuf, PathBuf, 
     (tmp, policy, snapshot, data, config)
 }
 
+/// The training split's rankings encoded for `rm`, as the reward-model stage builds them.
+fn train_rankings(rm: &RewardModel, data: &Dataset) -> Vec<Ranking> {
+    data.rm
+        .iter()
+        .filter(|r| r.split == Split::Train)
+        .map(|r| {
+            let sequences = r.completions.iter().map(|c| rm.encode(&r.prompt, c).unwrap().0).collect();
+            Ranking::new(sequences, r.ranks.clone()).unwrap().with_weight(r.weight)
+        })
+        .collect()
+}
+
+/// The reward-model stage run in process and by the job (from the head saved in `initial`), each into its own
+/// directory under `tmp`; returns both directories and the job's metrics.
+fn train_reward_model_both_ways(
+    python: &Path,
+    tmp: &Path,
+    config: &TrainerConfig,
+    snapshot: &Path,
+    data: &Dataset,
+    policy: &Path,
+    initial: &Path,
+) -> (PathBuf, PathBuf, Value) {
+    let (rust_out, job_out) = (tmp.join("rust"), tmp.join("job"));
+    for out in [&rust_out, &job_out] {
+        std::fs::create_dir_all(out).unwrap();
+    }
+    InProcess { config: config.clone() }
+        .run(&job(Stage::RewardModel, snapshot, data, policy, &rust_out), &mut |_| {})
+        .unwrap();
+    let head = initial.join("reward_head.safetensors");
+    let metrics = external(python, config, &[("INSTRUCTD_RM_INITIAL_HEAD", head.to_str().unwrap())])
+        .run(&job(Stage::RewardModel, snapshot, data, policy, &job_out), &mut |_| {})
+        .unwrap();
+    (rust_out, job_out, metrics)
+}
+
 #[test]
 fn the_reward_model_matches_the_in_process_trainer() {
     let Some(python) = job_python() else { return };
@@ -220,15 +257,7 @@ fn the_reward_model_matches_the_in_process_trainer() {
     let rm = RewardModel::from_policy(&policy, &Device::Cpu, rm_config.seed, rm_config.max_seq_len).unwrap();
     let initial = tmp.path().join("initial-rm");
     rm.save(&initial).unwrap();
-    let ranked: Vec<Ranking> = data
-        .rm
-        .iter()
-        .filter(|r| r.split == Split::Train)
-        .map(|r| {
-            let sequences = r.completions.iter().map(|c| rm.encode(&r.prompt, c).unwrap().0).collect();
-            Ranking::new(sequences, r.ranks.clone()).unwrap().with_weight(r.weight)
-        })
-        .collect();
+    let ranked = train_rankings(&rm, &data);
     let refs: Vec<&Ranking> = ranked.iter().collect();
     let vars = rm.vars();
     let mut adam = Adam::new(vars.clone(), rm_config.adam).unwrap();
@@ -236,17 +265,8 @@ fn the_reward_model_matches_the_in_process_trainer() {
     let first = trainer::reward_model::train_step(&rm, &vars, &refs, &rm_config, &mut adam, lr).unwrap();
     drop(rm);
 
-    let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
-    for out in [&rust_out, &job_out] {
-        std::fs::create_dir_all(out).unwrap();
-    }
-    InProcess { config: config.clone() }
-        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &rust_out), &mut |_| {})
-        .unwrap();
-    let head = initial.join("reward_head.safetensors");
-    let metrics = external(&python, &config, &[("INSTRUCTD_RM_INITIAL_HEAD", head.to_str().unwrap())])
-        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &job_out), &mut |_| {})
-        .unwrap();
+    let (rust_out, job_out, metrics) =
+        train_reward_model_both_ways(&python, tmp.path(), &config, &snapshot, &data, &policy, &initial);
     let step = &metrics["steps"][0];
     assert_rel("RM first-step loss", first.loss, step["loss"].as_f64().unwrap(), 1e-4);
     assert_rel("RM first-step gradient norm", first.grad_norm, step["grad_norm"].as_f64().unwrap(), 1e-4);
@@ -317,15 +337,7 @@ fn the_reward_model_with_a_rank_gap_margin_matches_the_in_process_trainer() {
     let rm = RewardModel::from_policy(&policy, &Device::Cpu, rm_config.seed, rm_config.max_seq_len).unwrap();
     let initial = tmp.path().join("initial-rm");
     rm.save(&initial).unwrap();
-    let ranked: Vec<Ranking> = data
-        .rm
-        .iter()
-        .filter(|r| r.split == Split::Train)
-        .map(|r| {
-            let sequences = r.completions.iter().map(|c| rm.encode(&r.prompt, c).unwrap().0).collect();
-            Ranking::new(sequences, r.ranks.clone()).unwrap().with_weight(r.weight)
-        })
-        .collect();
+    let ranked = train_rankings(&rm, &data);
     let refs: Vec<&Ranking> = ranked.iter().collect();
     let lr = LrSchedule::cosine(rm_config.learning_rate, rm_config.epochs, 0).lr(0);
     // The first step without the margin, on a copy of the untouched weights, then with it.
@@ -343,17 +355,8 @@ fn the_reward_model_with_a_rank_gap_margin_matches_the_in_process_trainer() {
     eprintln!("RM first-step loss: {} with the margin, {} without", first.loss, plain.loss);
     assert!(first.loss > plain.loss + 1e-3, "the margin raises the loss: {} vs {}", first.loss, plain.loss);
 
-    let (rust_out, job_out) = (tmp.path().join("rust"), tmp.path().join("job"));
-    for out in [&rust_out, &job_out] {
-        std::fs::create_dir_all(out).unwrap();
-    }
-    InProcess { config: config.clone() }
-        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &rust_out), &mut |_| {})
-        .unwrap();
-    let head = initial.join("reward_head.safetensors");
-    let metrics = external(&python, &config, &[("INSTRUCTD_RM_INITIAL_HEAD", head.to_str().unwrap())])
-        .run(&job(Stage::RewardModel, &snapshot, &data, &policy, &job_out), &mut |_| {})
-        .unwrap();
+    let (rust_out, job_out, metrics) =
+        train_reward_model_both_ways(&python, tmp.path(), &config, &snapshot, &data, &policy, &initial);
     let step = &metrics["steps"][0];
     assert_rel("RM first-step loss with a margin", first.loss, step["loss"].as_f64().unwrap(), 1e-4);
     let grad_norm = step["grad_norm"].as_f64().unwrap();
