@@ -153,10 +153,17 @@ env INSTRUCTD_ADDR="127.0.0.1:$BASE_PORT" INSTRUCTD_REDIS_URL="redis://127.0.0.1
 EXTRA_PIDS+=($!)
 for _ in $(seq 1800); do grep -q "listening on" "$WORK/base.out" 2>/dev/null && break; sleep 0.1; done
 
-win_rate() { # CANDIDATE BASELINE BASELINE_URL
-    INSTRUCTD_ADMIN_KEY="$ADMIN" "$BIN" win-rate --url "$URL" --baseline-url "$3" \
+win_rate() { # CANDIDATE BASELINE BASELINE_URL: one JSON line, or '{}' with the reason on stderr
+    local err="$WORK/win-rate-$1-vs-$2.err" out
+    if out="$(INSTRUCTD_ADMIN_KEY="$ADMIN" "$BIN" win-rate --url "$URL" --baseline-url "$3" \
         --preference "$PREFERENCE" --candidate "$1" --baseline "$2" --prompts "$EVAL_PROMPTS" --samples 4 \
-        --max-tokens 32 2>/dev/null | tail -n1
+        --max-tokens 32 2>"$err")" && [[ -n "$out" ]]; then
+        echo "$out" | tail -n1
+    else
+        echo "win-rate $1 vs $2 failed:" >&2
+        tail -5 "$err" >&2
+        echo '{}'
+    fi
 }
 SFT_WIN="$(win_rate "$SFT" "$INITIAL" "http://127.0.0.1:$BASE_PORT")"
 PPO_ROLE="$(admin GET /admin/checkpoints | python3 -c "import json,sys; print(next(r['role'] for r in json.load(sys.stdin)['data'] if r['id'] == '$PPO'))")"
@@ -169,13 +176,13 @@ for _ in $(seq 600); do
     [[ "$ROLE" == ready || "$ROLE" == canary || "$ROLE" == serving ]] && break
     sleep 1
 done
-PPO_WIN="$(win_rate "$PPO" "$INITIAL" "http://127.0.0.1:$BASE_PORT" || echo '{}')"
-PPO_VS_SFT="$(win_rate "$PPO" "$SFT" "$URL" || echo '{}')"
+PPO_WIN="$(win_rate "$PPO" "$INITIAL" "http://127.0.0.1:$BASE_PORT")"
+PPO_VS_SFT="$(win_rate "$PPO" "$SFT" "$URL")"
 
 admin GET /admin/checkpoints >"$WORK/checkpoints.json"
 python3 bench/loop/table.py "$WORK/checkpoints.json" "$SFT_WIN" "$PPO_WIN" "$PPO_VS_SFT" "$SFT" "$PPO" "$R1" "$R2" \
     "$LOOP_SECS" "$PREFERENCE" "$ROUND1_SECS" "$ROUND2_SECS"
 if [[ -n "$KEEP" ]]; then
     mkdir -p "$KEEP"
-    cp -r "$WORK/checkpoints.json" "$WORK/data/training.jsonl" "$WORK/trainer.out" "$KEEP/" 2>/dev/null || true
+    cp -r "$WORK/checkpoints.json" "$WORK/data/training.jsonl" "$WORK/trainer.out" "$WORK"/win-rate-*.err "$KEEP/" 2>/dev/null || true
 fi
