@@ -248,21 +248,47 @@ pub mod x86 {
     /// Each block's partial dots (its `lanes` adjacent lanes) added into
     /// one, and the blocks' dots moved to lanes `0..blocks` (the rest zero):
     /// what one lane per block would hold.
+    ///
+    /// Small enough to inline into the kernels' per-row loops (which must
+    /// unroll for their accumulators to stay in registers): a full group is
+    /// returned as it is, SmolLM2's 2-block tails take a few shuffles, any
+    /// other layout goes to [`spread_per_block`].
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn per_block(g: Group, mut v: __m512i) -> __m512i {
-        if g.lanes == 1 {
-            return v;
+    pub fn per_block(g: Group, v: __m512i) -> __m512i {
+        match (g.lanes, g.blocks) {
+            (1, _) => v,
+            // Q8_0's 576-wide rows: each block is a 256-bit half.
+            (8, 2) => {
+                let t = _mm256_hadd_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+                let t = _mm256_hadd_epi32(t, t);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                _mm512_zextsi128_si512(_mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
+            }
+            // Q4_0's 576-wide rows: each block is a quarter of the low half.
+            (4, 2) => {
+                let lo = _mm512_castsi512_si256(v);
+                let t = _mm256_hadd_epi32(lo, lo);
+                let t = _mm256_hadd_epi32(t, t);
+                let s = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                _mm512_zextsi128_si512(_mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
+            }
+            _ => spread_per_block(g, v),
         }
+    }
+
+    /// [`per_block`] for any layout: a butterfly within each aligned run of
+    /// `lanes` lanes, then one lane per block compressed to the bottom.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    fn spread_per_block(g: Group, mut v: __m512i) -> __m512i {
         let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        // Butterfly within each aligned run of `lanes` lanes: afterwards every lane holds its block's sum.
         let mut d = g.lanes / 2;
         while d > 0 {
             let partner = _mm512_xor_si512(iota, _mm512_set1_epi32(d as i32));
             v = _mm512_add_epi32(v, _mm512_permutexvar_epi32(partner, v));
             d /= 2;
         }
-        // One lane per block (`l % lanes == 0`), packed to the bottom.
         let first = (0..g.used_lanes()).step_by(g.lanes).fold(0u16, |m, l| m | (1 << l));
         _mm512_maskz_compress_epi32(first, v)
     }

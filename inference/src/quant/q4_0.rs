@@ -156,27 +156,25 @@ impl Tiles for Q4Tiles<'_> {
         let xq = &self.a.quants[i * k..(i + R) * k];
         let xs = &self.a.scales[i * nb..(i + R) * nb];
         let seeds = &self.a.sums[i * nb..(i + R) * nb];
-        // One weight row against the R input rows at a time, as in Q8_0.
-        let columns: [[f32; R]; C] = std::array::from_fn(|c| {
+        // One weight row against the R input rows at a time, as in Q8_0 (plain loops, as there).
+        let mut out = [[0f32; C]; R];
+        for c in 0..C {
             let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
             // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_on`); `xq` holds R rows of k
             // bytes, `xs` and `seeds` R rows of nb values, and `row` one packed row of `bytes`.
-            let (xq, xs, seeds, w) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr(), row.as_ptr());
-            match self.kernel {
+            let (xq_p, xs_p, seeds_p, w) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr(), row.as_ptr());
+            let column = match self.kernel {
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => unsafe { x86::column::<R>(xq, xs, seeds, w, k) },
+                Kernel::Avx512 => unsafe { x86::column::<R>(xq_p, xs_p, seeds_p, w, k) },
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::column::<R>(xq, xs, seeds, w, k) },
-                _ => column_portable::<R>(
-                    &self.a.quants[i * k..(i + R) * k],
-                    &self.a.scales[i * nb..(i + R) * nb],
-                    &self.a.sums[i * nb..(i + R) * nb],
-                    row,
-                    k,
-                ),
+                Kernel::Avx2 => unsafe { avx2::column::<R>(xq_p, xs_p, seeds_p, w, k) },
+                _ => column_portable::<R>(xq, xs, seeds, row, k),
+            };
+            for (out_row, value) in out.iter_mut().zip(column) {
+                out_row[c] = value;
             }
-        });
-        std::array::from_fn(|r| std::array::from_fn(|c| columns[c][r]))
+        }
+        out
     }
 }
 
@@ -245,7 +243,12 @@ mod x86 {
                 }
             }
         }
-        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+        // A loop, as in Q8_0: a closure would not inherit this function's features.
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]);
+        }
+        out
     }
 
     /// Group `g`'s `P` nibble loads, two `vpdpbusd` steps each, for `R` input rows.

@@ -163,19 +163,25 @@ impl Tiles for Q8Tiles<'_> {
         // One weight row against the R input rows at a time: each i32
         // accumulator lives through a whole group, so an R × C register tile
         // would need 2·R·C registers; the input rows come again from L1.
-        let columns: [[f32; R]; C] = std::array::from_fn(|c| {
+        // Plain loops, not `array::from_fn` closures: those were calls per
+        // column and per entry (measured ~10% of a 16-row product).
+        let mut out = [[0f32; C]; R];
+        for c in 0..C {
             let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
             // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_with`); `xq` holds R rows of k
             // bytes, `xs` R rows of nb scales, and `row` one packed row of `bytes`.
-            match self.kernel {
+            let column = match self.kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => unsafe { avx2::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
                 _ => column_portable::<R>(xq, xs, row, k, self.lanes),
+            };
+            for (out_row, value) in out.iter_mut().zip(column) {
+                out_row[c] = value;
             }
-        });
-        std::array::from_fn(|r| std::array::from_fn(|c| columns[c][r]))
+        }
+        out
     }
 }
 
@@ -244,8 +250,13 @@ mod x86 {
             }
         }
         // The hardware reduction: copying the accumulators out to sum them in
-        // `reduce`'s order made LLVM keep them in memory (measured 3x slower).
-        std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+        // `reduce`'s order made LLVM keep them in memory (measured 3x slower);
+        // a loop, as a closure would not inherit this function's features.
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]);
+        }
+        out
     }
 
     /// Group `g`'s `T` steps of `vpdpbusd` for `R` input rows, from zero.
