@@ -225,9 +225,12 @@ fn a_hidden_preference_is_learned_through_sft_rm_and_ppo() {
     });
     let sft_id = sft["id"].as_str().unwrap().to_string();
     assert!(sft["parent"].as_str().unwrap().starts_with("base:"), "{sft}");
+    // Judged while it is a verified candidate, not yet serving: `win-rate` pins a checkpoint that is not the
+    // serving one, which needs the `pin_checkpoints` scope on its key (the SmolLM2 loop bench lost its PPO rows
+    // to a 403 here).
+    assert_clearly_beats_start_up_model(&judge(&sft_id), "the SFT policy");
     canary_then_promote(&url, &initial, &sft_id);
     drop(trainer);
-    assert_clearly_beats_start_up_model(&judge(&sft_id), "the SFT policy");
 
     // Round two, sampled from the SFT policy; no new demonstrations.
     simulate(2, "8", "0");

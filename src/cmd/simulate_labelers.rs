@@ -194,12 +194,12 @@ pub fn run(args: SimulateLabelersArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.url)?;
 
     let users = (0..args.users)
-        .map(|i| create_key(&api, &args.admin_key, &format!("sim-{run_id}-user-{i}"), "playground", None))
+        .map(|i| create_key(&api, &args.admin_key, &format!("sim-{run_id}-user-{i}"), &["playground"], None))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let labelers = (0..args.labelers)
         .map(|i| {
             let group = if args.labelers >= 2 && i + 1 == args.labelers { "held_out" } else { "training" };
-            create_key(&api, &args.admin_key, &format!("sim-{run_id}-labeler-{i}"), "labeler", Some(group))
+            create_key(&api, &args.admin_key, &format!("sim-{run_id}-labeler-{i}"), &["labeler"], Some(group))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut labelers = labelers;
@@ -321,13 +321,13 @@ pub(crate) fn create_key(
     api: &Api,
     admin_key: &str,
     user: &str,
-    scope: &str,
+    scopes: &[&str],
     labeler_group: Option<&'static str>,
 ) -> anyhow::Result<Person> {
     let mut body = json!({
         "name": "instructd simulate-labelers",
         "user": user,
-        "scopes": [scope],
+        "scopes": scopes,
         // Simulated people are not rate limited: a run measures the loop, not the limiter.
         "limits": {"requests_per_minute": 0, "tokens_per_minute": 0, "max_concurrent": 0},
     });

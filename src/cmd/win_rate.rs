@@ -71,7 +71,9 @@ pub fn run(args: WinRateArgs) -> anyhow::Result<()> {
     };
     let pool = prompts::load(Some(&args.prompts_file))?;
     anyhow::ensure!(!pool.is_empty(), "{} holds no prompts", args.prompts_file.display());
-    let key = create_key(&api, &args.admin_key, "instructd-win-rate", "completions", None)?;
+    // Candidates are often not the serving checkpoint yet (a verified candidate, a canary): pinning
+    // those needs `pin_checkpoints`.
+    let key = create_key(&api, &args.admin_key, "instructd-win-rate", &["completions", "pin_checkpoints"], None)?;
     // Keys live in Redis: a second gateway on the same Redis knows this one.
     let model = match &args.model {
         Some(m) => m.clone(),
