@@ -379,19 +379,6 @@ mod tests {
     }
 
     #[test]
-    fn a_kernel_the_cpu_lacks_falls_back_to_one_it_has() {
-        let available = Kernel::available(has_simd());
-        for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
-            let chosen = kernel.supported(has_simd());
-            assert!(available.contains(&chosen), "{kernel:?} ran as {chosen:?}, not in {available:?}");
-            if available.contains(&kernel) {
-                assert_eq!(chosen, kernel);
-            }
-        }
-        assert_eq!(kernel(), *available.last().expect("portable is always there"));
-    }
-
-    #[test]
     fn within_bf16_rounding_of_the_f32_product() {
         let (m, n, k) = (4, 33, 576);
         let (x, wf) = (data(m * k, 0.5), data(n * k, 2.0));

@@ -195,3 +195,31 @@ pub fn packed_dtype(weight: &Tensor, k: usize) -> Option<ServeDtype> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever kernel is asked for, a product runs on one this CPU has (the
+    /// `target_feature` calls stay sound), the asked one when it is there;
+    /// each format runs on the best it has.
+    #[test]
+    fn a_kernel_the_cpu_lacks_falls_back_to_one_it_has() {
+        let formats = [
+            (ServeDtype::Bf16, bf16::has_simd()),
+            (ServeDtype::Q8_0, q8_0::has_simd()),
+            (ServeDtype::Q4_0, q4_0::has_simd()),
+        ];
+        for (dtype, avx512) in formats {
+            let available = Kernel::available(avx512);
+            for wanted in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512] {
+                let chosen = wanted.supported(avx512);
+                assert!(available.contains(&chosen), "{dtype}: {wanted:?} ran as {chosen:?}, not in {available:?}");
+                if available.contains(&wanted) {
+                    assert_eq!(chosen, wanted, "{dtype}");
+                }
+            }
+            assert_eq!(kernel(dtype), *available.last().expect("portable is always there"), "{dtype}");
+        }
+    }
+}
