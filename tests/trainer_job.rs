@@ -24,6 +24,7 @@ use trainer::episodes::{Episode, engine_sharing};
 use trainer::optim::{Adam, LrSchedule};
 use trainer::policy_model::{ChatTokens, PolicyModel, encode_chat};
 use trainer::ppo;
+use trainer::ppo::PpoConfig;
 use trainer::reward_model::{Ranking, RewardModel};
 use trainer::snapshot::{Dataset, RankedExample, SftExample};
 
@@ -384,93 +385,134 @@ fn the_reward_model_with_a_rank_gap_margin_matches_the_in_process_trainer() {
     assert_eq!(report["kept_epoch"], job_report["kept_epoch"]);
 }
 
+/// The PPO probe's inputs: a tiny policy, reference and reward model, the in-process trainer's own rollout of five
+/// prompts, and pre-training windows (one minibatch's worth).
+struct PpoProbe {
+    tmp: tempfile::TempDir,
+    policy_dir: PathBuf,
+    reference_dir: PathBuf,
+    rm_dir: PathBuf,
+    ppo: PpoConfig,
+    policy: PolicyModel,
+    prompts: Vec<String>,
+    episodes: Vec<Episode>,
+    windows: Vec<Vec<u32>>,
+}
+
+impl PpoProbe {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let policy_dir = tiny(&tmp.path().join("policy"), 11);
+        let reference_dir = tiny(&tmp.path().join("reference"), 12);
+        let rm_dir = tmp.path().join("rm");
+        RewardModel::from_policy(&policy_dir, &Device::Cpu, 3, 256).unwrap().save(&rm_dir).unwrap();
+        let mut config = TrainerConfig::default();
+        config.ppo.minibatch_size = 3;
+        config.ppo.kl_coef = 0.1;
+        config.ppo.ptx_coef = 0.5;
+        config.ppo.ptx_micro_batch = 2;
+        config.ppo.max_new_tokens = 8;
+        let ppo = config.ppo.clone();
+
+        let policy = PolicyModel::load(&policy_dir, &Device::Cpu).unwrap();
+        let prompts: Vec<String> =
+            ["Say hi.", "Name a fruit.", "What is two plus two?", "Describe the sea.", "Count to three."]
+                .map(String::from)
+                .to_vec();
+        let engine = engine_sharing(&policy, "rollout", prompts.len()).unwrap();
+        let episodes: Vec<Episode> = ppo::rollout(&engine, &prompts, &ppo, 1).unwrap();
+        drop(engine);
+        assert_eq!(episodes.len(), prompts.len());
+        let text = "Now, fair Hippolyta, our nuptial hour draws on apace; four happy days bring in another moon.";
+        let ids = policy.tokenizer().encode(&text.repeat(4), false).unwrap();
+        let windows: Vec<Vec<u32>> = ids.chunks_exact(16).take(ppo.minibatch_size).map(<[u32]>::to_vec).collect();
+        assert_eq!(windows.len(), ppo.minibatch_size);
+        Self { tmp, policy_dir, reference_dir, rm_dir, ppo, policy, prompts, episodes, windows }
+    }
+
+    /// The probe's episodes file: the episodes and windows, the minibatch order, and `draws` window indices
+    /// (cycling through the windows) for the minibatches' ptx terms.
+    fn spec(&self, order: &[usize], draws: usize) -> Value {
+        json!({
+            "prompts": self.prompts,
+            "episodes": self.episodes.iter().map(|e| json!({
+                "prompt_index": e.prompt_index, "prompt_ids": e.prompt_ids, "response_ids": e.response_ids,
+                "text": e.text, "stopped": e.stopped,
+            })).collect::<Vec<_>>(),
+            "order": order,
+            "windows": self.windows,
+            "window_indices": (0..draws).map(|i| i % self.windows.len()).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The job's `probe-ppo` on `spec` with `ppo`, on one process or on `processes` under
+    /// `python -m torch.distributed.run --standalone` (gloo on the CPU); its JSON line.
+    fn run(&self, python: &Path, spec: &Value, ppo: &PpoConfig, processes: usize, env: &[(&str, &str)]) -> Value {
+        let spec_path = self.tmp.path().join(format!("episodes-{processes}.json"));
+        std::fs::write(&spec_path, spec.to_string()).unwrap();
+        let mut command = std::process::Command::new(python);
+        if processes > 1 {
+            let n = processes.to_string();
+            command.args(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n.as_str()]);
+        }
+        let out = command
+            .arg(trainer_job::job_script())
+            .args(["probe-ppo", spec_path.to_str().unwrap()])
+            .env("INSTRUCTD_STAGE", "ppo_ptx")
+            .env("INSTRUCTD_SNAPSHOT_DIR", self.tmp.path())
+            .env("INSTRUCTD_POLICY_DIR", &self.policy_dir)
+            .env("INSTRUCTD_REFERENCE_DIR", &self.reference_dir)
+            .env("INSTRUCTD_REWARD_MODEL_DIR", &self.rm_dir)
+            .env("INSTRUCTD_OUTPUT_DIR", self.tmp.path().join("out"))
+            .env("INSTRUCTD_HYPERPARAMETERS", serde_json::to_string(ppo).unwrap())
+            .env("TRANSFORMERS_VERBOSITY", "error")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "probe-ppo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    }
+}
+
 /// The first PPO-ptx optimiser step on the same episodes, corpus windows and minibatch: the in-process trainer's
 /// own PPO steps (`ppo::rollout`, `ppo::rewards`, `ppo::score`, `ppo::advantages`, `ppo::ppo_step`, the ones
 /// `ppo::train` runs) against the job's `probe-ppo`, which runs its real update loop on the given episodes.
 #[test]
 fn ppo_ptx_first_step_matches_the_in_process_trainer() {
     let Some(python) = job_python() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let policy_dir = tiny(&tmp.path().join("policy"), 11);
-    let reference_dir = tiny(&tmp.path().join("reference"), 12);
-    let rm_dir = tmp.path().join("rm");
-    RewardModel::from_policy(&policy_dir, &Device::Cpu, 3, 256).unwrap().save(&rm_dir).unwrap();
+    let probe = PpoProbe::new();
+    let (ppo, policy, prompts, episodes, windows) =
+        (&probe.ppo, &probe.policy, &probe.prompts, &probe.episodes, &probe.windows);
     let dev = Device::Cpu;
-    let mut config = TrainerConfig::default();
-    config.ppo.minibatch_size = 3;
-    config.ppo.kl_coef = 0.1;
-    config.ppo.ptx_coef = 0.5;
-    config.ppo.ptx_micro_batch = 2;
-    config.ppo.max_new_tokens = 8;
-    let ppo = config.ppo.clone();
-
-    let policy = PolicyModel::load(&policy_dir, &dev).unwrap();
-    let prompts: Vec<String> =
-        ["Say hi.", "Name a fruit.", "What is two plus two?", "Describe the sea.", "Count to three."]
-            .map(String::from)
-            .to_vec();
-    let engine = engine_sharing(&policy, "rollout", prompts.len()).unwrap();
-    let episodes: Vec<Episode> = ppo::rollout(&engine, &prompts, &ppo, 1).unwrap();
-    drop(engine);
-    assert_eq!(episodes.len(), prompts.len());
-    let text = "Now, fair Hippolyta, our nuptial hour draws on apace; four happy days bring in another moon.";
-    let ids = policy.tokenizer().encode(&text.repeat(4), false).unwrap();
-    let windows: Vec<Vec<u32>> = ids.chunks_exact(16).take(ppo.minibatch_size).map(<[u32]>::to_vec).collect();
-    assert_eq!(windows.len(), ppo.minibatch_size);
     let order = [3usize, 0, 4, 1, 2];
 
     // In-process, the trainer's own steps: scores, old/reference log-probabilities and values, shaped rewards,
     // GAE and whitening, then the first minibatch's PPO-ptx step (clipped policy loss and γ·ptx NLL, one Adam
     // step; clipped value loss, one Adam step), as ppo::train runs them.
-    let reference = PolicyModel::load(&reference_dir, &dev).unwrap();
-    let scorer = RewardModel::load_on(&rm_dir, &dev).unwrap();
-    let critic = RewardModel::load_on(&rm_dir, &dev).unwrap();
-    let scores = ppo::rewards(&scorer, &prompts, &episodes).unwrap();
-    let experience = ppo::score(policy.llama(), reference.llama(), &critic, &episodes, ppo.minibatch_size).unwrap();
+    let reference = PolicyModel::load(&probe.reference_dir, &dev).unwrap();
+    let scorer = RewardModel::load_on(&probe.rm_dir, &dev).unwrap();
+    let critic = RewardModel::load_on(&probe.rm_dir, &dev).unwrap();
+    let scores = ppo::rewards(&scorer, prompts, episodes).unwrap();
+    let experience = ppo::score(policy.llama(), reference.llama(), &critic, episodes, ppo.minibatch_size).unwrap();
     let advantages = ppo::advantages(&experience, &scores, ppo.kl_coef, ppo.gae_lambda).unwrap();
     let minibatch = ppo::Minibatch::select(&experience, &advantages, &order[..ppo.minibatch_size]).unwrap();
     let window_refs: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
-    let mut learners = ppo::Learners::new(&policy, &critic, &ppo).unwrap();
+    let mut learners = ppo::Learners::new(policy, &critic, ppo).unwrap();
     let (lr, value_lr) = (ppo.learning_rate, ppo.value_learning_rate);
     let (policy_step, value_step) =
-        ppo::ppo_step(&mut learners, &minibatch, Some(&window_refs), &ppo, lr, value_lr).unwrap();
+        ppo::ppo_step(&mut learners, &minibatch, Some(&window_refs), ppo, lr, value_lr).unwrap();
 
-    // The job, on the same episodes.
-    let spec = json!({
-        "prompts": prompts,
-        "episodes": episodes.iter().map(|e| json!({
-            "prompt_index": e.prompt_index, "prompt_ids": e.prompt_ids, "response_ids": e.response_ids,
-            "text": e.text, "stopped": e.stopped,
-        })).collect::<Vec<_>>(),
-        "order": order,
-        "windows": windows,
-        // The whole iteration runs in the probe: windows for the later minibatches too (only the first is compared).
-        "window_indices": (0..episodes.len()).map(|i| i % windows.len()).collect::<Vec<_>>(),
-    });
-    let spec_path = tmp.path().join("episodes.json");
-    std::fs::write(&spec_path, spec.to_string()).unwrap();
-    let out = std::process::Command::new(&python)
-        .arg(trainer_job::job_script())
-        .args(["probe-ppo", spec_path.to_str().unwrap()])
-        .env("INSTRUCTD_STAGE", "ppo_ptx")
-        .env("INSTRUCTD_SNAPSHOT_DIR", tmp.path())
-        .env("INSTRUCTD_POLICY_DIR", &policy_dir)
-        .env("INSTRUCTD_REFERENCE_DIR", &reference_dir)
-        .env("INSTRUCTD_REWARD_MODEL_DIR", &rm_dir)
-        .env("INSTRUCTD_OUTPUT_DIR", tmp.path().join("out"))
-        .env("INSTRUCTD_HYPERPARAMETERS", serde_json::to_string(&ppo).unwrap())
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "probe-ppo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let probe: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let step = &probe["steps"][0];
+    // The job, on the same episodes. The whole iteration runs in the probe: windows for the later minibatches too
+    // (only the first is compared).
+    let spec = probe.spec(&order, episodes.len());
+    let out = probe.run(&python, &spec, ppo, 1, &[]);
+    let step = &out["steps"][0];
     let reward_mean = f64::from(scores.iter().sum::<f32>()) / scores.len() as f64;
-    assert_rel("PPO reward mean", reward_mean, probe["iteration"]["reward_mean"].as_f64().unwrap(), 1e-4);
+    assert_rel("PPO reward mean", reward_mean, out["iteration"]["reward_mean"].as_f64().unwrap(), 1e-4);
     let kl_sum: f32 = experience.batch.response_sums(&advantages.kl).unwrap().iter().sum();
     let kl_mean = f64::from(kl_sum) / episodes.len() as f64;
-    assert_rel("PPO KL from the reference", kl_mean, probe["iteration"]["kl"].as_f64().unwrap(), 1e-4);
+    assert_rel("PPO KL from the reference", kl_mean, out["iteration"]["kl"].as_f64().unwrap(), 1e-4);
     let policy_loss = f64::from(policy_step.loss);
     assert_rel("PPO first-step policy loss", policy_loss, step["policy_loss"].as_f64().unwrap(), 1e-4);
     let ptx_loss = f64::from(policy_step.ptx_loss.unwrap());
@@ -519,6 +561,46 @@ fn the_reward_model_on_two_processes_matches_one_process() {
         let (diff, scale) = weights_diff(&one, &two, file);
         eprintln!("RM {file}, 1 vs 2 processes: largest weight difference {diff:.2e} (largest weight {scale:.2e})");
         assert!(diff < 1e-4, "RM {file} differs by up to {diff} between one and two processes");
+    }
+}
+
+/// PPO-ptx data parallel: the probe's whole iteration on the same episodes on one process and on two
+/// (`torch.distributed.run`, gloo). Each process scores and evaluates every other episode; the reward
+/// normalisation, whitening and reported means are over both processes' episodes, and each minibatch's losses are
+/// scaled by its whole token count so the summed gradients are one process's: every step's losses and gradient
+/// norms agree.
+#[test]
+fn ppo_ptx_on_two_processes_matches_one_process() {
+    let Some(python) = job_python() else { return };
+    let probe = PpoProbe::new();
+    let mut ppo = probe.ppo.clone();
+    ppo.minibatch_size = 2;
+    ppo.ptx_micro_batch = 1;
+    ppo.inner_epochs = 2;
+    ppo.normalize_rewards = true;
+    // Process 0 holds episodes 0, 2 and 4, process 1 episodes 1 and 3: minibatch {0, 2} is process 0's alone,
+    // {1, 4} is shared, {3} is process 1's alone while its ptx window is process 0's.
+    let order = [0usize, 2, 1, 4, 3];
+    let spec = probe.spec(&order, ppo.inner_epochs * probe.episodes.len());
+    let threads = [("OMP_NUM_THREADS", "1")];
+    let one = probe.run(&python, &spec, &ppo, 1, &threads);
+    let two = probe.run(&python, &spec, &ppo, 2, &threads);
+    assert_eq!(two["processes"], 2, "ran on two processes");
+
+    let number = |v: &Value, what: &str| v[what].as_f64().unwrap_or_else(|| panic!("{what}: {v}"));
+    for what in ["reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "ptx_loss", "entropy"] {
+        let (a, b) = (number(&one["iteration"], what), number(&two["iteration"], what));
+        assert_rel(&format!("PPO iteration {what}, 1 vs 2 processes"), a, b, 1e-5);
+    }
+    assert_eq!(one["iteration"]["episodes"], two["iteration"]["episodes"]);
+    let (steps_one, steps_two) = (one["steps"].as_array().unwrap(), two["steps"].as_array().unwrap());
+    assert_eq!(steps_one.len(), 6, "two passes over three minibatches");
+    assert_eq!(steps_one.len(), steps_two.len());
+    for (i, (a, b)) in steps_one.iter().zip(steps_two).enumerate() {
+        for what in ["policy_loss", "ptx_loss", "grad_norm", "value_loss", "value_grad_norm"] {
+            let what_step = format!("PPO step {i} {what}, 1 vs 2 processes");
+            assert_rel(&what_step, number(a, what), number(b, what), 1e-5);
+        }
     }
 }
 

@@ -25,7 +25,11 @@ def main(argv: list[str]) -> int:
         if argv[:1] == ["probe-ppo"] and len(argv) == 2:
             from . import ppo
 
-            print(json.dumps(ppo.probe(env, accelerator, Path(argv[1]))))
+            result = ppo.probe(env, accelerator, Path(argv[1]))
+            # Every process computes the same numbers (the whole iteration's); one line of JSON on stdout.
+            if accelerator.is_main_process:
+                print(json.dumps(result), flush=True)
+            finish(accelerator)
             return 0
         if argv:
             print(f"unknown arguments {argv}; usage: python -m instructd_job [probe-ppo EPISODES.json]",
@@ -44,10 +48,18 @@ def main(argv: list[str]) -> int:
             metrics["engine"] = f"torch {torch.__version__}, {accelerator.distributed_type}, " \
                                 f"{accelerator.num_processes} process(es)"
             common.write_json(env.output_dir / "metrics.json", metrics)
+        finish(accelerator)
         return 0
     except common.JobError as e:
         print(f"instructd training job: {e}", file=sys.stderr)
         return 2
+
+
+def finish(accelerator) -> None:
+    """Several processes leave together and close their process group: a process exiting while gloo still has
+    a collective's messages in flight aborts ("terminate called without an active exception")."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ per-token KL penalty -β (log π_old - log π_SFT) and the score on the last res
 advantages whitened over the iteration; one pass over shuffled minibatches with the clipped policy loss plus γ
 times the pre-training NLL on `ptx_per_episode` corpus windows per episode (one Adam step), an EMA of the policy
 weights, and the clipped value loss with its own Adam. Warm-up from 1/10 of the peak, then constant. The EMA is
-saved when `ema_decay` is set."""
+saved when `ema_decay` is set.
+
+Data parallel over the launcher's processes, the same code on one: each process samples, scores and evaluates its
+share of the iteration's prompts (every `world`-th), the iteration's statistics (reward normalisation, whitening,
+the reported means, the KL controller) are taken over every process's episodes, and each minibatch's losses are
+token sums over the process's rows divided by the whole minibatch's token count, so the summed gradients are the
+one-process gradient and every process takes the same Adam, EMA and value steps."""
 
 from __future__ import annotations
 
@@ -98,14 +104,17 @@ def load_corpus(directory: Path, tokenizer, settings: dict[str, Any]) -> list[li
 
 
 def sample(model, tokenizer, eos: int, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
-           max_prompt_tokens: int) -> list[dict[str, Any]]:
+           max_prompt_tokens: int, indices: list[int] | None = None) -> list[dict[str, Any]]:
     """One response per prompt with the model's own `generate` (request i seeded with seed + i); prompts too long
-    to sample from are skipped. The response ends with EOS when the model stopped by itself."""
+    to sample from are skipped. The response ends with EOS when the model stopped by itself. `indices`: only those
+    prompts (a process's share); request i keeps its seed, so the processes' samples differ from each other and
+    are the ones one process would draw."""
     limit = common.max_positions(model)
     episodes = []
     was_training = model.training
     model.eval()
-    for i, prompt in enumerate(prompts):
+    for i in range(len(prompts)) if indices is None else indices:
+        prompt = prompts[i]
         ids = common.encode_prompt(tokenizer, prompt)
         if not ids or len(ids) > max_prompt_tokens or len(ids) + 1 >= limit:
             continue
@@ -131,8 +140,8 @@ def sample(model, tokenizer, eos: int, prompts: list[str], max_new_tokens: int, 
 
 def episode_batch(episodes) -> dict[str, Any]:
     """episodes.rs: EpisodeBatch. input/targets [B, L-1] right-padded, mask 1 where the target is a response
-    token."""
-    width = max(len(e["prompt_ids"]) + len(e["response_ids"]) for e in episodes)
+    token. A process may hold no episode of an iteration: then B = 0."""
+    width = max((len(e["prompt_ids"]) + len(e["response_ids"]) for e in episodes), default=2)
     t = width - 1
     b = len(episodes)
     input_ids = torch.zeros((b, t), dtype=torch.long)
@@ -161,9 +170,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: float | None = None) -> torch.Tensor:
+    """The mean over the mask's tokens; with `count` (the whole minibatch's tokens, over every process) this
+    process's part of it: the processes' parts add up to the mean."""
     keep = mask != 0
-    count = float(keep.float().sum())
+    if count is None:
+        count = float(keep.float().sum())
     return torch.where(keep, values, torch.zeros_like(values)).sum() / max(count, 1.0)
 
 
@@ -192,25 +204,30 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
             adv[row][i] = a
             ret[row][i] = _f32(a + v[row][i])
             next_value, next_adv = v[row][i], a
-    return torch.tensor(adv, dtype=torch.float32), torch.tensor(ret, dtype=torch.float32)
+    shape = (b, t)  # kept when there are no rows
+    return torch.tensor(adv, dtype=torch.float32).reshape(shape), torch.tensor(ret, dtype=torch.float32).reshape(shape)
 
 
 def _f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, dp: "DataParallel | None" = None) -> torch.Tensor:
+    """Advantages whitened with the mean and variance over every response token of the iteration (every process's:
+    `dp` sums the processes' parts)."""
+    add = dp.sum if dp is not None else list
     keep = mask != 0
     kept = advantages[keep].double()
     out = torch.zeros_like(advantages)
-    if kept.numel():
-        mean = kept.mean()
-        var = ((kept - mean) ** 2).mean()
-        out[keep] = ((kept - mean) / torch.sqrt(var + 1e-8)).float()
+    total, count = add([float(kept.sum()), float(kept.numel())])
+    if count:
+        mean = total / count
+        (squares,) = add([float(((kept - mean) ** 2).sum())])
+        out[keep] = ((kept - mean) / math.sqrt(squares / count + 1e-8)).float()
     return out
 
 
-def policy_loss(new_lp, old_lp, advantages, mask, clip: float):
+def policy_loss(new_lp, old_lp, advantages, mask, clip: float, count: float | None = None):
     neg_adv = -advantages
     log_ratio = new_lp - old_lp
     ratio = log_ratio.exp()
@@ -218,13 +235,13 @@ def policy_loss(new_lp, old_lp, advantages, mask, clip: float):
     clipped = neg_adv * ratio.detach().clamp(1.0 - clip, 1.0 + clip)
     active = clipped > unclipped.detach()
     per_token = torch.where(active, clipped, unclipped)
-    loss = masked_mean(per_token, mask)
-    clip_fraction = float(masked_mean(active.float(), mask))
-    approx_kl = 0.5 * float(masked_mean(log_ratio.detach() ** 2, mask))
+    loss = masked_mean(per_token, mask, count)
+    clip_fraction = float(masked_mean(active.float(), mask, count))
+    approx_kl = 0.5 * float(masked_mean(log_ratio.detach() ** 2, mask, count))
     return loss, clip_fraction, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
+def value_loss(values, old_values, returns, mask, clip: float, count: float | None = None):
     low, high = old_values - clip, old_values + clip
     plain = values.detach()
     above = torch.where(plain > high, high, values)
@@ -232,7 +249,7 @@ def value_loss(values, old_values, returns, mask, clip: float):
     unclipped = (values - returns) ** 2
     clipped = (v_clipped - returns) ** 2
     per_token = torch.where(clipped.detach() > unclipped.detach(), clipped, unclipped)
-    return masked_mean(per_token, mask) * 0.5
+    return masked_mean(per_token, mask, count) * 0.5
 
 
 def lm_loss(model, windows: list[list[int]]) -> torch.Tensor:
@@ -279,15 +296,85 @@ class RunningMoments:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Data parallel
+
+# Gradients are summed over processes in flat buffers of at most this many elements (256 MiB of F32).
+GRADIENT_BUCKET = 1 << 26
+
+
+class DataParallel:
+    """The processes of one run (Accelerate's): which share of a list is this process's, and the collectives the
+    update needs over torch.distributed. On one process every collective returns its input, so one code path
+    serves any number of processes. Collectives run on Accelerate's device (NCCL takes GPU tensors only); the
+    PPO models themselves stay where they were loaded."""
+
+    def __init__(self, accelerator):
+        self.world = int(accelerator.num_processes)
+        self.rank = int(accelerator.process_index)
+        self.device = accelerator.device
+
+    def mine(self, n: int) -> list[int]:
+        """This process's share of n items: every `world`-th from its rank."""
+        return list(range(self.rank, n, self.world))
+
+    def sum(self, values: list[float]) -> list[float]:
+        """The sums over processes (F64), the same on every process."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def gather(self, value) -> list:
+        """Every process's `value` (any picklable object), in rank order."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def sum_gradients(self, params) -> None:
+        """Every process's gradients replaced by their sum over processes (the losses are scaled so the sum is the
+        whole minibatch's gradient), so every process clips, steps and averages the same numbers. A process
+        without a gradient adds zeros; a parameter no process has a gradient for keeps none (Adam skips it, as on
+        one process)."""
+        if self.world == 1:
+            return
+        present = self.sum([float(p.grad is not None) for p in params])
+        live = [p for p, n in zip(params, present) if n > 0]
+        bucket, size = [], 0
+        for p in live:
+            if bucket and size + p.numel() > GRADIENT_BUCKET:
+                self._sum_bucket(bucket)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel()
+        if bucket:
+            self._sum_bucket(bucket)
+
+    def _sum_bucket(self, params) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.device)
+                          for p in params])
+        torch.distributed.all_reduce(flat, torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
+            offset += n
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The update
 
 
 class Trainer:
     """The models, optimisers and EMA of one PPO run; `update` is one iteration's optimisation on given episodes
-    (the in-process trainer's steps 2-4)."""
+    (the in-process trainer's steps 2-4). Every process holds all four models whole and ends each step with the
+    same weights."""
 
     def __init__(self, env: common.JobEnv, config: dict[str, Any], accelerator):
         self.config, self.accelerator = config, accelerator
+        self.dp = DataParallel(accelerator)
         self.policy = common.load_policy(env.policy_dir)
         common.freeze_layers(self.policy, config["freeze_layers"])
         common.checkpoint_activations(self.policy, config)
@@ -312,107 +399,160 @@ class Trainer:
         self.schedule = common.LrSchedule(config["learning_rate"], config["warmup_iterations"], 0, None)
         self.value_schedule = common.LrSchedule(config["value_learning_rate"], config["warmup_iterations"], 0, None)
 
-    def update(self, iteration: int, prompts: list[str], episodes, rng: random.Random, corpus, step_log) -> dict:
+    def rows(self, episodes) -> list[int]:
+        """The places of this process's episodes in the iteration's list as one process would hold it (every
+        process's episodes in prompt order)."""
+        everyone = sorted(i for part in self.dp.gather([e["prompt_index"] for e in episodes]) for i in part)
+        place = {index: row for row, index in enumerate(everyone)}
+        return [place[e["prompt_index"]] for e in episodes]
+
+    def update(self, iteration: int, prompts: list[str], episodes, rng: random.Random, corpus, step_log,
+               rows: list[int] | None = None) -> dict:
+        """One iteration's update. `episodes` are this process's share and `rows` their places in the whole
+        iteration's list (which the minibatch order indexes); on one process all of them, in order. Every process
+        must call this, with the same `rng` state, even with no episode."""
         c = self.config
+        rows = list(range(len(episodes))) if rows is None else list(rows)
         lr, value_lr = self.schedule.lr(iteration - 1), self.value_schedule.lr(iteration - 1)
         scores = self.scorer.score_pairs([(prompts[e["prompt_index"]], e["text"]) for e in episodes])
+        batch = episode_batch(episodes)
+        table = self._iteration_table(rows, scores, batch["response_tokens"], [e["stopped"] for e in episodes])
         shaped_scores = scores
         if c["normalize_rewards"]:
             if iteration == 1:
-                self.moments.update(scores)
+                # Every process's scores in row order: the same moments and critic head everywhere. Before the
+                # old values are read, so they are on the normalised scale too.
+                self.moments.update(table["scores"])
                 std = max(self.moments.std(), 1e-6)
                 with torch.no_grad():
                     self.critic.score.weight.mul_(1.0 / std)
                     self.critic.score.bias.mul_(1.0 / std).add_(-self.moments.mean / std)
             shaped_scores = self.moments.normalise(scores)
-        batch = episode_batch(episodes)
         mb = c["minibatch_size"]
         with torch.no_grad():
             def chunks(fn):
-                return torch.cat([fn(batch["input"][i : i + mb], batch["targets"][i : i + mb])
-                                  for i in range(0, len(episodes), mb)])
+                parts = [fn(batch["input"][i : i + mb], batch["targets"][i : i + mb])
+                         for i in range(0, len(episodes), mb)]
+                return torch.cat(parts) if parts else torch.zeros(batch["mask"].shape)
 
             old_lp = chunks(lambda x, y: token_logprobs(self.policy(input_ids=x).logits, y))
             ref_lp = chunks(lambda x, y: token_logprobs(self.reference(input_ids=x).logits, y))
             old_values = chunks(lambda x, _y: self.critic.values(x))
         kl = old_lp - ref_lp
+        (kl_sum,) = self.dp.sum([sum((kl * batch["mask"]).sum(1).tolist())])
         rewards = shaped_rewards(shaped_scores, kl, batch["mask"], self.kl.beta)
         advantages, returns = gae(rewards, old_values, batch["mask"], 1.0, c["gae_lambda"])
-        advantages = whiten(advantages, batch["mask"])
-        kl_per_episode = (kl * batch["mask"]).sum(1).tolist()
+        advantages = whiten(advantages, batch["mask"], self.dp)
+        experience = {"batch": batch, "old_lp": old_lp, "old_values": old_values, "advantages": advantages,
+                      "returns": returns, "local": {row: i for i, row in enumerate(rows)}}
 
+        n = len(table["scores"])
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "ptx_loss": None, "clip_fraction": 0.0, "approx_kl": 0.0,
                 "entropy": 0.0, "steps": 0}
-        rows = list(range(len(episodes)))
         for _ in range(c["inner_epochs"]):
-            shuffled = rows[:]
+            shuffled = list(range(n))
             rng.shuffle(shuffled)
-            for start in range(0, len(shuffled), mb):
-                idx = torch.tensor(shuffled[start : start + mb])
-                x, y, m = batch["input"][idx], batch["targets"][idx], batch["mask"][idx]
-                logits = self.policy(input_ids=x).logits
-                new_lp = token_logprobs(logits, y)
-                p_loss, clip_fraction, approx_kl = policy_loss(new_lp, old_lp[idx], advantages[idx], m,
-                                                               c["clip_ratio"])
-                step_entropy = float(masked_mean(entropy(logits.detach()), m))
-                p_loss.backward()
-                del logits, new_lp
-                ptx = None
+            for start in range(0, n, mb):
+                chosen = shuffled[start : start + mb]
+                windows = None
                 if corpus is not None:
-                    n = max(c["ptx_per_episode"], 1) * len(idx)
-                    windows = [corpus[rng.randrange(len(corpus))] for _ in range(n)]
-                    ptx = 0.0
-                    for i in range(0, n, c["ptx_micro_batch"]):
-                        micro = windows[i : i + c["ptx_micro_batch"]]
-                        share = len(micro) / n
-                        nll = lm_loss(self.policy, micro)
-                        ptx += float(nll.detach()) * share
-                        (nll * (c["ptx_coef"] * share)).backward()
-                grad_norm = common.clip_gradients(self.policy_params, c["max_grad_norm"])
-                common.set_lr(self.policy_adam, lr)
-                self.policy_adam.step()
-                self.policy_adam.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    decay = c["ema_decay"]
-                    with torch.no_grad():
-                        for name, p in self.policy.named_parameters():
-                            if name in self.ema:
-                                self.ema[name].mul_(decay).add_(p.detach() * (1.0 - decay))
-
-                values = self.critic.values(x)
-                v_loss = value_loss(values, old_values[idx], returns[idx], m, c["value_clip"])
-                (v_loss * c["vf_coef"]).backward()
-                value_grad_norm = common.clip_gradients(self.critic_params, c["max_grad_norm"])
-                common.set_lr(self.critic_adam, value_lr)
-                self.critic_adam.step()
-                self.critic_adam.zero_grad(set_to_none=True)
-
-                step_log.append({"iteration": iteration, "policy_loss": float(p_loss.detach()), "ptx_loss": ptx,
-                                 "value_loss": float(v_loss.detach()), "grad_norm": grad_norm,
-                                 "value_grad_norm": value_grad_norm, "clip_fraction": clip_fraction,
-                                 "approx_kl": approx_kl, "entropy": step_entropy, "lr": lr})
+                    count = max(c["ptx_per_episode"], 1) * len(chosen)
+                    windows = [corpus[rng.randrange(len(corpus))] for _ in range(count)]
+                step = self._step(experience, chosen, sum(table["tokens"][r] for r in chosen), windows, lr,
+                                  value_lr)
+                step_log.append({"iteration": iteration, **step})
                 sums["steps"] += 1
-                sums["policy_loss"] += float(p_loss.detach())
-                sums["value_loss"] += float(v_loss.detach())
-                if ptx is not None:
-                    sums["ptx_loss"] = (sums["ptx_loss"] or 0.0) + ptx
-                sums["clip_fraction"] += clip_fraction
-                sums["approx_kl"] += approx_kl
-                sums["entropy"] += step_entropy
-        n, steps = len(episodes), max(sums["steps"], 1)
-        reward_mean = sum(scores) / n
+                for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy"):
+                    sums[key] += step[key]
+                if step["ptx_loss"] is not None:
+                    sums["ptx_loss"] = (sums["ptx_loss"] or 0.0) + step["ptx_loss"]
+        steps = max(sums["steps"], 1)
+        all_scores = table["scores"]
+        reward_mean = sum(all_scores) / n
         record = {
             "iteration": iteration, "episodes": n, "reward_mean": reward_mean,
-            "reward_std": math.sqrt(sum((s - reward_mean) ** 2 for s in scores) / n), "kl_coef": self.kl.beta,
-            "kl": sum(kl_per_episode) / n, "entropy": sums["entropy"] / steps,
+            "reward_std": math.sqrt(sum((s - reward_mean) ** 2 for s in all_scores) / n), "kl_coef": self.kl.beta,
+            "kl": kl_sum / n, "entropy": sums["entropy"] / steps,
             "clip_fraction": sums["clip_fraction"] / steps, "approx_kl": sums["approx_kl"] / steps,
             "policy_loss": sums["policy_loss"] / steps, "value_loss": sums["value_loss"] / steps,
             "ptx_loss": None if sums["ptx_loss"] is None else sums["ptx_loss"] / steps, "lr": lr,
-            "response_tokens_mean": sum(batch["response_tokens"]) / n,
-            "stopped_fraction": sum(1 for e in episodes if e["stopped"]) / n,
+            "response_tokens_mean": sum(table["tokens"]) / n,
+            "stopped_fraction": sum(1 for s in table["stopped"] if s) / n,
         }
         self.kl.update(record["kl"], n)
         return record
+
+    def _iteration_table(self, rows, scores, tokens, stopped) -> dict[str, list]:
+        """Every process's episodes' score, response length and stop, in row order (the iteration's statistics
+        are over all of them)."""
+        parts = self.dp.gather(list(zip(rows, scores, tokens, stopped)))
+        merged = sorted((x for part in parts for x in part), key=lambda x: x[0])
+        if [x[0] for x in merged] != list(range(len(merged))):
+            raise JobError("PPO: the processes' episodes do not cover the iteration's rows once each")
+        if not merged:
+            raise JobError("PPO: an iteration without episodes")
+        return {"scores": [x[1] for x in merged], "tokens": [x[2] for x in merged], "stopped": [x[3] for x in merged]}
+
+    def _step(self, experience, chosen: list[int], tokens: int, windows, lr: float, value_lr: float) -> dict:
+        """One minibatch (`chosen`: its rows, on every process; `tokens`: its response tokens): this process's
+        rows' losses over the whole minibatch's token count and its share of the ptx windows, the gradients summed
+        over processes, one Adam step, the EMA, then the same for the value function."""
+        c, dp = self.config, self.dp
+        local = [experience["local"][r] for r in chosen if r in experience["local"]]
+        idx = torch.tensor(local, dtype=torch.long)
+        batch = experience["batch"]
+        x, y, m = batch["input"][idx], batch["targets"][idx], batch["mask"][idx]
+        # This process's parts of the minibatch's figures; summed over processes below.
+        parts = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0,
+                 "value_loss": 0.0}
+        if local:
+            logits = self.policy(input_ids=x).logits
+            new_lp = token_logprobs(logits, y)
+            p_loss, parts["clip_fraction"], parts["approx_kl"] = policy_loss(
+                new_lp, experience["old_lp"][idx], experience["advantages"][idx], m, c["clip_ratio"], tokens)
+            parts["entropy"] = float(masked_mean(entropy(logits.detach()), m, tokens))
+            p_loss.backward()
+            parts["policy_loss"] = float(p_loss.detach())
+            del logits, new_lp, p_loss
+        if windows:
+            # The windows' micro-batches dealt round the processes, each weighted by its share of the windows.
+            micro = c["ptx_micro_batch"]
+            starts = list(range(0, len(windows), micro))
+            for k in dp.mine(len(starts)):
+                chunk = windows[starts[k] : starts[k] + micro]
+                share = len(chunk) / len(windows)
+                nll = lm_loss(self.policy, chunk)
+                parts["ptx_loss"] += float(nll.detach()) * share
+                (nll * (c["ptx_coef"] * share)).backward()
+        dp.sum_gradients(self.policy_params)
+        grad_norm = common.clip_gradients(self.policy_params, c["max_grad_norm"])
+        common.set_lr(self.policy_adam, lr)
+        self.policy_adam.step()
+        self.policy_adam.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            decay = c["ema_decay"]
+            with torch.no_grad():
+                for name, p in self.policy.named_parameters():
+                    if name in self.ema:
+                        self.ema[name].mul_(decay).add_(p.detach() * (1.0 - decay))
+
+        if local:
+            values = self.critic.values(x)
+            v_loss = value_loss(values, experience["old_values"][idx], experience["returns"][idx], m,
+                                c["value_clip"], tokens)
+            (v_loss * c["vf_coef"]).backward()
+            parts["value_loss"] = float(v_loss.detach())
+        dp.sum_gradients(self.critic_params)
+        value_grad_norm = common.clip_gradients(self.critic_params, c["max_grad_norm"])
+        common.set_lr(self.critic_adam, value_lr)
+        self.critic_adam.step()
+        self.critic_adam.zero_grad(set_to_none=True)
+
+        totals = dict(zip(parts, dp.sum(list(parts.values()))))
+        return {"policy_loss": totals["policy_loss"], "ptx_loss": totals["ptx_loss"] if windows else None,
+                "value_loss": totals["value_loss"], "grad_norm": grad_norm, "value_grad_norm": value_grad_norm,
+                "clip_fraction": totals["clip_fraction"], "approx_kl": totals["approx_kl"],
+                "entropy": totals["entropy"], "lr": lr}
 
     def final_tensors(self) -> dict[str, torch.Tensor]:
         if self.ema is not None:
@@ -428,19 +568,18 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
     config = common.stage_config(DEFAULTS, env.hyperparameters)
     if env.reference_dir is None or env.reward_model_dir is None:
         raise JobError("PPO needs INSTRUCTD_REFERENCE_DIR and INSTRUCTD_REWARD_MODEL_DIR")
-    if accelerator.num_processes > 1:
-        # Rollouts, scoring and the per-minibatch EMA are sequential; PPO on one process per job.
-        raise JobError("the PPO-ptx stage runs on one process; launch it without several processes")
     data = common.Snapshot.load(env.snapshot_dir)
     prompts = [p["prompt"] for p in data.prompts if p.get("split") == "train"]
     if not prompts:
         raise JobError("no training prompts to sample rollouts from")
     trainer = Trainer(env, config, accelerator)
+    dp = trainer.dp
     corpus = None
     if config["ptx_coef"] > 0:
         if env.corpus_dir is None:
             raise JobError("ptx_coef > 0 needs a pre-training corpus (INSTRUCTD_CORPUS_DIR)")
         corpus = load_corpus(env.corpus_dir, trainer.tokenizer, env.corpus)
+    # The same generator on every process: the same prompts, minibatch orders and ptx windows everywhere.
     rng = random.Random(config["seed"])
     order = list(range(len(prompts)))
     rng.shuffle(order)
@@ -457,25 +596,32 @@ def run(env: common.JobEnv, accelerator) -> dict[str, Any]:
             batch_prompts.append(prompts[order[cursor - 1]])
         seed = (config["seed"] * 1_000_003 + iteration * 65_537) % (1 << 63)
         episodes = sample(trainer.policy, trainer.tokenizer, trainer.eos, batch_prompts, config["max_new_tokens"],
-                          config["temperature"], seed, config["max_prompt_tokens"])
+                          config["temperature"], seed, config["max_prompt_tokens"], dp.mine(len(batch_prompts)))
+        rows = trainer.rows(episodes)
         rollout_secs = time.time() - it_start
-        if not episodes:
+        if not dp.sum([float(len(episodes))])[0]:
             raise JobError(f"no prompt fits in max_prompt_tokens = {config['max_prompt_tokens']} to sample from")
-        record = trainer.update(iteration, batch_prompts, episodes, rng, corpus, step_log)
+        record = trainer.update(iteration, batch_prompts, episodes, rng, corpus, step_log, rows)
         record.update({"rollout_secs": rollout_secs, "wall_secs": time.time() - it_start})
         iterations.append(record)
-        print(f"PPO iteration {iteration}: reward {record['reward_mean']:.4f}, kl {record['kl']:.4f}", flush=True)
-    common.save_model_dir(trainer.final_tensors(), env.policy_dir, env.output_dir)
+        if accelerator.is_main_process:
+            print(f"PPO iteration {iteration}: reward {record['reward_mean']:.4f}, kl {record['kl']:.4f}", flush=True)
+    # Every process holds the same weights: the main process writes them.
+    tensors = trainer.final_tensors()
     report = {"iterations": iterations, "train_prompts": len(prompts), "saved_ema": trainer.ema is not None,
               "wall_secs": time.time() - started, "config": config, "steps": step_log}
-    common.write_json(env.output_dir / "ppo.json", report)
+    if accelerator.is_main_process:
+        common.save_model_dir(tensors, env.policy_dir, env.output_dir)
+        common.write_json(env.output_dir / "ppo.json", report)
     return {"iterations": iterations, "saved_ema": trainer.ema is not None, "train_prompts": len(prompts),
             "wall_secs": report["wall_secs"], "steps": step_log}
 
 
 def probe(env: common.JobEnv, accelerator, episodes_file: Path) -> dict[str, Any]:
     """One PPO iteration's update on episodes and pre-training windows given in a JSON file (token ids, texts,
-    the minibatch order and windows), for checking against the in-process trainer number for number."""
+    the minibatch order and windows), for checking against the in-process trainer number for number. On several
+    processes each takes every `world`-th given episode, as `run` deals prompts; the numbers are the whole
+    iteration's, the same on every process."""
     config = common.stage_config(DEFAULTS, env.hyperparameters)
     spec = json.loads(episodes_file.read_text())
     trainer = Trainer(env, config, accelerator)
@@ -494,5 +640,7 @@ def probe(env: common.JobEnv, accelerator, episodes_file: Path) -> dict[str, Any
             return self.windows.pop(0)
 
     step_log: list[dict[str, Any]] = []
-    record = trainer.update(1, spec["prompts"], spec["episodes"], Replay(), spec.get("windows"), step_log)
-    return {"iteration": record, "steps": step_log}
+    mine = trainer.dp.mine(len(spec["episodes"]))
+    record = trainer.update(1, spec["prompts"], [spec["episodes"][i] for i in mine], Replay(), spec.get("windows"),
+                            step_log, mine)
+    return {"iteration": record, "steps": step_log, "processes": trainer.dp.world}
