@@ -13,14 +13,17 @@
 //! eight steps at 2 of 16 lanes.
 //!
 //! **Arithmetic.** Each lane's integer dot is exact. After a group's steps
-//! the `L` lanes of a block are added together (integers, so exactly) and the
-//! blocks' dots moved to lanes `0..s` ([`x86::per_block`]): the same
-//! integers, in the same lanes, as one lane per block gives. Each is seeded
-//! with its block's correction term, converted, multiplied by the block's
-//! `x scale · w scale` and added into its lane's F32 sum. So the F32
-//! operations do not depend on how a group is spread: results are
-//! bit-identical to a one-lane-per-block kernel, and [`column`] below does
-//! the same operations in the same order up to the final 16-lane sum.
+//! each lane's dot (a block's first lane seeded with the block's correction
+//! term) is converted and multiplied by its block's `x scale · w scale`
+//! (copied to each of the block's lanes, [`x86::spread_ps`]) and added into
+//! that lane's F32 sum; the 16 sums are added at the end. A spread block's
+//! lanes therefore meet in F32, not as integers: a few roundings more than
+//! one lane per block, and no shuffles per input row (adding the lanes as
+//! integers first and compressing them to one lane per block cost more than
+//! the `vpdpbusd` the spreading saves on SmolLM2's 2-block tails). [`column`]
+//! below does the same operations in the same order up to the final 16-lane
+//! sum. The AVX2 kernels add a block's lanes as integers first (their
+//! 256-bit halves make that cheap), which rounds differently by a few ulps.
 
 use rayon::prelude::*;
 
@@ -205,10 +208,11 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, offset: u8, max_lanes: usize
     a
 }
 
-/// One row's dot, the SIMD kernels' arithmetic lane by lane: `product(p)` is
-/// the integer product at quant byte `p`, `seed(b)` block `b`'s correction
-/// and `scale(b)` its `x scale · w scale`; block `b` of a group adds into
-/// lane `b - first`.
+/// One row's dot, the VNNI kernels' arithmetic lane by lane: `product(p)`
+/// is the integer product at quant byte `p`, `seed(b)` block `b`'s correction
+/// and `scale(b)` its `x scale · w scale`; lane `j` of block `b` in a group
+/// adds its integer dot (the seed in the block's first lane) times the
+/// block's scale into F32 lane `lanes · (b - first) + j`.
 pub fn column(
     nb: usize,
     max_lanes: usize,
@@ -218,16 +222,17 @@ pub fn column(
 ) -> f32 {
     let mut sums = [0f32; GROUP];
     for g in groups(nb, max_lanes) {
-        for (local, sum) in sums.iter_mut().enumerate().take(g.blocks) {
+        for local in 0..g.blocks {
             let b = g.first + local;
-            let mut dot = seed(b);
-            for lane in local * g.lanes..(local + 1) * g.lanes {
+            for j in 0..g.lanes {
+                let lane = local * g.lanes + j;
+                let mut dot = if j == 0 { seed(b) } else { 0 };
                 for t in 0..g.steps() {
                     let at = g.start() + g.step_bytes() * t + 4 * lane;
                     dot += (at..at + 4).map(&product).sum::<i32>();
                 }
+                sums[lane] = (dot as f32).mul_add(scale(b), sums[lane]);
             }
-            *sum = (dot as f32).mul_add(scale(b), *sum);
         }
     }
     reduce(sums)
@@ -245,52 +250,78 @@ pub mod x86 {
         if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
     }
 
-    /// Each block's partial dots (its `lanes` adjacent lanes) added into
-    /// one, and the blocks' dots moved to lanes `0..blocks` (the rest zero):
-    /// what one lane per block would hold.
-    ///
-    /// Small enough to inline into the kernels' per-row loops (which must
-    /// unroll for their accumulators to stay in registers): a full group is
-    /// returned as it is, SmolLM2's 2-block tails take a few shuffles, any
-    /// other layout goes to [`spread_per_block`].
+    /// Each lane's block: `lane / lanes` for the group's layout.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn per_block(g: Group, v: __m512i) -> __m512i {
-        match (g.lanes, g.blocks) {
-            (1, _) => v,
-            // Q8_0's 576-wide rows: each block is a 256-bit half.
-            (8, 2) => {
-                let t = _mm256_hadd_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-                let t = _mm256_hadd_epi32(t, t);
-                let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
-                _mm512_zextsi128_si512(_mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
-            }
-            // Q4_0's 576-wide rows: each block is a quarter of the low half.
-            (4, 2) => {
-                let lo = _mm512_castsi512_si256(v);
-                let t = _mm256_hadd_epi32(lo, lo);
-                let t = _mm256_hadd_epi32(t, t);
-                let s = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
-                _mm512_zextsi128_si512(_mm_blend_epi32::<0b1100>(s, _mm_setzero_si128()))
-            }
-            _ => spread_per_block(g, v),
-        }
+    fn block_of_lane(g: Group) -> __m512i {
+        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        _mm512_srlv_epi32(iota, _mm512_set1_epi32(g.lanes.trailing_zeros() as i32))
     }
 
-    /// [`per_block`] for any layout: a butterfly within each aligned run of
-    /// `lanes` lanes, then one lane per block compressed to the bottom.
-    #[inline(never)]
+    /// Per-block values held in lanes `0..blocks` (one lane per block)
+    /// copied to each of their block's lanes: a block's scale for every lane
+    /// that holds part of its dot. A full group is returned as it is.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    fn spread_per_block(g: Group, mut v: __m512i) -> __m512i {
-        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        let mut d = g.lanes / 2;
-        while d > 0 {
-            let partner = _mm512_xor_si512(iota, _mm512_set1_epi32(d as i32));
-            v = _mm512_add_epi32(v, _mm512_permutexvar_epi32(partner, v));
-            d /= 2;
+    pub fn spread_ps(g: Group, v: __m512) -> __m512 {
+        if g.lanes == 1 { v } else { _mm512_permutexvar_ps(block_of_lane(g), v) }
+    }
+
+    /// The 16-lane sums of `R` accumulators. Four at a time by a transposing
+    /// tree (13 instructions for four, against 8 each for one at a time);
+    /// the rest one at a time in the same order of additions, so a row's sum
+    /// does not depend on how many rows share its tile (its batch). Each
+    /// row's order: `S_j = (x[4j] + x[4j+2]) + (x[4j+1] + x[4j+3])` per
+    /// 128-bit chunk `j`, then `(S_0 + S_2) + (S_1 + S_3)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn row_sums<const R: usize>(acc: &[__m512; R]) -> [f32; R] {
+        let mut out = [0f32; R];
+        let mut r = 0;
+        while r + 4 <= R {
+            let (a, b, c, d) = (acc[r], acc[r + 1], acc[r + 2], acc[r + 3]);
+            // Per chunk: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], and the same for c, d.
+            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            // Per chunk j: [S_j(a), S_j(b), S_j(c), S_j(d)].
+            let s = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(ab, cd), _mm512_shuffle_ps::<0xEE>(ab, cd));
+            let four = fold(s);
+            // SAFETY: `out[r..r + 4]` is in bounds (loop condition); unaligned store.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr().add(r), four) };
+            r += 4;
+        }
+        while r < R {
+            let v = acc[r];
+            // Lane 4j: x[4j] + x[4j+2], lane 4j+1: x[4j+1] + x[4j+3]; then lane 4j: S_j.
+            let t = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+            let t = _mm512_add_ps(t, _mm512_permute_ps::<0b10_11_00_01>(t));
+            out[r] = _mm_cvtss_f32(fold(t));
+            r += 1;
+        }
+        out
+    }
+
+    /// Chunk-wise `(c_0 + c_2) + (c_1 + c_3)` of a vector's four 128-bit chunks.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold(v: __m512) -> __m128 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let half = _mm256_add_ps(lo, hi);
+        _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps::<1>(half))
+    }
+
+    /// Per-block integers held in lanes `0..blocks` moved to the first lane
+    /// of each block, the other lanes zero: a block's seed enters its dot
+    /// once. A full group is returned as it is.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn seed_lanes(g: Group, v: __m512i) -> __m512i {
+        if g.lanes == 1 {
+            return v;
         }
         let first = (0..g.used_lanes()).step_by(g.lanes).fold(0u16, |m, l| m | (1 << l));
-        _mm512_maskz_compress_epi32(first, v)
+        _mm512_maskz_permutexvar_epi32(first, block_of_lane(g), v)
     }
 }
 

@@ -201,7 +201,7 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], seeds: &[i32], row: &[
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::x86::{low, per_block};
+    use super::super::lanes::x86::{low, row_sums, seed_lanes, spread_ps};
     use super::super::lanes::{Group, groups};
     use super::{BLOCK, MAX_LANES};
 
@@ -227,8 +227,12 @@ mod x86 {
             // SAFETY (whole block): masked loads read only the group's nibbles, scales and seeds, all inside
             // the rows (caller); unaligned loads throughout.
             unsafe {
-                let w_scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(blocks, w_scales.add(g.first)));
-                let dots = [_mm512_setzero_si512(); R];
+                let w_scale = spread_ps(g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(blocks, w_scales.add(g.first))));
+                // Each row's dots start from its blocks' corrections (in each block's first lane).
+                let mut dots = [_mm512_setzero_si512(); R];
+                for r in 0..R {
+                    dots[r] = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first)));
+                }
                 // A const pair count keeps the full groups' four nibble loads unrolled.
                 let dots = match g.steps() {
                     8 => pairs::<R, 4>(g, xq, row, k, dots),
@@ -236,19 +240,15 @@ mod x86 {
                     _ => pairs::<R, 1>(g, xq, row, k, dots),
                 };
                 for r in 0..R {
-                    let seed = _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first));
-                    let dot = _mm512_add_epi32(per_block(g, dots[r]), seed);
-                    let scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)), w_scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    let x_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)));
+                    let scale = _mm512_mul_ps(x_scale, w_scale);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
                 }
             }
         }
-        // A loop, as in Q8_0: a closure would not inherit this function's features.
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
-        }
-        out
+        // In registers: copying the accumulators out to sum them in `reduce`'s
+        // order made LLVM keep them in memory (measured 3x slower).
+        row_sums(&acc)
     }
 
     /// Group `g`'s `P` nibble loads, two `vpdpbusd` steps each, for `R` input rows.
@@ -287,8 +287,9 @@ mod x86 {
 /// The kernel for CPUs with AVX2 but not AVX-512 VNNI: each 16-lane step
 /// of the layout as two 256-bit halves, `vpmaddubsw` (unsigned nibbles 0..15
 /// by signed activations; pairs within ±2·15·127, no saturation) and
-/// `vpmaddwd` into i32 lanes: the VNNI kernel's integers, its F32
-/// operations per block; only the final sum of the lanes is ordered differently.
+/// `vpmaddwd` into i32 lanes: the VNNI kernel's integers; a spread block's
+/// lanes are added as integers before its one F32 step (the VNNI kernel adds
+/// them in F32), and the final sum of the lanes is ordered differently.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // Index loops over const bounds unroll into registers.
 mod avx2 {

@@ -12,11 +12,11 @@
 //! offsets]`, little-endian ([`row_bytes`]), the quant bytes in
 //! [`super::lanes`]' group layout (up to 8 lanes per block, so a 576-wide
 //! row's 2-block tail fills one vector): `vpdpbusd` steps over a group leave
-//! each lane holding its part of a block's integer dot; the parts are added
-//! into one lane per block (exactly), and each block's dot is scaled
-//! (`x scale · w scale`) and added into its lane's F32 sum: one conversion
-//! per group, not per block, and bit-identical results to one lane per
-//! block. Activations are laid out the same way.
+//! each lane holding its part of a block's integer dot, which is converted,
+//! scaled by its block's `x scale · w scale` and added into the lane's F32
+//! sum: one conversion per group, not per block, and no shuffles per input
+//! row (see [`super::lanes`] for the rounding this trades). Activations are
+//! laid out the same way.
 //!
 //! **Without VNNI** (AVX2 only: Zen 1-3, Intel before Ice Lake) the
 //! [`avx2`] kernel computes the same integers with `vpmaddubsw` on the
@@ -206,7 +206,7 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize, 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::x86::{low, per_block};
+    use super::super::lanes::x86::{low, row_sums, seed_lanes, spread_ps};
     use super::super::lanes::{Group, groups};
     use super::BLOCK;
 
@@ -233,41 +233,43 @@ mod x86 {
             // SAFETY (whole block): masked loads read only the group's steps, scales and offsets, all inside the
             // rows (caller); the scale and offset arrays may be unaligned (loadu).
             unsafe {
-                let seed = _mm512_maskz_loadu_epi32(blocks, w_offsets.add(g.first));
-                let w_scale = _mm512_maskz_loadu_ps(blocks, w_scales.add(g.first));
+                // Every row's dots start from the blocks' corrections (in each block's first lane).
+                let seed = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, w_offsets.add(g.first)));
+                let w_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, w_scales.add(g.first)));
                 // A const step count keeps the full groups' eight steps unrolled.
                 let dots = match g.steps() {
-                    8 => steps::<R, 8>(g, xq, row, k),
-                    4 => steps::<R, 4>(g, xq, row, k),
-                    2 => steps::<R, 2>(g, xq, row, k),
-                    _ => steps::<R, 1>(g, xq, row, k),
+                    8 => steps::<R, 8>(g, xq, row, k, seed),
+                    4 => steps::<R, 4>(g, xq, row, k, seed),
+                    2 => steps::<R, 2>(g, xq, row, k, seed),
+                    _ => steps::<R, 1>(g, xq, row, k, seed),
                 };
                 for r in 0..R {
-                    let dot = _mm512_add_epi32(per_block(g, dots[r]), seed);
-                    let scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)), w_scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    let x_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)));
+                    let scale = _mm512_mul_ps(x_scale, w_scale);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
                 }
             }
         }
-        // The hardware reduction: copying the accumulators out to sum them in
-        // `reduce`'s order made LLVM keep them in memory (measured 3x slower);
-        // a loop, as a closure would not inherit this function's features.
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
-        }
-        out
+        // In registers: copying the accumulators out to sum them in `reduce`'s
+        // order made LLVM keep them in memory (measured 3x slower).
+        row_sums(&acc)
     }
 
-    /// Group `g`'s `T` steps of `vpdpbusd` for `R` input rows, from zero.
+    /// Group `g`'s `T` steps of `vpdpbusd` for `R` input rows, from `seed`.
     ///
     /// # Safety
     /// As [`column`]; `T` must be `g.steps()`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn steps<const R: usize, const T: usize>(g: Group, xq: *const u8, row: *const u8, k: usize) -> [__m512i; R] {
+    unsafe fn steps<const R: usize, const T: usize>(
+        g: Group,
+        xq: *const u8,
+        row: *const u8,
+        k: usize,
+        seed: __m512i,
+    ) -> [__m512i; R] {
         let used = low(g.used_lanes());
-        let mut dots = [_mm512_setzero_si512(); R];
+        let mut dots = [seed; R];
         for t in 0..T {
             let at = g.start() + g.step_bytes() * t;
             // SAFETY: step `t` of the group lies inside the weight row and each input row (caller).
@@ -289,8 +291,9 @@ mod x86 {
 /// saturating i16 pairs, so it takes the weights' magnitudes and the signed
 /// activations with the weights' signs (llama.cpp's trick): `|w|·(±x)` pairs
 /// stay within ±2·127·127, no saturation, and the dots are the VNNI kernel's
-/// exact integers without its offset. Per block, the same F32 operations as
-/// the VNNI kernel; only the final sum of the lanes is ordered differently.
+/// exact integers without its offset. A spread block's lanes are added as
+/// integers before its one F32 step (the VNNI kernel adds them in F32), and
+/// the final sum of the lanes is ordered differently.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // Index loops over const bounds unroll into registers.
 mod avx2 {
@@ -450,10 +453,12 @@ mod tests {
     }
 
     /// Spreading a short group's blocks over several lanes changes which
-    /// instructions run, not the numbers: results are bit-identical to one
-    /// lane per block (the layout before), on both paths.
+    /// instructions run, not the result beyond rounding: against one lane
+    /// per block (the layout before), bit-identical on AVX2 (which adds a
+    /// block's lanes as integers), a few ulps apart where the lanes meet in
+    /// F32 (the portable loop and VNNI).
     #[test]
-    fn spread_groups_are_bit_identical_to_one_lane_per_block() {
+    fn spread_groups_match_one_lane_per_block() {
         for &(m, n, k) in &[(1, 9, 32), (3, 9, 64), (5, 31, 576), (2, 7, 1536), (2, 5, 8192), (4, 11, 96), (3, 9, 608)]
         {
             let (x, w) = (data(m * k, 0.7), data(n * k, 1.9));
@@ -461,10 +466,15 @@ mod tests {
             for kernel in Kernel::available(has_simd()) {
                 let got = matmul_with(&x, m, &spread, n, k, kernel, MAX_LANES);
                 let want = matmul_with(&x, m, &one, n, k, kernel, 1);
-                assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{n}x{k} ({kernel:?}): {got:?} vs {want:?}"
-                );
+                if kernel == Kernel::Avx2 {
+                    assert!(
+                        got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{m}x{n}x{k} ({kernel:?}): {got:?} vs {want:?}"
+                    );
+                }
+                let tolerance = 1e-6 * want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= tolerance, "{m}x{n}x{k} ({kernel:?}): differ by {diff}");
             }
         }
     }
