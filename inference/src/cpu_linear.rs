@@ -140,14 +140,19 @@ pub(crate) trait Tiles: Sync {
     /// (memory-bound) case. Must sum each entry as [`Tiles::tile`] does, so
     /// a row's result does not depend on the batch it came in.
     fn row(&self, i: usize, j: usize, out: &mut [f32]) {
-        let mut c = 0;
-        while c + TILE <= out.len() {
-            out[c..c + TILE].copy_from_slice(&self.tile::<1, TILE>(i, j + c)[0]);
-            c += TILE;
-        }
-        for (o, jj) in out[c..].iter_mut().zip(j + c..) {
-            *o = self.tile::<1, 1>(i, jj)[0][0];
-        }
+        row_in_tiles(self, i, j, out);
+    }
+}
+
+/// [`Tiles::row`] by `1 × TILE` tiles (the default; a format may stream differently).
+pub(crate) fn row_in_tiles<T: Tiles + ?Sized>(tiles: &T, i: usize, j: usize, out: &mut [f32]) {
+    let mut c = 0;
+    while c + TILE <= out.len() {
+        out[c..c + TILE].copy_from_slice(&tiles.tile::<1, TILE>(i, j + c)[0]);
+        c += TILE;
+    }
+    for (o, jj) in out[c..].iter_mut().zip(j + c..) {
+        *o = tiles.tile::<1, 1>(i, jj)[0][0];
     }
 }
 
