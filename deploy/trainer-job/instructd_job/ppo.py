@@ -170,12 +170,10 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: float | None = None) -> torch.Tensor:
-    """The mean over the mask's tokens; with `count` (the whole minibatch's tokens, over every process) this
-    process's part of it: the processes' parts add up to the mean."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: float) -> torch.Tensor:
+    """This process's part of the mean over a minibatch's tokens: its masked values' sum over `count`, the whole
+    minibatch's token count over every process, so the processes' parts add up to the mean."""
     keep = mask != 0
-    if count is None:
-        count = float(keep.float().sum())
     return torch.where(keep, values, torch.zeros_like(values)).sum() / max(count, 1.0)
 
 
@@ -212,22 +210,21 @@ def _f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def whiten(advantages: torch.Tensor, mask: torch.Tensor, dp: "DataParallel | None" = None) -> torch.Tensor:
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, dp: "DataParallel") -> torch.Tensor:
     """Advantages whitened with the mean and variance over every response token of the iteration (every process's:
     `dp` sums the processes' parts)."""
-    add = dp.sum if dp is not None else list
     keep = mask != 0
     kept = advantages[keep].double()
     out = torch.zeros_like(advantages)
-    total, count = add([float(kept.sum()), float(kept.numel())])
+    total, count = dp.sum([float(kept.sum()), float(kept.numel())])
     if count:
         mean = total / count
-        (squares,) = add([float(((kept - mean) ** 2).sum())])
+        (squares,) = dp.sum([float(((kept - mean) ** 2).sum())])
         out[keep] = ((kept - mean) / math.sqrt(squares / count + 1e-8)).float()
     return out
 
 
-def policy_loss(new_lp, old_lp, advantages, mask, clip: float, count: float | None = None):
+def policy_loss(new_lp, old_lp, advantages, mask, clip: float, count: float):
     neg_adv = -advantages
     log_ratio = new_lp - old_lp
     ratio = log_ratio.exp()
@@ -241,7 +238,7 @@ def policy_loss(new_lp, old_lp, advantages, mask, clip: float, count: float | No
     return loss, clip_fraction, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip: float, count: float | None = None):
+def value_loss(values, old_values, returns, mask, clip: float, count: float):
     low, high = old_values - clip, old_values + clip
     plain = values.detach()
     above = torch.where(plain > high, high, values)
@@ -407,12 +404,11 @@ class Trainer:
         return [place[e["prompt_index"]] for e in episodes]
 
     def update(self, iteration: int, prompts: list[str], episodes, rng: random.Random, corpus, step_log,
-               rows: list[int] | None = None) -> dict:
+               rows: list[int]) -> dict:
         """One iteration's update. `episodes` are this process's share and `rows` their places in the whole
         iteration's list (which the minibatch order indexes); on one process all of them, in order. Every process
         must call this, with the same `rng` state, even with no episode."""
         c = self.config
-        rows = list(range(len(episodes))) if rows is None else list(rows)
         lr, value_lr = self.schedule.lr(iteration - 1), self.value_schedule.lr(iteration - 1)
         scores = self.scorer.score_pairs([(prompts[e["prompt_index"]], e["text"]) for e in episodes])
         batch = episode_batch(episodes)
