@@ -238,6 +238,45 @@ pub fn column(
     reduce(sums)
 }
 
+/// Weight rows the AVX-512 integer kernels take side by side when a tile
+/// has several input rows: each input vector loaded feeds this many
+/// products. With one input row the rows go one by one (one sequential
+/// stream, memory-bound).
+pub const SIDE_BY_SIDE: usize = 2;
+
+/// A tile's `[R][C]` dots, weight rows taken [`SIDE_BY_SIDE`] at a time by
+/// `pair(c)` (`out[dc][r]` for weight rows `c + dc`) where `side_by_side`,
+/// the rest one at a time by `one(c)`. Plain loops, not `array::from_fn`
+/// closures: those were calls per column and per entry (measured ~10% of a
+/// 16-row product).
+#[inline(always)]
+pub fn tile_columns<const R: usize, const C: usize>(
+    side_by_side: bool,
+    mut pair: impl FnMut(usize) -> [[f32; R]; SIDE_BY_SIDE],
+    mut one: impl FnMut(usize) -> [f32; R],
+) -> [[f32; C]; R] {
+    let mut out = [[0f32; C]; R];
+    let mut put = |c: usize, column: [f32; R]| {
+        for (out_row, value) in out.iter_mut().zip(column) {
+            out_row[c] = value;
+        }
+    };
+    let mut c = 0;
+    if side_by_side && R > 1 {
+        while c + SIDE_BY_SIDE <= C {
+            for (dc, column) in pair(c).into_iter().enumerate() {
+                put(c + dc, column);
+            }
+            c += SIDE_BY_SIDE;
+        }
+    }
+    while c < C {
+        put(c, one(c));
+        c += 1;
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use std::arch::x86_64::*;
@@ -265,6 +304,46 @@ pub mod x86 {
     #[target_feature(enable = "avx512f")]
     pub fn spread_ps(g: Group, v: __m512) -> __m512 {
         if g.lanes == 1 { v } else { _mm512_permutexvar_ps(block_of_lane(g), v) }
+    }
+
+    /// Adds group `g`'s integer dots of `R` input rows with `C` weight rows
+    /// (`dots[c][r]`) into the F32 accumulators `acc[c][r]`, each lane
+    /// converted and scaled by its block's `x scale · w scale` (`xs`: the
+    /// input rows' scales, `nb` per row; `w_scales`: spread per weight row).
+    ///
+    /// # Safety
+    /// `xs` must hold `R` rows of `nb` scales covering the group's blocks.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn add_scaled<const R: usize, const C: usize>(
+        g: Group,
+        xs: *const f32,
+        nb: usize,
+        w_scales: &[__m512; C],
+        dots: &[[__m512i; R]; C],
+        acc: &mut [[__m512; R]; C],
+    ) {
+        for r in 0..R {
+            // SAFETY: a masked load of the group's blocks of row `r` (caller).
+            let x_scale = spread_ps(g, unsafe { _mm512_maskz_loadu_ps(low(g.blocks), xs.add(r * nb + g.first)) });
+            for c in 0..C {
+                let scale = _mm512_mul_ps(x_scale, w_scales[c]);
+                acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[c][r]), scale, acc[c][r]);
+            }
+        }
+    }
+
+    /// [`row_sums`] of each weight row's accumulators (`out[c][r]`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn column_sums<const R: usize, const C: usize>(acc: &[[__m512; R]; C]) -> [[f32; R]; C] {
+        // In registers: copying the accumulators out to sum them in `reduce`'s
+        // order made LLVM keep them in memory (measured 3x slower).
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            out[c] = row_sums(&acc[c]);
+        }
+        out
     }
 
     /// The 16-lane sums of `R` accumulators. Four at a time by a transposing

@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::Kernel;
-use super::lanes::{self, BLOCK, GROUP, Group, Quantized, quantize_rows};
+use super::lanes::{self, BLOCK, GROUP, Group, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
 use crate::cpu_linear::{Tiles, run_tiled};
 use crate::error::{Error, Result};
 
@@ -156,25 +156,29 @@ impl Tiles for Q4Tiles<'_> {
         let xq = &self.a.quants[i * k..(i + R) * k];
         let xs = &self.a.scales[i * nb..(i + R) * nb];
         let seeds = &self.a.sums[i * nb..(i + R) * nb];
-        // One weight row against the R input rows at a time, as in Q8_0 (plain loops, as there).
-        let mut out = [[0f32; C]; R];
-        for c in 0..C {
-            let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
-            // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_on`); `xq` holds R rows of k
-            // bytes, `xs` and `seeds` R rows of nb values, and `row` one packed row of `bytes`.
-            let (xq_p, xs_p, seeds_p, w) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr(), row.as_ptr());
-            let column = match self.kernel {
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => unsafe { x86::column::<R>(xq_p, xs_p, seeds_p, w, k) },
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::column::<R>(xq_p, xs_p, seeds_p, w, k) },
-                _ => column_portable::<R>(xq, xs, seeds, row, k),
-            };
-            for (out_row, value) in out.iter_mut().zip(column) {
-                out_row[c] = value;
-            }
-        }
-        out
+        let (xq_p, xs_p, seeds_p) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr());
+        let rows = |c: usize, count: usize| &self.w[(j + c) * bytes..(j + c + count) * bytes];
+        tile_columns(
+            self.kernel == Kernel::Avx512,
+            // SAFETY: only called with `kernel` AVX-512 (VNNI, checked in `matmul_on`); `xq` holds R rows of k
+            // bytes, `xs` and `seeds` R rows of nb values, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
+            #[cfg(target_arch = "x86_64")]
+            |c| unsafe { x86::columns::<R, SIDE_BY_SIDE>(xq_p, xs_p, seeds_p, rows(c, SIDE_BY_SIDE).as_ptr(), k) },
+            #[cfg(not(target_arch = "x86_64"))]
+            |_| unreachable!("no AVX-512 kernel off x86-64"),
+            |c| {
+                let row = rows(c, 1);
+                // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_on`); `xq` holds R rows of k
+                // bytes, `xs` and `seeds` R rows of nb values, and `row` one packed row of `bytes`.
+                match self.kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512 => unsafe { x86::columns::<R, 1>(xq_p, xs_p, seeds_p, row.as_ptr(), k)[0] },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { avx2::column::<R>(xq_p, xs_p, seeds_p, row.as_ptr(), k) },
+                    _ => column_portable::<R>(xq, xs, seeds, row, k),
+                }
+            },
+        )
     }
 }
 
@@ -201,86 +205,71 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], seeds: &[i32], row: &[
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::x86::{low, row_sums, seed_lanes, spread_ps};
-    use super::super::lanes::{Group, groups};
+    use super::super::lanes::groups;
+    use super::super::lanes::x86::{add_scaled, column_sums, low, seed_lanes, spread_ps};
     use super::{BLOCK, MAX_LANES};
 
-    /// The dots of `R` quantized input rows (with their blocks' seeds) with one packed weight row.
+    /// The dots of `R` quantized input rows (with their blocks' seeds) with
+    /// `C` consecutive packed weight rows (`out[c][r]`), every entry summed
+    /// as with one weight row (see [`super::super::q8_0`]'s `columns`).
     ///
     /// # Safety
     /// AVX-512F, BW, VL and VNNI must be available; `xq` must hold `R · k`
-    /// bytes, `xs` and `seeds` `R · k/32` values and `row` one packed row for `k`.
+    /// bytes, `xs` and `seeds` `R · k/32` values and `rows` `C` packed rows for `k`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn column<const R: usize>(
+    pub unsafe fn columns<const R: usize, const C: usize>(
         xq: *const u8,
         xs: *const f32,
         seeds: *const i32,
-        row: *const u8,
+        rows: *const u8,
         k: usize,
-    ) -> [f32; R] {
-        let nb = k / BLOCK;
-        let w_scales = row.wrapping_add(k / 2) as *const i16;
-        let mut acc = [_mm512_setzero_ps(); R];
+    ) -> [[f32; R]; C] {
+        let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
+        let nibbles = _mm512_set1_epi8(15);
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
         for g in groups(nb, MAX_LANES) {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
             let blocks = low(g.blocks);
             // SAFETY (whole block): masked loads read only the group's nibbles, scales and seeds, all inside
             // the rows (caller); unaligned loads throughout.
             unsafe {
-                let w_scale = spread_ps(g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(blocks, w_scales.add(g.first))));
-                // Each row's dots start from its blocks' corrections (in each block's first lane).
-                let mut dots = [_mm512_setzero_si512(); R];
-                for r in 0..R {
-                    dots[r] = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first)));
+                let mut w_scales = [_mm512_setzero_ps(); C];
+                for c in 0..C {
+                    let scales = rows.add(c * bytes + k / 2) as *const i16;
+                    let half = _mm256_maskz_loadu_epi16(blocks, scales.add(g.first));
+                    w_scales[c] = spread_ps(g, _mm512_cvtph_ps(half));
                 }
-                // A const pair count keeps the full groups' four nibble loads unrolled.
-                let dots = match g.steps() {
-                    8 => pairs::<R, 4>(g, xq, row, k, dots),
-                    4 => pairs::<R, 2>(g, xq, row, k, dots),
-                    _ => pairs::<R, 1>(g, xq, row, k, dots),
-                };
+                // Each input row's dots start from its blocks' corrections (in each block's first lane).
+                let mut dots = [[_mm512_setzero_si512(); R]; C];
                 for r in 0..R {
-                    let x_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)));
-                    let scale = _mm512_mul_ps(x_scale, w_scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+                    let seed = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first)));
+                    for c in 0..C {
+                        dots[c][r] = seed;
+                    }
                 }
+                // Each nibble chunk holds two steps: one load, a mask and a shift per weight row.
+                let (used, step_bytes) = (low(g.used_lanes()), g.step_bytes());
+                for p in 0..g.steps() / 2 {
+                    let at = g.start() + step_bytes * 2 * p;
+                    let (mut lo, mut hi) = ([_mm512_setzero_si512(); C], [_mm512_setzero_si512(); C]);
+                    for c in 0..C {
+                        let chunk = rows.add(c * bytes + g.start() / 2 + step_bytes * p);
+                        let packed = _mm512_maskz_loadu_epi32(used, chunk as *const i32);
+                        lo[c] = _mm512_and_si512(packed, nibbles);
+                        hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibbles);
+                    }
+                    for r in 0..R {
+                        let x0 = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at) as *const i32);
+                        let x1 = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at + step_bytes) as *const i32);
+                        for c in 0..C {
+                            dots[c][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dots[c][r], lo[c], x0), hi[c], x1);
+                        }
+                    }
+                }
+                add_scaled(g, xs, nb, &w_scales, &dots, &mut acc);
             }
         }
-        // In registers: copying the accumulators out to sum them in `reduce`'s
-        // order made LLVM keep them in memory (measured 3x slower).
-        row_sums(&acc)
-    }
-
-    /// Group `g`'s `P` nibble loads, two `vpdpbusd` steps each, for `R` input rows.
-    ///
-    /// # Safety
-    /// As [`column`]; `P` must be `g.steps() / 2`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pairs<const R: usize, const P: usize>(
-        g: Group,
-        xq: *const u8,
-        row: *const u8,
-        k: usize,
-        mut dots: [__m512i; R],
-    ) -> [__m512i; R] {
-        let (used, bytes) = (low(g.used_lanes()), g.step_bytes());
-        let nibbles = _mm512_set1_epi8(15);
-        for p in 0..P {
-            let at = g.start() + bytes * 2 * p;
-            // SAFETY: nibble chunk `p` and steps `2p`, `2p + 1` lie inside the weight row and each input row.
-            unsafe {
-                let packed = _mm512_maskz_loadu_epi32(used, row.add(g.start() / 2 + bytes * p) as *const i32);
-                let lo = _mm512_and_si512(packed, nibbles);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibbles);
-                for r in 0..R {
-                    let x0 = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at) as *const i32);
-                    let x1 = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at + bytes) as *const i32);
-                    dots[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dots[r], lo, x0), hi, x1);
-                }
-            }
-        }
-        dots
+        column_sums(&acc)
     }
 }
 

@@ -35,7 +35,9 @@ use crate::error::{Error, Result};
 
 use super::Kernel;
 pub use super::lanes::BLOCK;
-use super::lanes::{self, Quantized, position as lane_position, quantize_row, quantize_rows};
+use super::lanes::{
+    self, Quantized, SIDE_BY_SIDE, position as lane_position, quantize_row, quantize_rows, tile_columns,
+};
 
 /// Lanes a block may spread over: all eight of its words (a 2-block group
 /// fills a vector in one step).
@@ -160,28 +162,32 @@ impl Tiles for Q8Tiles<'_> {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, row_bytes(self.k));
         let xq = &self.a.quants[i * k..(i + R) * k];
         let xs = &self.a.scales[i * nb..(i + R) * nb];
-        // One weight row against the R input rows at a time: each i32
-        // accumulator lives through a whole group, so an R × C register tile
-        // would need 2·R·C registers; the input rows come again from L1.
-        // Plain loops, not `array::from_fn` closures: those were calls per
-        // column and per entry (measured ~10% of a 16-row product).
-        let mut out = [[0f32; C]; R];
-        for c in 0..C {
-            let row = &self.w[(j + c) * bytes..(j + c + 1) * bytes];
-            // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_with`); `xq` holds R rows of k
-            // bytes, `xs` R rows of nb scales, and `row` one packed row of `bytes`.
-            let column = match self.kernel {
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => unsafe { x86::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
-                _ => column_portable::<R>(xq, xs, row, k, self.lanes),
-            };
-            for (out_row, value) in out.iter_mut().zip(column) {
-                out_row[c] = value;
-            }
-        }
-        out
+        let rows = |c: usize, count: usize| &self.w[(j + c) * bytes..(j + c + count) * bytes];
+        tile_columns(
+            self.kernel == Kernel::Avx512,
+            // SAFETY: only called with `kernel` AVX-512 (VNNI, checked in `matmul_with`); `xq` holds R rows of
+            // k bytes, `xs` R rows of nb scales, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
+            #[cfg(target_arch = "x86_64")]
+            |c| unsafe {
+                x86::columns::<R, SIDE_BY_SIDE>(xq.as_ptr(), xs.as_ptr(), rows(c, SIDE_BY_SIDE).as_ptr(), k, self.lanes)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            |_| unreachable!("no AVX-512 kernel off x86-64"),
+            |c| {
+                let row = rows(c, 1);
+                // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul_with`); `xq` holds R rows of k
+                // bytes, `xs` R rows of nb scales, and `row` one packed row of `bytes`.
+                match self.kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512 => unsafe {
+                        x86::columns::<R, 1>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes)[0]
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { avx2::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
+                    _ => column_portable::<R>(xq, xs, row, k, self.lanes),
+                }
+            },
+        )
     }
 }
 
@@ -206,82 +212,68 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize, 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::x86::{low, row_sums, seed_lanes, spread_ps};
-    use super::super::lanes::{Group, groups};
+    use super::super::lanes::groups;
+    use super::super::lanes::x86::{add_scaled, column_sums, low, seed_lanes, spread_ps};
     use super::BLOCK;
 
-    /// The dots of `R` quantized input rows with one packed weight row.
+    /// The dots of `R` quantized input rows with `C` consecutive packed
+    /// weight rows (`out[c][r]`), every entry summed as with one weight row.
+    ///
+    /// With two or more weight rows each input row's vector, loaded once per
+    /// step, feeds `C` products, and its scales are spread once per group:
+    /// with one weight row the input rows' loads outnumber the products.
     ///
     /// # Safety
     /// AVX-512F, BW, VL and VNNI must be available; `xq` must hold `R · k`
-    /// bytes, `xs` `R · k/32` scales and `row` one packed row for `k`, both
+    /// bytes, `xs` `R · k/32` scales and `rows` `C` packed rows for `k`, all
     /// laid out with at most `max_lanes` lanes per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn column<const R: usize>(
+    pub unsafe fn columns<const R: usize, const C: usize>(
         xq: *const u8,
         xs: *const f32,
-        row: *const u8,
+        rows: *const u8,
         k: usize,
         max_lanes: usize,
-    ) -> [f32; R] {
-        let nb = k / BLOCK;
-        let (w_scales, w_offsets) = (row.wrapping_add(k) as *const f32, row.wrapping_add(k + 4 * nb) as *const i32);
-        let mut acc = [_mm512_setzero_ps(); R];
+    ) -> [[f32; R]; C] {
+        let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
         for g in groups(nb, max_lanes) {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
             let blocks = low(g.blocks);
             // SAFETY (whole block): masked loads read only the group's steps, scales and offsets, all inside the
             // rows (caller); the scale and offset arrays may be unaligned (loadu).
             unsafe {
-                // Every row's dots start from the blocks' corrections (in each block's first lane).
-                let seed = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, w_offsets.add(g.first)));
-                let w_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, w_scales.add(g.first)));
-                // A const step count keeps the full groups' eight steps unrolled.
-                let dots = match g.steps() {
-                    8 => steps::<R, 8>(g, xq, row, k, seed),
-                    4 => steps::<R, 4>(g, xq, row, k, seed),
-                    2 => steps::<R, 2>(g, xq, row, k, seed),
-                    _ => steps::<R, 1>(g, xq, row, k, seed),
-                };
-                for r in 0..R {
-                    let x_scale = spread_ps(g, _mm512_maskz_loadu_ps(blocks, xs.add(r * nb + g.first)));
-                    let scale = _mm512_mul_ps(x_scale, w_scale);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), scale, acc[r]);
+                let mut seeds = [_mm512_setzero_si512(); C];
+                let mut w_scales = [_mm512_setzero_ps(); C];
+                for c in 0..C {
+                    let row = rows.add(c * bytes);
+                    let (scales, offsets) = (row.add(k) as *const f32, row.add(k + 4 * nb) as *const i32);
+                    // Every input row's dots start from the blocks' corrections (in each block's first lane).
+                    seeds[c] = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, offsets.add(g.first)));
+                    w_scales[c] = spread_ps(g, _mm512_maskz_loadu_ps(blocks, scales.add(g.first)));
                 }
+                let (used, step_bytes) = (low(g.used_lanes()), g.step_bytes());
+                let mut dots = [[_mm512_setzero_si512(); R]; C];
+                for c in 0..C {
+                    dots[c] = [seeds[c]; R];
+                }
+                for t in 0..g.steps() {
+                    let at = g.start() + step_bytes * t;
+                    let mut wv = [_mm512_setzero_si512(); C];
+                    for c in 0..C {
+                        wv[c] = _mm512_maskz_loadu_epi32(used, rows.add(c * bytes + at) as *const i32);
+                    }
+                    for r in 0..R {
+                        let xv = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at) as *const i32);
+                        for c in 0..C {
+                            dots[c][r] = _mm512_dpbusd_epi32(dots[c][r], xv, wv[c]);
+                        }
+                    }
+                }
+                add_scaled(g, xs, nb, &w_scales, &dots, &mut acc);
             }
         }
-        // In registers: copying the accumulators out to sum them in `reduce`'s
-        // order made LLVM keep them in memory (measured 3x slower).
-        row_sums(&acc)
-    }
-
-    /// Group `g`'s `T` steps of `vpdpbusd` for `R` input rows, from `seed`.
-    ///
-    /// # Safety
-    /// As [`column`]; `T` must be `g.steps()`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn steps<const R: usize, const T: usize>(
-        g: Group,
-        xq: *const u8,
-        row: *const u8,
-        k: usize,
-        seed: __m512i,
-    ) -> [__m512i; R] {
-        let used = low(g.used_lanes());
-        let mut dots = [seed; R];
-        for t in 0..T {
-            let at = g.start() + g.step_bytes() * t;
-            // SAFETY: step `t` of the group lies inside the weight row and each input row (caller).
-            unsafe {
-                let wv = _mm512_maskz_loadu_epi32(used, row.add(at) as *const i32);
-                for r in 0..R {
-                    let xv = _mm512_maskz_loadu_epi32(used, xq.add(r * k + at) as *const i32);
-                    dots[r] = _mm512_dpbusd_epi32(dots[r], xv, wv);
-                }
-            }
-        }
-        dots
+        column_sums(&acc)
     }
 }
 
