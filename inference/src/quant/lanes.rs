@@ -91,6 +91,38 @@ pub fn groups(nb: usize, max_lanes: usize) -> impl Iterator<Item = Group> {
     (0..nb.div_ceil(GROUP)).map(move |g| Group::of(g * GROUP, nb, max_lanes))
 }
 
+/// A group with what the AVX-512 kernels derive from it, worked out once
+/// per product (it depends only on the row width): worked out for every
+/// weight row, the masks and the lane map were scalar work beside the
+/// single-row path's few `vpdpbusd` per row (perf: the bookkeeping, and
+/// the first-lane mask's loop, between the rows' loads).
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub group: Group,
+    /// Lanes `0..blocks`: one per block (scales, offsets, seeds).
+    pub blocks: u16,
+    /// Lanes the group's steps load.
+    pub used: u16,
+    /// Each block's first lane.
+    pub first_lanes: u16,
+    /// Each lane's block (`lane / lanes`), for spreading per-block values.
+    pub block_of_lane: [i32; GROUP],
+}
+
+/// The [`Plan`]s of a row of `nb` blocks, in [`groups`]' order.
+pub fn plans(nb: usize, max_lanes: usize) -> Vec<Plan> {
+    let low = |n: usize| if n >= GROUP { u16::MAX } else { (1u16 << n) - 1 };
+    groups(nb, max_lanes)
+        .map(|g| Plan {
+            group: g,
+            blocks: low(g.blocks),
+            used: low(g.used_lanes()),
+            first_lanes: (0..g.used_lanes()).step_by(g.lanes).fold(0u16, |m, l| m | (1 << l)),
+            block_of_lane: std::array::from_fn(|lane| (lane / g.lanes) as i32),
+        })
+        .collect()
+}
+
 /// Where byte `e` of block `b` goes among a row's quant bytes (see the module docs).
 pub fn position(b: usize, e: usize, nb: usize, max_lanes: usize) -> usize {
     let g = Group::of(b, nb, max_lanes);
@@ -281,20 +313,14 @@ pub fn tile_columns<const R: usize, const C: usize>(
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Group;
+    use super::Plan;
 
-    /// Lanes `0..n` of a 16-lane mask.
-    #[inline]
-    pub fn low(n: usize) -> __mmask16 {
-        if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
-    }
-
-    /// Each lane's block: `lane / lanes` for the group's layout.
+    /// Plan `p`'s lane map.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn block_of_lane(g: Group) -> __m512i {
-        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        _mm512_srlv_epi32(iota, _mm512_set1_epi32(g.lanes.trailing_zeros() as i32))
+    fn block_of_lane(p: &Plan) -> __m512i {
+        // SAFETY: a 64-byte array, read unaligned.
+        unsafe { _mm512_loadu_si512(p.block_of_lane.as_ptr() as *const __m512i) }
     }
 
     /// Per-block values held in lanes `0..blocks` (one lane per block)
@@ -302,11 +328,11 @@ pub mod x86 {
     /// that holds part of its dot. A full group is returned as it is.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn spread_ps(g: Group, v: __m512) -> __m512 {
-        if g.lanes == 1 { v } else { _mm512_permutexvar_ps(block_of_lane(g), v) }
+    pub fn spread_ps(p: &Plan, v: __m512) -> __m512 {
+        if p.group.lanes == 1 { v } else { _mm512_permutexvar_ps(block_of_lane(p), v) }
     }
 
-    /// Adds group `g`'s integer dots of `R` input rows with `C` weight rows
+    /// Adds plan `p`'s group's integer dots of `R` input rows with `C` weight rows
     /// (`dots[c][r]`) into the F32 accumulators `acc[c][r]`, each lane
     /// converted and scaled by its block's `x scale · w scale` (`xs`: the
     /// input rows' scales, `nb` per row; `w_scales`: spread per weight row).
@@ -316,7 +342,7 @@ pub mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn add_scaled<const R: usize, const C: usize>(
-        g: Group,
+        p: &Plan,
         xs: *const f32,
         nb: usize,
         w_scales: &[__m512; C],
@@ -325,7 +351,7 @@ pub mod x86 {
     ) {
         for r in 0..R {
             // SAFETY: a masked load of the group's blocks of row `r` (caller).
-            let x_scale = spread_ps(g, unsafe { _mm512_maskz_loadu_ps(low(g.blocks), xs.add(r * nb + g.first)) });
+            let x_scale = spread_ps(p, unsafe { _mm512_maskz_loadu_ps(p.blocks, xs.add(r * nb + p.group.first)) });
             for c in 0..C {
                 let scale = _mm512_mul_ps(x_scale, w_scales[c]);
                 acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[c][r]), scale, acc[c][r]);
@@ -395,12 +421,11 @@ pub mod x86 {
     /// once. A full group is returned as it is.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn seed_lanes(g: Group, v: __m512i) -> __m512i {
-        if g.lanes == 1 {
+    pub fn seed_lanes(p: &Plan, v: __m512i) -> __m512i {
+        if p.group.lanes == 1 {
             return v;
         }
-        let first = (0..g.used_lanes()).step_by(g.lanes).fold(0u16, |m, l| m | (1 << l));
-        _mm512_maskz_permutexvar_epi32(first, block_of_lane(g), v)
+        _mm512_maskz_permutexvar_epi32(p.first_lanes, block_of_lane(p), v)
     }
 }
 
@@ -508,6 +533,31 @@ pub mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plan's masks and lane map are its group's, worked out once: a
+    /// 576-wide row (18 blocks) is a full group of 16 blocks, one lane each,
+    /// and 2 blocks over 8 lanes each (4 each where capped at 4).
+    #[test]
+    fn plans_follow_their_groups() {
+        let full = plans(18, 8)[0];
+        assert_eq!((full.blocks, full.used, full.first_lanes), (u16::MAX, u16::MAX, u16::MAX));
+        assert_eq!(full.block_of_lane, std::array::from_fn(|lane| lane as i32));
+        let tail = plans(18, 8)[1];
+        assert_eq!((tail.group.first, tail.blocks, tail.used, tail.first_lanes), (16, 0b11, u16::MAX, 0x0101));
+        assert_eq!(tail.block_of_lane, std::array::from_fn(|lane| (lane / 8) as i32));
+        let capped = plans(18, 4)[1];
+        assert_eq!((capped.blocks, capped.used, capped.first_lanes), (0b11, 0xff, 0x11));
+        for nb in 1..=40 {
+            for max_lanes in [1, 2, 4, 8] {
+                let (plans, groups): (Vec<Plan>, Vec<Group>) = (plans(nb, max_lanes), groups(nb, max_lanes).collect());
+                assert_eq!(plans.iter().map(|p| p.group).collect::<Vec<_>>(), groups);
+                for p in &plans {
+                    assert_eq!(p.first_lanes.count_ones() as usize, p.group.blocks, "{nb} blocks, {max_lanes} lanes");
+                    assert_eq!(p.used.count_ones() as usize, p.group.used_lanes());
+                }
+            }
+        }
+    }
 
     /// The block-by-block quantizer (AVX2-compiled where the CPU has it)
     /// against the definition, value by value: same bytes, scales and sums,

@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::Kernel;
-use super::lanes::{self, BLOCK, GROUP, Group, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
+use super::lanes::{self, BLOCK, GROUP, Group, Plan, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
 use crate::cpu_linear::{Tiles, run_tiled};
 use crate::error::{Error, Result};
 
@@ -138,7 +138,8 @@ pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kerne
     let mut activations = quantize_rows(x, m, k, 0, MAX_LANES);
     activations.sums.iter_mut().for_each(|s| *s *= -8);
     let kernel = kernel.supported(has_simd());
-    run_tiled(m, n, &Q4Tiles { a: &activations, w, k, kernel })
+    let plans = lanes::plans(k / BLOCK, MAX_LANES);
+    run_tiled(m, n, &Q4Tiles { a: &activations, w, k, plans: &plans, kernel })
 }
 
 /// The product's operands; `a.sums` holds each block's seed, `-8 Σ x`.
@@ -146,6 +147,8 @@ struct Q4Tiles<'a> {
     a: &'a Quantized,
     w: &'a [u8],
     k: usize,
+    /// The row's groups, for the AVX-512 kernel.
+    plans: &'a [Plan],
     /// One the CPU has ([`matmul_on`] checked).
     kernel: Kernel,
 }
@@ -163,7 +166,9 @@ impl Tiles for Q4Tiles<'_> {
             // SAFETY: only called with `kernel` AVX-512 (VNNI, checked in `matmul_on`); `xq` holds R rows of k
             // bytes, `xs` and `seeds` R rows of nb values, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
             #[cfg(target_arch = "x86_64")]
-            |c| unsafe { x86::columns::<R, SIDE_BY_SIDE>(xq_p, xs_p, seeds_p, rows(c, SIDE_BY_SIDE).as_ptr(), k) },
+            |c| unsafe {
+                x86::columns::<R, SIDE_BY_SIDE>(xq_p, xs_p, seeds_p, rows(c, SIDE_BY_SIDE).as_ptr(), k, self.plans)
+            },
             #[cfg(not(target_arch = "x86_64"))]
             |_| unreachable!("no AVX-512 kernel off x86-64"),
             |c| {
@@ -172,7 +177,9 @@ impl Tiles for Q4Tiles<'_> {
                 // bytes, `xs` and `seeds` R rows of nb values, and `row` one packed row of `bytes`.
                 match self.kernel {
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512 => unsafe { x86::columns::<R, 1>(xq_p, xs_p, seeds_p, row.as_ptr(), k)[0] },
+                    Kernel::Avx512 => unsafe {
+                        x86::columns::<R, 1>(xq_p, xs_p, seeds_p, row.as_ptr(), k, self.plans)[0]
+                    },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::column::<R>(xq_p, xs_p, seeds_p, row.as_ptr(), k) },
                     _ => column_portable::<R>(xq, xs, seeds, row, k),
@@ -205,9 +212,9 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], seeds: &[i32], row: &[
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::groups;
-    use super::super::lanes::x86::{add_scaled, column_sums, low, seed_lanes, spread_ps};
-    use super::{BLOCK, MAX_LANES};
+    use super::super::lanes::Plan;
+    use super::super::lanes::x86::{add_scaled, column_sums, seed_lanes, spread_ps};
+    use super::BLOCK;
 
     /// The dots of `R` quantized input rows (with their blocks' seeds) with
     /// `C` consecutive packed weight rows (`out[c][r]`), every entry summed
@@ -215,7 +222,8 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512F, BW, VL and VNNI must be available; `xq` must hold `R · k`
-    /// bytes, `xs` and `seeds` `R · k/32` values and `rows` `C` packed rows for `k`.
+    /// bytes, `xs` and `seeds` `R · k/32` values and `rows` `C` packed rows
+    /// for `k`, laid out as `plans` (the row's groups) say.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn columns<const R: usize, const C: usize>(
         xq: *const u8,
@@ -223,13 +231,14 @@ mod x86 {
         seeds: *const i32,
         rows: *const u8,
         k: usize,
+        plans: &[Plan],
     ) -> [[f32; R]; C] {
         let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
         let nibbles = _mm512_set1_epi8(15);
         let mut acc = [[_mm512_setzero_ps(); R]; C];
-        for g in groups(nb, MAX_LANES) {
+        for p in plans {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
-            let blocks = low(g.blocks);
+            let (g, blocks, used) = (p.group, p.blocks, p.used);
             // SAFETY (whole block): masked loads read only the group's nibbles, scales and seeds, all inside
             // the rows (caller); unaligned loads throughout.
             unsafe {
@@ -237,23 +246,23 @@ mod x86 {
                 for c in 0..C {
                     let scales = rows.add(c * bytes + k / 2) as *const i16;
                     let half = _mm256_maskz_loadu_epi16(blocks, scales.add(g.first));
-                    w_scales[c] = spread_ps(g, _mm512_cvtph_ps(half));
+                    w_scales[c] = spread_ps(p, _mm512_cvtph_ps(half));
                 }
                 // Each input row's dots start from its blocks' corrections (in each block's first lane).
                 let mut dots = [[_mm512_setzero_si512(); R]; C];
                 for r in 0..R {
-                    let seed = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first)));
+                    let seed = seed_lanes(p, _mm512_maskz_loadu_epi32(blocks, seeds.add(r * nb + g.first)));
                     for c in 0..C {
                         dots[c][r] = seed;
                     }
                 }
                 // Each nibble chunk holds two steps: one load, a mask and a shift per weight row.
-                let (used, step_bytes) = (low(g.used_lanes()), g.step_bytes());
-                for p in 0..g.steps() / 2 {
-                    let at = g.start() + step_bytes * 2 * p;
+                let step_bytes = g.step_bytes();
+                for pair in 0..g.steps() / 2 {
+                    let at = g.start() + step_bytes * 2 * pair;
                     let (mut lo, mut hi) = ([_mm512_setzero_si512(); C], [_mm512_setzero_si512(); C]);
                     for c in 0..C {
-                        let chunk = rows.add(c * bytes + g.start() / 2 + step_bytes * p);
+                        let chunk = rows.add(c * bytes + g.start() / 2 + step_bytes * pair);
                         let packed = _mm512_maskz_loadu_epi32(used, chunk as *const i32);
                         lo[c] = _mm512_and_si512(packed, nibbles);
                         hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibbles);
@@ -266,7 +275,7 @@ mod x86 {
                         }
                     }
                 }
-                add_scaled(g, xs, nb, &w_scales, &dots, &mut acc);
+                add_scaled(p, xs, nb, &w_scales, &dots, &mut acc);
             }
         }
         column_sums(&acc)

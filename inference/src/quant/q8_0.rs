@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use super::Kernel;
 pub use super::lanes::BLOCK;
 use super::lanes::{
-    self, Quantized, SIDE_BY_SIDE, position as lane_position, quantize_row, quantize_rows, tile_columns,
+    self, Plan, Quantized, SIDE_BY_SIDE, position as lane_position, quantize_row, quantize_rows, tile_columns,
 };
 
 /// Lanes a block may spread over: all eight of its words (a 2-block group
@@ -144,7 +144,8 @@ fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel
     // AVX2 multiplies signed activations by the weights' magnitudes (no offset to cancel).
     let offset = if kernel == Kernel::Avx2 { 0 } else { 128 };
     let activations = quantize_rows(x, m, k, offset, lanes);
-    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, lanes, kernel })
+    let plans = lanes::plans(k / BLOCK, lanes);
+    run_tiled(m, n, &Q8Tiles { a: &activations, w, k, lanes, plans: &plans, kernel })
 }
 
 struct Q8Tiles<'a> {
@@ -153,6 +154,8 @@ struct Q8Tiles<'a> {
     k: usize,
     /// Lanes per block at most (the layout `w` and the activations are in).
     lanes: usize,
+    /// The row's groups, for the AVX-512 kernel.
+    plans: &'a [Plan],
     /// One the CPU has ([`matmul_with`] checked).
     kernel: Kernel,
 }
@@ -169,7 +172,7 @@ impl Tiles for Q8Tiles<'_> {
             // k bytes, `xs` R rows of nb scales, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
             #[cfg(target_arch = "x86_64")]
             |c| unsafe {
-                x86::columns::<R, SIDE_BY_SIDE>(xq.as_ptr(), xs.as_ptr(), rows(c, SIDE_BY_SIDE).as_ptr(), k, self.lanes)
+                x86::columns::<R, SIDE_BY_SIDE>(xq.as_ptr(), xs.as_ptr(), rows(c, SIDE_BY_SIDE).as_ptr(), k, self.plans)
             },
             #[cfg(not(target_arch = "x86_64"))]
             |_| unreachable!("no AVX-512 kernel off x86-64"),
@@ -180,7 +183,7 @@ impl Tiles for Q8Tiles<'_> {
                 match self.kernel {
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unsafe {
-                        x86::columns::<R, 1>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes)[0]
+                        x86::columns::<R, 1>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.plans)[0]
                     },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::column::<R>(xq.as_ptr(), xs.as_ptr(), row.as_ptr(), k, self.lanes) },
@@ -212,8 +215,8 @@ fn column_portable<const R: usize>(xq: &[u8], xs: &[f32], row: &[u8], k: usize, 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::groups;
-    use super::super::lanes::x86::{add_scaled, column_sums, low, seed_lanes, spread_ps};
+    use super::super::lanes::Plan;
+    use super::super::lanes::x86::{add_scaled, column_sums, seed_lanes, spread_ps};
     use super::BLOCK;
 
     /// The dots of `R` quantized input rows with `C` consecutive packed
@@ -226,20 +229,20 @@ mod x86 {
     /// # Safety
     /// AVX-512F, BW, VL and VNNI must be available; `xq` must hold `R · k`
     /// bytes, `xs` `R · k/32` scales and `rows` `C` packed rows for `k`, all
-    /// laid out with at most `max_lanes` lanes per block.
+    /// laid out as `plans` (the row's groups) say.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn columns<const R: usize, const C: usize>(
         xq: *const u8,
         xs: *const f32,
         rows: *const u8,
         k: usize,
-        max_lanes: usize,
+        plans: &[Plan],
     ) -> [[f32; R]; C] {
         let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
         let mut acc = [[_mm512_setzero_ps(); R]; C];
-        for g in groups(nb, max_lanes) {
+        for p in plans {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
-            let blocks = low(g.blocks);
+            let (g, blocks, used) = (p.group, p.blocks, p.used);
             // SAFETY (whole block): masked loads read only the group's steps, scales and offsets, all inside the
             // rows (caller); the scale and offset arrays may be unaligned (loadu).
             unsafe {
@@ -249,10 +252,10 @@ mod x86 {
                     let row = rows.add(c * bytes);
                     let (scales, offsets) = (row.add(k) as *const f32, row.add(k + 4 * nb) as *const i32);
                     // Every input row's dots start from the blocks' corrections (in each block's first lane).
-                    seeds[c] = seed_lanes(g, _mm512_maskz_loadu_epi32(blocks, offsets.add(g.first)));
-                    w_scales[c] = spread_ps(g, _mm512_maskz_loadu_ps(blocks, scales.add(g.first)));
+                    seeds[c] = seed_lanes(p, _mm512_maskz_loadu_epi32(blocks, offsets.add(g.first)));
+                    w_scales[c] = spread_ps(p, _mm512_maskz_loadu_ps(blocks, scales.add(g.first)));
                 }
-                let (used, step_bytes) = (low(g.used_lanes()), g.step_bytes());
+                let step_bytes = g.step_bytes();
                 let mut dots = [[_mm512_setzero_si512(); R]; C];
                 for c in 0..C {
                     dots[c] = [seeds[c]; R];
@@ -270,7 +273,7 @@ mod x86 {
                         }
                     }
                 }
-                add_scaled(g, xs, nb, &w_scales, &dots, &mut acc);
+                add_scaled(p, xs, nb, &w_scales, &dots, &mut acc);
             }
         }
         column_sums(&acc)
