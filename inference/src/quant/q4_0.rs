@@ -213,7 +213,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::lanes::Plan;
-    use super::super::lanes::x86::{add_scaled, column_sums, seed_lanes, spread_ps};
+    use super::super::lanes::x86::{add_scaled, column_sums, prefetch_ahead, seed_lanes, spread_ps};
     use super::BLOCK;
 
     /// The dots of `R` quantized input rows (with their blocks' seeds) with
@@ -235,6 +235,9 @@ mod x86 {
     ) -> [[f32; R]; C] {
         let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
         let nibbles = _mm512_set1_epi8(15);
+        if R == 1 {
+            prefetch_ahead(rows, C * bytes);
+        }
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         for p in plans {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.

@@ -216,7 +216,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::lanes::Plan;
-    use super::super::lanes::x86::{add_scaled, column_sums, seed_lanes, spread_ps};
+    use super::super::lanes::x86::{add_scaled, column_sums, prefetch_ahead, seed_lanes, spread_ps};
     use super::BLOCK;
 
     /// The dots of `R` quantized input rows with `C` consecutive packed
@@ -239,6 +239,9 @@ mod x86 {
         plans: &[Plan],
     ) -> [[f32; R]; C] {
         let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
+        if R == 1 {
+            prefetch_ahead(rows, C * bytes);
+        }
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         for p in plans {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
