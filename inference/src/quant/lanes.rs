@@ -141,13 +141,36 @@ pub fn position(b: usize, e: usize, nb: usize, max_lanes: usize) -> usize {
 /// instead of a libm call (measured ~85 instructions per value before, most
 /// of a 576-wide batch-1 product's work besides the dots). Same results
 /// either way: the operations are the same IEEE ones.
-pub fn quantize_row(values: &[f32], quants: &mut [u8], scales: &mut [f32], offset: u8, max_lanes: usize) -> Vec<i32> {
+pub fn quantize_row(
+    values: &[f32],
+    quants: &mut [u8],
+    scales: &mut [f32],
+    sums: &mut [i32],
+    offset: u8,
+    max_lanes: usize,
+) {
+    assert!(
+        values.len().is_multiple_of(BLOCK)
+            && quants.len() == values.len()
+            && scales.len() == values.len() / BLOCK
+            && sums.len() == scales.len(),
+        "quantize_row: {} values, {} quants, {} scales, {} sums",
+        values.len(),
+        quants.len(),
+        scales.len(),
+        sums.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above); the slices' lengths agree (asserted).
+        return unsafe { x86::quantize_row(values, quants, scales, sums, offset, max_lanes) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { quantize_row_avx2(values, quants, scales, offset, max_lanes) };
+        return unsafe { quantize_row_avx2(values, quants, scales, sums, offset, max_lanes) };
     }
-    quantize_row_body(values, quants, scales, offset, max_lanes)
+    quantize_row_body(values, quants, scales, sums, offset, max_lanes)
 }
 
 /// [`quantize_row_body`] compiled for AVX2 (SSE4.1's `roundps` included).
@@ -160,49 +183,64 @@ unsafe fn quantize_row_avx2(
     values: &[f32],
     quants: &mut [u8],
     scales: &mut [f32],
+    sums: &mut [i32],
     offset: u8,
     max_lanes: usize,
-) -> Vec<i32> {
-    quantize_row_body(values, quants, scales, offset, max_lanes)
+) {
+    quantize_row_body(values, quants, scales, sums, offset, max_lanes)
 }
 
-/// [`quantize_row`]'s work, block by block: the block's group once, then its
-/// eight 4-byte words to their places.
+/// [`quantize_row`]'s work, block by block: the group once, then each
+/// block's eight 4-byte words to their places.
 #[inline(always)]
-fn quantize_row_body(values: &[f32], quants: &mut [u8], scales: &mut [f32], offset: u8, max_lanes: usize) -> Vec<i32> {
+fn quantize_row_body(
+    values: &[f32],
+    quants: &mut [u8],
+    scales: &mut [f32],
+    sums: &mut [i32],
+    offset: u8,
+    max_lanes: usize,
+) {
+    let nb = values.len() / BLOCK;
+    for g in groups(nb, max_lanes) {
+        for b in g.first..g.first + g.blocks {
+            let block: &[f32; BLOCK] = values[b * BLOCK..(b + 1) * BLOCK].try_into().expect("BLOCK values");
+            // `>` rather than `f32::max` (whose NaN rule blocks vectorizing); weights and activations are finite.
+            let mut amax = 0f32;
+            for v in block {
+                amax = if v.abs() > amax { v.abs() } else { amax };
+            }
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            scales[b] = d;
+            // Plain loops: closures would not inherit the caller's target features (and `round` would be a call).
+            let mut q = [0u8; BLOCK];
+            let mut sum = 0i32;
+            for e in 0..BLOCK {
+                let v = (block[e] * inv).round().clamp(-127.0, 127.0) as i8;
+                q[e] = v as u8;
+                sum += i32::from(v);
+            }
+            sums[b] = sum;
+            place_words(&q, g, b, quants, offset);
+        }
+    }
+}
+
+/// Writes block `b`'s 32 quant bytes (two's complement) to their places in
+/// group `g`'s layout, each plus `offset` (0 or 128).
+#[inline(always)]
+fn place_words(q: &[u8; BLOCK], g: Group, b: usize, quants: &mut [u8], offset: u8) {
     // Adding 0 or 128 to every byte of a word is an XOR (no carries).
     debug_assert!(offset == 0 || offset == 128, "offset {offset}");
     let flip = u32::from(offset) * 0x0101_0101;
-    let nb = values.len() / BLOCK;
-    let mut sums = Vec::with_capacity(nb);
-    for (b, (block, scale)) in values.chunks_exact(BLOCK).zip(scales.iter_mut()).enumerate() {
-        let block: &[f32; BLOCK] = block.try_into().expect("chunks_exact(BLOCK)");
-        // `>` rather than `f32::max` (whose NaN rule blocks vectorizing); weights and activations are finite.
-        let mut amax = 0f32;
-        for v in block {
-            amax = if v.abs() > amax { v.abs() } else { amax };
-        }
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        *scale = d;
-        // Plain loops: closures would not inherit the caller's target features (and `round` would be a call).
-        let mut q = [0i8; BLOCK];
-        let mut sum = 0i32;
-        for e in 0..BLOCK {
-            q[e] = (block[e] * inv).round().clamp(-127.0, 127.0) as i8;
-            sum += i32::from(q[e]);
-        }
-        sums.push(sum);
-        let g = Group::of(b, nb, max_lanes);
-        let first_word = g.start() + 4 * g.lanes * (b - g.first);
-        for word in 0..WORDS {
-            let at = first_word + g.step_bytes() * (word / g.lanes) + 4 * (word % g.lanes);
-            let bytes = [q[4 * word] as u8, q[4 * word + 1] as u8, q[4 * word + 2] as u8, q[4 * word + 3] as u8];
-            let dst: &mut [u8; 4] = (&mut quants[at..at + 4]).try_into().expect("4 bytes");
-            *dst = (u32::from_le_bytes(bytes) ^ flip).to_le_bytes();
-        }
+    let first_word = g.start() + 4 * g.lanes * (b - g.first);
+    for word in 0..WORDS {
+        let at = first_word + g.step_bytes() * (word / g.lanes) + 4 * (word % g.lanes);
+        let bytes = [q[4 * word], q[4 * word + 1], q[4 * word + 2], q[4 * word + 3]];
+        let dst: &mut [u8; 4] = (&mut quants[at..at + 4]).try_into().expect("4 bytes");
+        *dst = (u32::from_le_bytes(bytes) ^ flip).to_le_bytes();
     }
-    sums
 }
 
 /// Rows of activations quantized per 32-block for one product ([`quantize_row`]).
@@ -226,7 +264,7 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, offset: u8, max_lanes: usize
         return a;
     }
     let run = |(((values, quants), scales), sums): RowParts| {
-        sums.copy_from_slice(&quantize_row(values, quants, scales, offset, max_lanes));
+        quantize_row(values, quants, scales, sums, offset, max_lanes);
     };
     if m * k >= 1 << 16 {
         x.par_chunks(k)
@@ -313,7 +351,65 @@ pub fn tile_columns<const R: usize, const C: usize>(
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Plan;
+    use super::{BLOCK, Plan, groups, place_words};
+
+    /// [`super::quantize_row`] on AVX-512: a block's 32 values as two
+    /// vectors (the largest magnitude, the scaling, rounding half away from
+    /// zero as `f32::round` does, and the quant sum without a scalar loop),
+    /// the same IEEE operations, so the same bytes as the portable body.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the slices' lengths must agree (the caller asserts).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_row(
+        values: &[f32],
+        quants: &mut [u8],
+        scales: &mut [f32],
+        sums: &mut [i32],
+        offset: u8,
+        max_lanes: usize,
+    ) {
+        let nb = values.len() / BLOCK;
+        let (half, one, limit) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_set1_ps(127.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        for g in groups(nb, max_lanes) {
+            for b in g.first..g.first + g.blocks {
+                // SAFETY: block `b`'s 32 values lie inside `values` (b < nb).
+                let (v0, v1) = unsafe {
+                    let p = values.as_ptr().add(b * BLOCK);
+                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                };
+                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                let d = amax / 127.0;
+                let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+                scales[b] = d;
+                let round = |x: __m512| {
+                    // Truncate, then step away from zero where the dropped fraction is at least a half
+                    // (`x - t` is exact); clamped to ±127 as the portable body does.
+                    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+                    let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(x, t)), half);
+                    let step = _mm512_castsi512_ps(_mm512_or_si512(
+                        _mm512_and_si512(_mm512_castps_si512(x), sign),
+                        _mm512_castps_si512(one),
+                    ));
+                    let q = _mm512_mask_add_ps(t, away, t, step);
+                    _mm512_cvttps_epi32(_mm512_min_ps(
+                        _mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), limit)),
+                        limit,
+                    ))
+                };
+                let (q0, q1) = (round(_mm512_mul_ps(v0, inv)), round(_mm512_mul_ps(v1, inv)));
+                sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                let mut q = [0u8; BLOCK];
+                // SAFETY: two 16-byte stores into the 32-byte array.
+                unsafe {
+                    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+                    _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+                }
+                place_words(&q, g, b, quants, offset);
+            }
+        }
+    }
 
     /// Weight rows ahead that the single-row products prefetch (see [`prefetch_ahead`]).
     pub const PREFETCH_ROWS: usize = 4;
@@ -578,12 +674,36 @@ mod tests {
         }
     }
 
-    /// The block-by-block quantizer (AVX2-compiled where the CPU has it)
-    /// against the definition, value by value: same bytes, scales and sums,
-    /// ties (`x.5` steps) rounded away from zero as `f32::round` does.
+    type QuantizeRow = fn(&[f32], &mut [u8], &mut [f32], &mut [i32], u8, usize);
+
+    /// Every quantizer this CPU runs: the portable body, AVX2's and AVX-512's.
+    fn quantizers() -> Vec<(&'static str, QuantizeRow)> {
+        let mut all: Vec<(&'static str, QuantizeRow)> = vec![("portable", quantize_row_body)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                all.push(("avx2", |v, q, s, sums, o, l| unsafe { quantize_row_avx2(v, q, s, sums, o, l) }));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F; the test's slices agree in length.
+                all.push(("avx512", |v, q, s, sums, o, l| unsafe { x86::quantize_row(v, q, s, sums, o, l) }));
+            }
+        }
+        all
+    }
+
+    /// Each block-by-block quantizer the CPU runs against the definition,
+    /// value by value: same bytes, scales and sums, ties (`x.5` steps)
+    /// rounded away from zero as `f32::round` does, the largest value below
+    /// a half rounded down.
     #[test]
     fn quantize_row_matches_the_definition() {
-        for (nb, max_lanes, offset) in [(18, 8, 128u8), (18, 4, 0), (48, 8, 0), (3, 1, 128), (21, 8, 128)] {
+        for ((nb, max_lanes, offset), (name, quantize)) in
+            [(18, 8, 128u8), (18, 4, 0), (48, 8, 0), (3, 1, 128), (21, 8, 128)]
+                .into_iter()
+                .flat_map(|case| quantizers().into_iter().map(move |q| (case, q)))
+        {
             let k = nb * BLOCK;
             let mut values: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
             values[..BLOCK].iter_mut().for_each(|v| *v = 0.0); // scale 0
@@ -591,17 +711,20 @@ mod tests {
             for (e, v) in values[BLOCK + 1..2 * BLOCK].iter_mut().enumerate() {
                 *v = e as f32 - 15.5;
             }
-            let (mut quants, mut scales) = (vec![0u8; k], vec![0f32; nb]);
-            let sums = quantize_row(&values, &mut quants, &mut scales, offset, max_lanes);
+            values[2 * BLOCK] = 127.0; // step 1.0 again: the largest f32 below 0.5 must round to 0
+            values[2 * BLOCK + 1] = 0.5f32.next_down();
+            values[2 * BLOCK + 2] = -0.5f32.next_down();
+            let (mut quants, mut scales, mut sums) = (vec![0u8; k], vec![0f32; nb], vec![0i32; nb]);
+            quantize(&values, &mut quants, &mut scales, &mut sums, offset, max_lanes);
             for (b, block) in values.chunks_exact(BLOCK).enumerate() {
                 let d = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                assert_eq!(scales[b].to_bits(), d.to_bits(), "nb {nb}: block {b}'s scale");
+                assert_eq!(scales[b].to_bits(), d.to_bits(), "{name}, nb {nb}: block {b}'s scale");
                 let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
                 let q: Vec<i8> = block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8).collect();
-                assert_eq!(sums[b], q.iter().map(|&q| i32::from(q)).sum::<i32>());
+                assert_eq!(sums[b], q.iter().map(|&q| i32::from(q)).sum::<i32>(), "{name}");
                 for (e, &q) in q.iter().enumerate() {
                     let got = quants[position(b, e, nb, max_lanes)];
-                    assert_eq!(got, (q as u8).wrapping_add(offset), "nb {nb} cap {max_lanes}: ({b}, {e})");
+                    assert_eq!(got, (q as u8).wrapping_add(offset), "{name}, nb {nb} cap {max_lanes}: ({b}, {e})");
                 }
             }
         }

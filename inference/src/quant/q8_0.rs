@@ -92,8 +92,8 @@ fn pack_with(values: &[f32], n: usize, k: usize, lanes: usize) -> Result<Vec<u8>
     let mut out = vec![0u8; n * bytes];
     out.par_chunks_mut(bytes.max(1)).zip(values.par_chunks(k.max(1))).for_each(|(row, values)| {
         let (quants, tail) = row.split_at_mut(k);
-        let mut scales = vec![0f32; nb];
-        let sums = quantize_row(values, quants, &mut scales, 0, lanes);
+        let (mut scales, mut sums) = (vec![0f32; nb], vec![0i32; nb]);
+        quantize_row(values, quants, &mut scales, &mut sums, 0, lanes);
         let (scale_bytes, offset_bytes) = tail.split_at_mut(4 * nb);
         for (dst, s) in scale_bytes.chunks_exact_mut(4).zip(&scales) {
             dst.copy_from_slice(&s.to_le_bytes());
