@@ -249,20 +249,16 @@ mod x86 {
             // SAFETY (whole block): masked loads read only the group's steps, scales and offsets, all inside the
             // rows (caller); the scale and offset arrays may be unaligned (loadu).
             unsafe {
-                let mut seeds = [_mm512_setzero_si512(); C];
                 let mut w_scales = [_mm512_setzero_ps(); C];
+                let mut dots = [[_mm512_setzero_si512(); R]; C];
                 for c in 0..C {
                     let row = rows.add(c * bytes);
                     let (scales, offsets) = (row.add(k) as *const f32, row.add(k + 4 * nb) as *const i32);
-                    // Every input row's dots start from the blocks' corrections (in each block's first lane).
-                    seeds[c] = seed_lanes(p, _mm512_maskz_loadu_epi32(blocks, offsets.add(g.first)));
                     w_scales[c] = spread_ps(p, _mm512_maskz_loadu_ps(blocks, scales.add(g.first)));
+                    // Every input row's dots start from the blocks' corrections (in each block's first lane).
+                    dots[c] = [seed_lanes(p, _mm512_maskz_loadu_epi32(blocks, offsets.add(g.first))); R];
                 }
                 let step_bytes = g.step_bytes();
-                let mut dots = [[_mm512_setzero_si512(); R]; C];
-                for c in 0..C {
-                    dots[c] = [seeds[c]; R];
-                }
                 for t in 0..g.steps() {
                     let at = g.start() + step_bytes * t;
                     let mut wv = [_mm512_setzero_si512(); C];
