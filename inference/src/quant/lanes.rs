@@ -314,6 +314,22 @@ pub fn column(
 /// stream, memory-bound).
 pub const SIDE_BY_SIDE: usize = 2;
 
+/// Weight rows ahead that the single-input-row products prefetch.
+pub const PREFETCH_ROWS: usize = 4;
+
+/// How far past the weight rows it reads (bytes) a kernel call with
+/// `input_rows` input rows, in a tile of `tile_rows` weight rows of
+/// `row_bytes`, prefetches as many bytes as it reads. With one input row a
+/// product waits on memory: [`PREFETCH_ROWS`] rows ahead, the stream
+/// (perf put most of its time on the first load of each weight row, its
+/// scales at the row's end ahead of the quants). With several, the tile is
+/// re-run for each block of input rows: the next tile's rows, fetched while
+/// this one is re-run (perf over a 16-sequence decode put ~40% of the
+/// kernel on the first loads of each weight row, from L3 or memory).
+pub fn prefetch_distance(input_rows: usize, tile_rows: usize, row_bytes: usize) -> usize {
+    if input_rows == 1 { PREFETCH_ROWS * row_bytes } else { tile_rows * row_bytes }
+}
+
 /// A tile's `[R][C]` dots, weight rows taken [`SIDE_BY_SIDE`] at a time by
 /// `pair(c)` (`out[dc][r]` for weight rows `c + dc`) where `side_by_side`,
 /// the rest one at a time by `one(c)`. Plain loops, not `array::from_fn`
@@ -411,21 +427,14 @@ pub mod x86 {
         }
     }
 
-    /// Weight rows ahead that the single-row products prefetch (see [`prefetch_ahead`]).
-    pub const PREFETCH_ROWS: usize = 4;
-
-    /// Prefetches the `bytes` that lie [`PREFETCH_ROWS`] rows of `bytes`
-    /// past `rows`: with one input row a product waits on memory, and perf
-    /// put most of its time on the first load of each weight row (its
-    /// scales, at the row's end, ahead of the quants in the stream).
-    /// Prefetches past the matrix's end never fault.
+    /// Prefetches the `bytes` from `from` on. Prefetches past the matrix's
+    /// end never fault.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn prefetch_ahead(rows: *const u8, bytes: usize) {
-        let ahead = rows.wrapping_add(PREFETCH_ROWS * bytes);
+    pub fn prefetch(from: *const u8, bytes: usize) {
         let mut at = 0;
         while at < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(at) as *const i8);
             at += 64;
         }
     }

@@ -165,13 +165,23 @@ impl Tiles for Q4Tiles<'_> {
         let seeds = &self.a.sums[i * nb..(i + R) * nb];
         let (xq_p, xs_p, seeds_p) = (xq.as_ptr(), xs.as_ptr(), seeds.as_ptr());
         let rows = |c: usize, count: usize| &self.w[(j + c) * bytes..(j + c + count) * bytes];
+        #[cfg(target_arch = "x86_64")]
+        let ahead = lanes::prefetch_distance(R, C, bytes);
         tile_columns(
             self.kernel == Kernel::Avx512,
             // SAFETY: only called with `kernel` AVX-512 (VNNI, checked in `matmul_on`); `xq` holds R rows of k
             // bytes, `xs` and `seeds` R rows of nb values, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
             #[cfg(target_arch = "x86_64")]
             |c| unsafe {
-                x86::columns::<R, SIDE_BY_SIDE>(xq_p, xs_p, seeds_p, rows(c, SIDE_BY_SIDE).as_ptr(), k, self.plans)
+                x86::columns::<R, SIDE_BY_SIDE>(
+                    xq_p,
+                    xs_p,
+                    seeds_p,
+                    rows(c, SIDE_BY_SIDE).as_ptr(),
+                    k,
+                    self.plans,
+                    ahead,
+                )
             },
             #[cfg(not(target_arch = "x86_64"))]
             |_| unreachable!("no AVX-512 kernel off x86-64"),
@@ -182,7 +192,7 @@ impl Tiles for Q4Tiles<'_> {
                 match self.kernel {
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unsafe {
-                        x86::columns::<R, 1>(xq_p, xs_p, seeds_p, row.as_ptr(), k, self.plans)[0]
+                        x86::columns::<R, 1>(xq_p, xs_p, seeds_p, row.as_ptr(), k, self.plans, ahead)[0]
                     },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::column::<R>(xq_p, xs_p, seeds_p, row.as_ptr(), k) },
@@ -217,7 +227,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::lanes::Plan;
-    use super::super::lanes::x86::{add_scaled, column_sums, prefetch_ahead, seed_lanes, spread_ps};
+    use super::super::lanes::x86::{add_scaled, column_sums, prefetch, seed_lanes, spread_ps};
     use super::BLOCK;
 
     /// The dots of `R` quantized input rows (with their blocks' seeds) with
@@ -236,12 +246,11 @@ mod x86 {
         rows: *const u8,
         k: usize,
         plans: &[Plan],
+        ahead: usize,
     ) -> [[f32; R]; C] {
         let (nb, bytes) = (k / BLOCK, super::row_bytes(k));
         let nibbles = _mm512_set1_epi8(15);
-        if R == 1 {
-            prefetch_ahead(rows, C * bytes);
-        }
+        prefetch(rows.wrapping_add(ahead), C * bytes);
         let mut acc = [[_mm512_setzero_ps(); R]; C];
         for p in plans {
             // Lanes past a group's blocks load as zero (scale 0), so they add nothing.
