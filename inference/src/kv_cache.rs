@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kv_pool::{BlockShape, DEFAULT_BLOCK_TOKENS, KvBlock};
-use crate::simd;
+use crate::simd::{self, HeadRows};
 
 /// Prompts up to this many new tokens are attended position by position;
 /// longer ones against keys transposed once per layer, rows in parallel (see
@@ -376,27 +376,32 @@ fn attend_host(
     let d = dims.head_dim;
     let (qw, kw, g, bs) = (dims.q_width(), dims.kv_width(), dims.groups(), cache.shape.tokens);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0f32; offset + len];
-    let mut part = vec![0f32; d];
+    let total = offset + len;
+    // The `g` query heads of a kv head together (each cached row loaded once
+    // for all of them): their scores `[g][total]`, their outputs contiguous.
+    let mut scores = vec![0f32; g * total];
+    let mut part = vec![0f32; g * d];
     for i in 0..len {
         let visible = offset + i + 1;
-        for h in 0..dims.num_heads {
-            let kvh = h / g;
-            let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
-            let scores = &mut scores[..visible];
+        for kvh in 0..dims.num_kv_heads {
+            let heads = i * qw + kvh * g * d..i * qw + (kvh + 1) * g * d;
             for (start, keys) in cache.planes(layer, false, visible) {
-                let end = (start + bs).min(visible);
-                simd::scaled_dots(qh, &keys[kvh * d..], kw, scale, &mut scores[start..end]);
+                let count = (start + bs).min(visible) - start;
+                let keys = HeadRows { data: &keys[kvh * d..], stride: kw, count };
+                simd::scaled_dots_heads(&q[heads.clone()], g, keys, scale, &mut scores[start..], total);
             }
-            simd::softmax_in_place(scores);
-            let out_h = &mut out[i * qw + h * d..i * qw + (h + 1) * d];
+            for head_scores in scores.chunks_exact_mut(total) {
+                simd::softmax_in_place(&mut head_scores[..visible]);
+            }
+            let out_heads = &mut out[heads];
             for (start, values) in cache.planes(layer, true, visible) {
-                let end = (start + bs).min(visible);
+                let count = (start + bs).min(visible) - start;
+                let values = HeadRows { data: &values[kvh * d..], stride: kw, count };
                 if start == 0 {
-                    simd::weighted_sum(&scores[start..end], &values[kvh * d..], kw, out_h);
+                    simd::weighted_sum_heads(&scores[start..], total, g, values, out_heads);
                 } else {
-                    simd::weighted_sum(&scores[start..end], &values[kvh * d..], kw, &mut part);
-                    out_h.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+                    simd::weighted_sum_heads(&scores[start..], total, g, values, &mut part);
+                    out_heads.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
                 }
             }
         }

@@ -139,6 +139,72 @@ pub fn weighted_sum(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32
     }
 }
 
+/// `count` cached rows (keys or values of one kv head) of one head's width,
+/// row `j` at `data[j * stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub count: usize,
+}
+
+impl HeadRows<'_> {
+    fn check(&self, width: usize, what: &str) {
+        assert!(self.count == 0 || self.data.len() >= (self.count - 1) * self.stride + width, "{what}: rows too short");
+    }
+}
+
+/// [`scaled_dots`] for the `heads` query heads that share a kv head (`q`:
+/// their `heads · d` values, head after head), each key loaded once for all
+/// of them: head `h`'s scores go to `out[h * out_stride..][..keys.count]`.
+/// Every score is the value [`scaled_dots`] gives (the same tile sums).
+pub fn scaled_dots_heads(q: &[f32], heads: usize, keys: HeadRows, scale: f32, out: &mut [f32], out_stride: usize) {
+    let d = q.len() / heads.max(1);
+    keys.check(d, "scaled_dots_heads");
+    assert!(
+        heads == 0 || keys.count == 0 || out.len() >= (heads - 1) * out_stride + keys.count,
+        "scaled_dots_heads: output too short"
+    );
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F and VL; the bounds were checked above.
+        Level::Avx512 => unsafe { x86::scaled_dots_heads_avx512(q.as_ptr(), heads, d, keys, scale, out, out_stride) },
+        _ => {
+            for h in 0..heads {
+                let out_h = &mut out[h * out_stride..h * out_stride + keys.count];
+                scaled_dots(&q[h * d..(h + 1) * d], keys.data, keys.stride, scale, out_h);
+            }
+        }
+    }
+}
+
+/// [`weighted_sum`] for the `heads` query heads that share a kv head, each
+/// value row loaded once for all of them: head `h`'s output
+/// (`out[h * d..][..d]`, `d = out.len() / heads`) is the sum of its weights
+/// (`weights[h * weights_stride..][..values.count]`) times the rows, added
+/// in [`weighted_sum`]'s order (same values).
+pub fn weighted_sum_heads(weights: &[f32], weights_stride: usize, heads: usize, values: HeadRows, out: &mut [f32]) {
+    let d = out.len() / heads.max(1);
+    values.check(d, "weighted_sum_heads");
+    assert!(
+        heads == 0 || values.count == 0 || weights.len() >= (heads - 1) * weights_stride + values.count,
+        "weighted_sum_heads: weights too short"
+    );
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F and VL; the bounds were checked above.
+        Level::Avx512 if d.is_multiple_of(16) => unsafe {
+            x86::weighted_sum_heads_avx512(weights, weights_stride, heads, values, out, d)
+        },
+        _ => {
+            for h in 0..heads {
+                let w = &weights[h * weights_stride..h * weights_stride + values.count];
+                weighted_sum(w, values.data, values.stride, &mut out[h * d..(h + 1) * d]);
+            }
+        }
+    }
+}
+
 /// `gate[i] = silu(gate[i]) · up[i]` (SwiGLU), where `silu(g) = g / (1 + e^-g)`.
 ///
 /// The AVX-512 version evaluates `e^x` with a degree-6 polynomial (Cephes'
@@ -435,6 +501,147 @@ mod x86 {
         }
     }
 
+    /// Query heads [`scaled_dots_heads_avx512`] and [`weighted_sum_heads_avx512`] take at once (registers).
+    const HEADS_AT_ONCE: usize = 4;
+
+    /// # Safety
+    /// AVX-512F and VL must be available; `q` must hold `heads · d` values,
+    /// `keys` its rows of `d` and `out` `(heads - 1) · out_stride + keys.count`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn scaled_dots_heads_avx512(
+        q: *const f32,
+        heads: usize,
+        d: usize,
+        keys: super::HeadRows,
+        scale: f32,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let mut h = 0;
+        while h < heads {
+            let at = h * d;
+            // SAFETY: heads `h..` of `q`, rows of `keys` (caller).
+            unsafe {
+                match heads - h {
+                    1 => score_heads::<1>(q.add(at), d, keys, scale, &mut out[h * out_stride..], out_stride),
+                    2 => score_heads::<2>(q.add(at), d, keys, scale, &mut out[h * out_stride..], out_stride),
+                    3 => score_heads::<3>(q.add(at), d, keys, scale, &mut out[h * out_stride..], out_stride),
+                    _ => score_heads::<4>(q.add(at), d, keys, scale, &mut out[h * out_stride..], out_stride),
+                }
+            }
+            h += HEADS_AT_ONCE;
+        }
+    }
+
+    /// `G` heads' scores, four keys per tile (the tile's entries sum as one alone).
+    ///
+    /// # Safety
+    /// As [`scaled_dots_heads_avx512`], for `G` heads.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn score_heads<const G: usize>(
+        q: *const f32,
+        d: usize,
+        keys: super::HeadRows,
+        scale: f32,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        const KEYS: usize = 4;
+        let (rows, stride) = (keys.data.as_ptr(), keys.stride);
+        let mut j = 0;
+        while j + KEYS <= keys.count {
+            // SAFETY: keys `j..j + 4` hold `d` values each (caller).
+            let tile = unsafe { dot_tile_avx512::<G, KEYS>(q, d, rows.add(j * stride), stride, d, KEYS * stride) };
+            for (g, dots) in tile.iter().enumerate() {
+                for (c, dot) in dots.iter().enumerate() {
+                    out[g * out_stride + j + c] = dot * scale;
+                }
+            }
+            j += KEYS;
+        }
+        while j < keys.count {
+            // SAFETY: key `j` holds `d` values (caller).
+            let tile = unsafe { dot_tile_avx512::<G, 1>(q, d, rows.add(j * stride), stride, d, 0) };
+            for (g, dots) in tile.iter().enumerate() {
+                out[g * out_stride + j] = dots[0] * scale;
+            }
+            j += 1;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F and VL must be available; `d` a multiple of 16; `weights`,
+    /// `values` and `out` (`heads · d`) as [`super::weighted_sum_heads`] checks.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn weighted_sum_heads_avx512(
+        weights: &[f32],
+        weights_stride: usize,
+        heads: usize,
+        values: super::HeadRows,
+        out: &mut [f32],
+        d: usize,
+    ) {
+        let mut h = 0;
+        while h < heads {
+            let (w, o) = (&weights[h * weights_stride..], &mut out[h * d..]);
+            // SAFETY: as the caller's, for heads `h..`.
+            unsafe {
+                match (heads - h, d % 64) {
+                    (1, 0) => sum_heads::<1, 4>(w, weights_stride, values, o, d),
+                    (2, 0) => sum_heads::<2, 4>(w, weights_stride, values, o, d),
+                    (3, 0) => sum_heads::<3, 4>(w, weights_stride, values, o, d),
+                    (_, 0) => sum_heads::<4, 4>(w, weights_stride, values, o, d),
+                    (1, _) => sum_heads::<1, 1>(w, weights_stride, values, o, d),
+                    (2, _) => sum_heads::<2, 1>(w, weights_stride, values, o, d),
+                    (3, _) => sum_heads::<3, 1>(w, weights_stride, values, o, d),
+                    _ => sum_heads::<4, 1>(w, weights_stride, values, o, d),
+                }
+            }
+            h += HEADS_AT_ONCE;
+        }
+    }
+
+    /// `G` heads' weighted sums, `V` vectors of each row per pass, in
+    /// registers; each lane's multiply-adds in row order from zero, as
+    /// [`axpy_avx512`] does them into a zeroed output.
+    ///
+    /// # Safety
+    /// As [`weighted_sum_heads_avx512`], for `G` heads, `d` a multiple of `16 · V`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn sum_heads<const G: usize, const V: usize>(
+        weights: &[f32],
+        weights_stride: usize,
+        values: super::HeadRows,
+        out: &mut [f32],
+        d: usize,
+    ) {
+        let (rows, stride) = (values.data.as_ptr(), values.stride);
+        let mut c = 0;
+        while c < d {
+            let mut acc = [[_mm512_setzero_ps(); V]; G];
+            for j in 0..values.count {
+                let mut w = [_mm512_setzero_ps(); G];
+                for g in 0..G {
+                    w[g] = _mm512_set1_ps(weights[g * weights_stride + j]);
+                }
+                for v in 0..V {
+                    // SAFETY: row `j` holds `d` values (caller) and `c + 16 v + 16 <= d`.
+                    let x = unsafe { _mm512_loadu_ps(rows.add(j * stride + c + 16 * v)) };
+                    for g in 0..G {
+                        acc[g][v] = _mm512_fmadd_ps(w[g], x, acc[g][v]);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                for (v, &a) in acc.iter().enumerate() {
+                    // SAFETY: `out` holds `G · d` values (caller).
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(g * d + c + 16 * v), a) };
+                }
+            }
+            c += 16 * V;
+        }
+    }
+
     /// `e^x` per lane: `x = n·ln2 + r`, `e^r` by Cephes' polynomial, then
     /// scaled by `2^n` (`vscalefps`, which also saturates to 0 and infinity).
     #[target_feature(enable = "avx512f,avx512vl")]
@@ -643,6 +850,32 @@ mod tests {
         for c in 0..d {
             let want: f32 = (0..count).map(|j| scores[j] * rows[j * stride + c]).sum();
             assert!((out[c] - want).abs() < 1e-4, "output {c}");
+        }
+    }
+
+    #[test]
+    fn grouped_heads_match_one_head_at_a_time() {
+        // Head dims with and without a full 64-lane pass, group sizes across the 4-head blocks, key counts
+        // around the 4-key tiles.
+        for (d, heads, count) in [(64, 3, 9), (64, 6, 4), (32, 5, 7), (16, 1, 3), (40, 2, 6), (64, 4, 1)] {
+            let stride = 3 * d + 8;
+            let q = data(heads * d, 0.5);
+            let rows = data((count - 1) * stride + d, 1.5);
+            let keys = HeadRows { data: &rows, stride, count };
+            let out_stride = count + 5;
+            let mut scores = vec![0f32; heads * out_stride];
+            scaled_dots_heads(&q, heads, keys, 0.125, &mut scores, out_stride);
+            let mut out = vec![0f32; heads * d];
+            weighted_sum_heads(&scores, out_stride, heads, keys, &mut out);
+            for h in 0..heads {
+                let mut want = vec![0f32; count];
+                scaled_dots(&q[h * d..(h + 1) * d], &rows, stride, 0.125, &mut want);
+                let got = &scores[h * out_stride..h * out_stride + count];
+                assert_eq!(got, &want[..], "scores of head {h} (d {d}, {heads} heads)");
+                let mut want = vec![0f32; d];
+                weighted_sum(got, &rows, stride, &mut want);
+                assert_eq!(&out[h * d..(h + 1) * d], &want[..], "sum of head {h} (d {d}, {heads} heads)");
+            }
         }
     }
 
