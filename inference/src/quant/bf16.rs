@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::Kernel;
-use crate::cpu_linear::{Tiles, row_in_tiles, run_tiled};
+use crate::cpu_linear::{Tiles, row_in_tiles, run_tiled, store};
 
 /// BF16 values per 512-bit vector.
 const LANES: usize = 32;
@@ -123,10 +123,10 @@ struct Bf16Tiles<'a> {
 }
 
 impl Tiles for Bf16Tiles<'_> {
-    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize) -> [[f32; C]; R] {
+    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
         let k = self.k;
         let w = &self.w[j * k..(j + C) * k];
-        match self.kernel {
+        let tile = match self.kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
                 let x = &self.x[i * k..(i + R) * k];
@@ -140,7 +140,8 @@ impl Tiles for Bf16Tiles<'_> {
                 unsafe { x86::tile_avx2::<R, C>(x.as_ptr(), w.as_ptr(), k) }
             }
             _ => tile_portable::<R, C>(&self.x[i * k..(i + R) * k], w, k),
-        }
+        };
+        store(out, at, &tile);
     }
 
     /// One input row (batch-1 decode, memory-bound): on AVX-512 the weight

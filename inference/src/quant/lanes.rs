@@ -330,21 +330,24 @@ pub fn prefetch_distance(input_rows: usize, tile_rows: usize, row_bytes: usize) 
     if input_rows == 1 { PREFETCH_ROWS * row_bytes } else { tile_rows * row_bytes }
 }
 
-/// A tile's `[R][C]` dots, weight rows taken [`SIDE_BY_SIDE`] at a time by
-/// `pair(c)` (`out[dc][r]` for weight rows `c + dc`) where `side_by_side`,
-/// the rest one at a time by `one(c)`. Plain loops, not `array::from_fn`
-/// closures: those were calls per column and per entry (measured ~10% of a
-/// 16-row product).
+/// A tile's `R × C` dots, weight rows taken [`SIDE_BY_SIDE`] at a time by
+/// `pair(c)` (`[dc][r]` for weight rows `c + dc`) where `side_by_side`, the
+/// rest one at a time by `one(c)`, written column by column to
+/// `out[a + r][b + c]` (`at = (a, b)`; see [`crate::cpu_linear::Tiles::tile`]).
+/// Plain loops, not `array::from_fn` closures: those were calls per column
+/// and per entry (measured ~10% of a 16-row product).
 #[inline(always)]
 pub fn tile_columns<const R: usize, const C: usize>(
     side_by_side: bool,
     mut pair: impl FnMut(usize) -> [[f32; R]; SIDE_BY_SIDE],
     mut one: impl FnMut(usize) -> [f32; R],
-) -> [[f32; C]; R] {
-    let mut out = [[0f32; C]; R];
+    out: &mut [&mut [f32]],
+    (a, b): (usize, usize),
+) {
+    let out = &mut out[a..a + R];
     let mut put = |c: usize, column: [f32; R]| {
         for (out_row, value) in out.iter_mut().zip(column) {
-            out_row[c] = value;
+            out_row[b + c] = value;
         }
     };
     let mut c = 0;
@@ -360,7 +363,6 @@ pub fn tile_columns<const R: usize, const C: usize>(
         put(c, one(c));
         c += 1;
     }
-    out
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -161,14 +161,14 @@ struct Q8Tiles<'a> {
 }
 
 impl Tiles for Q8Tiles<'_> {
-    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize) -> [[f32; C]; R] {
+    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, row_bytes(self.k));
         let xq = &self.a.quants[i * k..(i + R) * k];
         let xs = &self.a.scales[i * nb..(i + R) * nb];
         let rows = |c: usize, count: usize| &self.w[(j + c) * bytes..(j + c + count) * bytes];
         #[cfg(target_arch = "x86_64")]
         let ahead = lanes::prefetch_distance(R, C, bytes);
-        tile_columns(
+        tile_columns::<R, C>(
             self.kernel == Kernel::Avx512,
             // SAFETY: only called with `kernel` AVX-512 (VNNI, checked in `matmul_with`); `xq` holds R rows of
             // k bytes, `xs` R rows of nb scales, and `rows` SIDE_BY_SIDE packed rows of `bytes`.
@@ -199,6 +199,8 @@ impl Tiles for Q8Tiles<'_> {
                     _ => column_portable::<R>(xq, xs, row, k, self.lanes),
                 }
             },
+            out,
+            at,
         )
     }
 }
