@@ -26,6 +26,8 @@ use crate::simd;
 /// and 10 loads feed 25 multiply-adds (a 4 × 4 tile managed 16 per 8;
 /// measured 99 against 94 GFLOP/s per core, cache-resident).
 const TILE: usize = 5;
+/// Weight rows per tile for the integer kernels ([`Tiles::COLUMNS`]).
+pub(crate) const WIDE_TILE: usize = 6;
 /// Contiguous blocks of work per compute thread. One block each would give
 /// every core a single sequential stream, but then a core that the OS lends
 /// to another thread for a moment (the HTTP runtime waking to send a token)
@@ -133,6 +135,13 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
 /// `i` and weight row `j` are indices into whatever the implementation
 /// holds (activations already converted to the format's input type).
 pub(crate) trait Tiles: Sync {
+    /// Weight rows per tile ([`run_tiled`] asks for `R × COLUMNS` tiles, and
+    /// `R × 1` at a block's end): [`TILE`] for the F32 and BF16 register
+    /// tiles. The integer kernels take weight rows in pairs
+    /// ([`crate::quant::lanes::SIDE_BY_SIDE`]) and a fifth row alone took as
+    /// long as a pair, so they ask for [`WIDE_TILE`].
+    const COLUMNS: usize = TILE;
+
     /// Writes the dot of input row `i + r` with weight row `j + c` to
     /// `out[a + r][b + c]` (`at = (a, b)`), for `r < R`, `c < C`. Into the
     /// output, not returned: the integer kernels give a tile column by
@@ -194,7 +203,7 @@ impl Tiles for F32Tiles<'_> {
 /// ([`TASKS_PER_THREAD`]): with a single input row the multiply is bound by
 /// memory bandwidth, and long sequential streams are what the hardware
 /// prefetchers serve best.
-pub(crate) fn run_tiled(m: usize, n: usize, tiles: &impl Tiles) -> Vec<f32> {
+pub(crate) fn run_tiled<T: Tiles>(m: usize, n: usize, tiles: &T) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let mut out = vec![0f32; m * n];
     if n == 0 {
@@ -213,7 +222,7 @@ pub(crate) fn run_tiled(m: usize, n: usize, tiles: &impl Tiles) -> Vec<f32> {
     // Few rows (decode): each task owns a block of weight rows, so the
     // weights are read once, and writes the matching columns of every
     // output row.
-    let per_task = n.div_ceil(threads * TASKS_PER_THREAD).next_multiple_of(TILE);
+    let per_task = n.div_ceil(threads * TASKS_PER_THREAD).next_multiple_of(T::COLUMNS);
     let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per_task)).map(|_| Vec::with_capacity(m)).collect();
     for row in out.chunks_exact_mut(n) {
         let mut rest = row;
@@ -231,36 +240,42 @@ pub(crate) fn run_tiled(m: usize, n: usize, tiles: &impl Tiles) -> Vec<f32> {
 }
 
 /// Computes the dots of input rows `i0..i0 + out.len()` with weight rows
-/// `j0..j0 + cols`, in tiles of up to `TILE` input rows by `TILE` weight
-/// rows. `out[i]` receives row `i0 + i`'s products with these weight rows.
-fn kernel(tiles: &impl Tiles, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
-    let m = out.len();
-    if m == 1 {
+/// `j0..j0 + cols`, in tiles of up to `TILE` input rows by `T::COLUMNS`
+/// weight rows. `out[i]` receives row `i0 + i`'s products with these weight rows.
+fn kernel<T: Tiles>(tiles: &T, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
+    if out.len() == 1 {
         tiles.row(i0, j0, &mut out[0][..cols]);
         return;
     }
     let mut j = 0;
     while j < cols {
-        let width = if cols - j >= TILE { TILE } else { 1 };
-        let mut i = 0;
-        while i < m {
-            let block = row_block(m - i);
-            let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
-            match (block, width) {
-                (5, TILE) => tiles.tile::<5, TILE>(xi, wj, out, at),
-                (4, TILE) => tiles.tile::<4, TILE>(xi, wj, out, at),
-                (3, TILE) => tiles.tile::<3, TILE>(xi, wj, out, at),
-                (2, TILE) => tiles.tile::<2, TILE>(xi, wj, out, at),
-                (1, TILE) => tiles.tile::<1, TILE>(xi, wj, out, at),
-                (5, _) => tiles.tile::<5, 1>(xi, wj, out, at),
-                (4, _) => tiles.tile::<4, 1>(xi, wj, out, at),
-                (3, _) => tiles.tile::<3, 1>(xi, wj, out, at),
-                (2, _) => tiles.tile::<2, 1>(xi, wj, out, at),
-                _ => tiles.tile::<1, 1>(xi, wj, out, at),
-            }
-            i += block;
+        let width = if cols - j >= T::COLUMNS { T::COLUMNS } else { 1 };
+        match width {
+            TILE => tile_column::<T, TILE>(tiles, i0, (j0, j), out),
+            WIDE_TILE => tile_column::<T, WIDE_TILE>(tiles, i0, (j0, j), out),
+            _ => tile_column::<T, 1>(tiles, i0, (j0, j), out),
         }
         j += width;
+    }
+}
+
+/// Weight rows `j0 + j..j0 + j + C` against every input row, in blocks of
+/// up to `TILE` rows (the tile's weight rows stay in L1 from block to block).
+#[inline(always)]
+fn tile_column<T: Tiles, const C: usize>(tiles: &T, i0: usize, (j0, j): (usize, usize), out: &mut [&mut [f32]]) {
+    let m = out.len();
+    let mut i = 0;
+    while i < m {
+        let block = row_block(m - i);
+        let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
+        match block {
+            5 => tiles.tile::<5, C>(xi, wj, out, at),
+            4 => tiles.tile::<4, C>(xi, wj, out, at),
+            3 => tiles.tile::<3, C>(xi, wj, out, at),
+            2 => tiles.tile::<2, C>(xi, wj, out, at),
+            _ => tiles.tile::<1, C>(xi, wj, out, at),
+        }
+        i += block;
     }
 }
 

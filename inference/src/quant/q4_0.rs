@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::Kernel;
 use super::lanes::{self, BLOCK, GROUP, Group, Plan, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
-use crate::cpu_linear::{Tiles, run_tiled};
+use crate::cpu_linear::{Tiles, WIDE_TILE, run_tiled};
 use crate::error::{Error, Result};
 
 /// Lanes a block may spread over: 4, so every group has an even number of
@@ -158,6 +158,8 @@ struct Q4Tiles<'a> {
 }
 
 impl Tiles for Q4Tiles<'_> {
+    const COLUMNS: usize = WIDE_TILE;
+
     fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, row_bytes(self.k));
         let xq = &self.a.quants[i * k..(i + R) * k];

@@ -30,7 +30,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_linear::{Tiles, run_tiled};
+use crate::cpu_linear::{Tiles, WIDE_TILE, run_tiled};
 use crate::error::{Error, Result};
 
 use super::Kernel;
@@ -161,6 +161,8 @@ struct Q8Tiles<'a> {
 }
 
 impl Tiles for Q8Tiles<'_> {
+    const COLUMNS: usize = WIDE_TILE;
+
     fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, row_bytes(self.k));
         let xq = &self.a.quants[i * k..(i + R) * k];
