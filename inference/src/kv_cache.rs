@@ -350,13 +350,17 @@ fn attend_host_long(
     }
     out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
         let visible = offset + i + 1;
-        let mut scores = vec![0f32; visible];
+        // The `g` query heads of a kv head: their scores `[g][visible]`, then
+        // their weighted sums together (each value row loaded once).
+        let mut scores = vec![0f32; g * visible];
         let q_row: Vec<f32> = q[i * qw..(i + 1) * qw].iter().map(|x| x * scale).collect();
-        for h in 0..dims.num_heads {
-            let kvh = h / g;
-            simd::transposed_scores(&q_row[h * d..(h + 1) * d], &keys_t[kvh * d * total..], total, &mut scores);
-            simd::softmax_in_place(&mut scores);
-            simd::weighted_sum(&scores, &values[kvh * d..], kw, &mut out_row[h * d..(h + 1) * d]);
+        for kvh in 0..dims.num_kv_heads {
+            for (h, head_scores) in (kvh * g..).zip(scores.chunks_exact_mut(visible)) {
+                simd::transposed_scores(&q_row[h * d..(h + 1) * d], &keys_t[kvh * d * total..], total, head_scores);
+                simd::softmax_in_place(head_scores);
+            }
+            let values = HeadRows { data: &values[kvh * d..], stride: kw, count: visible };
+            simd::weighted_sum_heads(&scores, visible, g, values, &mut out_row[kvh * g * d..(kvh + 1) * g * d]);
         }
     });
 }
