@@ -326,15 +326,26 @@ mod x86 {
         let mut out = [[0f32; C]; R];
         for r in 0..R {
             for c in 0..C {
-                let mut sum = _mm512_reduce_add_ps(acc[r][c]);
-                for e in full..k {
-                    // SAFETY: `e < k`.
-                    sum = unsafe { (*x.add(r * k + e)).mul_add(super::from_bits(*w.add(c * k + e)), sum) };
-                }
-                out[r][c] = sum;
+                // SAFETY: rows `r` of `x` and `c` of `w` hold `k` values (caller).
+                out[r][c] = unsafe { add_tail(_mm512_reduce_add_ps(acc[r][c]), x.add(r * k), w.add(c * k), full, k) };
             }
         }
         out
+    }
+
+    /// `sum` plus the products of values `full..k` of an activation row and
+    /// a weight row, in order: the widening kernels' tail past their last
+    /// full step.
+    ///
+    /// # Safety
+    /// `x` and `w` must hold `k` values.
+    #[inline]
+    unsafe fn add_tail(mut sum: f32, x: *const f32, w: *const u16, full: usize, k: usize) -> f32 {
+        for e in full..k {
+            // SAFETY: `e < k`.
+            sum = unsafe { (*x.add(e)).mul_add(super::from_bits(*w.add(e)), sum) };
+        }
+        sum
     }
 
     /// # Safety
@@ -408,12 +419,8 @@ mod x86 {
         let mut out = [[0f32; C]; G];
         for r in 0..G {
             for c in 0..C {
-                let mut sum = hsum(acc[r][c]);
-                for e in full..k {
-                    // SAFETY: `e < k`.
-                    sum = unsafe { (*x.add(r * k + e)).mul_add(super::from_bits(*w.add(c * k + e)), sum) };
-                }
-                out[r][c] = sum;
+                // SAFETY: rows `r` of `x` and `c` of `w` hold `k` values (caller).
+                out[r][c] = unsafe { add_tail(hsum(acc[r][c]), x.add(r * k), w.add(c * k), full, k) };
             }
         }
         out
