@@ -156,6 +156,18 @@ pub(crate) trait Tiles: Sync {
     fn row(&self, i: usize, j: usize, out: &mut [f32]) {
         row_in_tiles(self, i, j, out);
     }
+
+    /// Input rows `i0..i0 + out.len()` against weight rows `j0..j0 + cols`
+    /// (one task of [`run_tiled`]; `j0` a multiple of [`Tiles::COLUMNS`]),
+    /// `out[i]` receiving row `i0 + i`'s products. By register tiles of
+    /// `R × COLUMNS` ([`Tiles::tile`]); a format whose weight rows are
+    /// interleaved in panels of `COLUMNS` runs whole panels instead.
+    fn block(&self, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]])
+    where
+        Self: Sized,
+    {
+        kernel(self, i0, j0, cols, out);
+    }
 }
 
 /// [`Tiles::row`] by `1 × TILE` tiles (the default; a format may stream differently).
@@ -215,7 +227,7 @@ pub(crate) fn run_tiled<T: Tiles>(m: usize, n: usize, tiles: &T) -> Vec<f32> {
         let per_task = m.div_ceil(threads * ROW_TASKS_PER_THREAD).next_multiple_of(TILE);
         out.par_chunks_mut(per_task * n).enumerate().for_each(|(task, out_block)| {
             let mut rows: Vec<&mut [f32]> = out_block.chunks_exact_mut(n).collect();
-            kernel(tiles, task * per_task, 0, n, &mut rows);
+            tiles.block(task * per_task, 0, n, &mut rows);
         });
         return out;
     }
@@ -234,7 +246,7 @@ pub(crate) fn run_tiled<T: Tiles>(m: usize, n: usize, tiles: &T) -> Vec<f32> {
     }
     parts.into_par_iter().enumerate().for_each(|(task, mut rows)| {
         let cols = rows.first().map_or(0, |r| r.len());
-        kernel(tiles, 0, task * per_task, cols, &mut rows);
+        tiles.block(0, task * per_task, cols, &mut rows);
     });
     out
 }
@@ -282,7 +294,7 @@ fn tile_column<T: Tiles, const C: usize>(tiles: &T, i0: usize, (j0, j): (usize, 
 /// Input rows for the next tile when `left` remain: a full tile, except
 /// that a lone last row (whose tile would do 5 loads per 5 multiply-adds)
 /// is avoided by taking one row fewer now.
-fn row_block(left: usize) -> usize {
+pub(crate) fn row_block(left: usize) -> usize {
     match left {
         0..=TILE => left,
         l if l == TILE + 1 => TILE - 1,

@@ -50,7 +50,16 @@ impl Llama {
             Ok(Linear::new(quant::pack(linear.weight(), dtype)?, linear.bias().cloned()))
         };
         let pack = |linear: &Linear| pack_in(linear, dtype);
+        // A stacked matrix is split into views of its rows; a format that interleaves rows keeps only views that
+        // start and end on its row groups, else the parts are packed apart.
+        let splits = |fused: &Option<Fused>| fused.as_ref().is_some_and(|f| f.splits_on(quant::view_rows(dtype)));
         for layer in &mut self.layers {
+            if !splits(&layer.attn.qkv) {
+                layer.attn.qkv = None;
+            }
+            if !splits(&layer.mlp.gate_up) {
+                layer.mlp.gate_up = None;
+            }
             let attn = &mut layer.attn;
             match attn.qkv.as_mut() {
                 Some(qkv) => [attn.q_proj, attn.k_proj, attn.v_proj] = qkv.pack(&pack)?,
@@ -80,6 +89,11 @@ impl Llama {
 }
 
 impl Fused {
+    /// Whether every part starts and ends on a multiple of `rows`.
+    fn splits_on(&self, rows: usize) -> bool {
+        self.widths.iter().all(|w| w.is_multiple_of(rows))
+    }
+
     /// Packs the stacked matrix with `pack` and returns the parts as row
     /// views of it (so the F32 stack, which the old views shared, is freed).
     fn pack<const P: usize>(&mut self, pack: &impl Fn(&Linear) -> Result<Linear>) -> Result<[Linear; P]> {

@@ -130,8 +130,32 @@ pub fn position(b: usize, e: usize, nb: usize, max_lanes: usize) -> usize {
     g.start() + g.step_bytes() * (word / g.lanes) + 4 * (g.lanes * (b - g.first) + word % g.lanes) + e % 4
 }
 
+/// How [`quantize_row`] orders a row's quant bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Spread over the 16 lanes group by group ([`position`]), at most
+    /// this many lanes per block: the layout of kernels that load a row's
+    /// bytes as vectors (Q4_0's weights and activations).
+    Lanes(usize),
+    /// Block after block, each block's bytes in order: for kernels that
+    /// broadcast an activation's 4-byte words against vectors of
+    /// interleaved weight rows (Q8_0's panels).
+    Blocks,
+}
+
+#[cfg(test)]
+impl Layout {
+    /// Where byte `e` of block `b` of a row of `nb` blocks goes.
+    pub fn position(self, b: usize, e: usize, nb: usize) -> usize {
+        match self {
+            Layout::Lanes(max_lanes) => position(b, e, nb, max_lanes),
+            Layout::Blocks => b * BLOCK + e,
+        }
+    }
+}
+
 /// Quantizes one row to int8 per 32-block (symmetric, `amax / 127` steps):
-/// quants into `quants` laid out per [`position`] (each byte `q + offset`,
+/// quants into `quants` laid out per `layout` (each byte `q + offset`,
 /// `offset` 0 or 128),
 /// scales into `scales`; returns each block's quant sum.
 ///
@@ -147,7 +171,7 @@ pub fn quantize_row(
     scales: &mut [f32],
     sums: &mut [i32],
     offset: u8,
-    max_lanes: usize,
+    layout: Layout,
 ) {
     assert!(
         values.len().is_multiple_of(BLOCK)
@@ -163,14 +187,14 @@ pub fn quantize_row(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above); the slices' lengths agree (asserted).
-        return unsafe { x86::quantize_row(values, quants, scales, sums, offset, max_lanes) };
+        return unsafe { x86::quantize_row(values, quants, scales, sums, offset, layout) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { quantize_row_avx2(values, quants, scales, sums, offset, max_lanes) };
+        return unsafe { quantize_row_avx2(values, quants, scales, sums, offset, layout) };
     }
-    quantize_row_body(values, quants, scales, sums, offset, max_lanes)
+    quantize_row_body(values, quants, scales, sums, offset, layout)
 }
 
 /// [`quantize_row_body`] compiled for AVX2 (SSE4.1's `roundps` included).
@@ -185,13 +209,13 @@ unsafe fn quantize_row_avx2(
     scales: &mut [f32],
     sums: &mut [i32],
     offset: u8,
-    max_lanes: usize,
+    layout: Layout,
 ) {
-    quantize_row_body(values, quants, scales, sums, offset, max_lanes)
+    quantize_row_body(values, quants, scales, sums, offset, layout)
 }
 
-/// [`quantize_row`]'s work, block by block: the group once, then each
-/// block's eight 4-byte words to their places.
+/// [`quantize_row`]'s work, block by block: each block's 32 values
+/// quantized, then its eight 4-byte words put in their places.
 #[inline(always)]
 fn quantize_row_body(
     values: &[f32],
@@ -199,44 +223,49 @@ fn quantize_row_body(
     scales: &mut [f32],
     sums: &mut [i32],
     offset: u8,
-    max_lanes: usize,
+    layout: Layout,
 ) {
     let nb = values.len() / BLOCK;
-    for g in groups(nb, max_lanes) {
-        for b in g.first..g.first + g.blocks {
-            let block: &[f32; BLOCK] = values[b * BLOCK..(b + 1) * BLOCK].try_into().expect("BLOCK values");
-            // `>` rather than `f32::max` (whose NaN rule blocks vectorizing); weights and activations are finite.
-            let mut amax = 0f32;
-            for v in block {
-                amax = if v.abs() > amax { v.abs() } else { amax };
-            }
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            scales[b] = d;
-            // Plain loops: closures would not inherit the caller's target features (and `round` would be a call).
-            let mut q = [0u8; BLOCK];
-            let mut sum = 0i32;
-            for e in 0..BLOCK {
-                let v = (block[e] * inv).round().clamp(-127.0, 127.0) as i8;
-                q[e] = v as u8;
-                sum += i32::from(v);
-            }
-            sums[b] = sum;
-            place_words(&q, g, b, quants, offset);
+    for b in 0..nb {
+        let block: &[f32; BLOCK] = values[b * BLOCK..(b + 1) * BLOCK].try_into().expect("BLOCK values");
+        // `>` rather than `f32::max` (whose NaN rule blocks vectorizing); weights and activations are finite.
+        let mut amax = 0f32;
+        for v in block {
+            amax = if v.abs() > amax { v.abs() } else { amax };
         }
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        scales[b] = d;
+        // Plain loops: closures would not inherit the caller's target features (and `round` would be a call).
+        let mut q = [0u8; BLOCK];
+        let mut sum = 0i32;
+        for e in 0..BLOCK {
+            let v = (block[e] * inv).round().clamp(-127.0, 127.0) as i8;
+            q[e] = v as u8;
+            sum += i32::from(v);
+        }
+        sums[b] = sum;
+        place(&q, layout, b, nb, quants, offset);
     }
 }
 
-/// Writes block `b`'s 32 quant bytes (two's complement) to their places in
-/// group `g`'s layout, each plus `offset` (0 or 128).
+/// Writes block `b`'s 32 quant bytes (two's complement) of a row of `nb`
+/// blocks to their places in `layout`, each plus `offset` (0 or 128).
 #[inline(always)]
-fn place_words(q: &[u8; BLOCK], g: Group, b: usize, quants: &mut [u8], offset: u8) {
+fn place(q: &[u8; BLOCK], layout: Layout, b: usize, nb: usize, quants: &mut [u8], offset: u8) {
     // Adding 0 or 128 to every byte of a word is an XOR (no carries).
     debug_assert!(offset == 0 || offset == 128, "offset {offset}");
     let flip = u32::from(offset) * 0x0101_0101;
-    let first_word = g.start() + 4 * g.lanes * (b - g.first);
+    // Word `word` of the block goes to `first_word + step · (word / lanes) + 4 · (word % lanes)`.
+    let (first_word, step, lanes) = match layout {
+        Layout::Lanes(max_lanes) => {
+            let g = Group::of(b, nb, max_lanes);
+            (g.start() + 4 * g.lanes * (b - g.first), g.step_bytes(), g.lanes)
+        }
+        Layout::Blocks => (b * BLOCK, 0, WORDS),
+    };
     for word in 0..WORDS {
-        let at = first_word + g.step_bytes() * (word / g.lanes) + 4 * (word % g.lanes);
+        let at = first_word + step * (word / lanes) + 4 * (word % lanes);
         let bytes = [q[4 * word], q[4 * word + 1], q[4 * word + 2], q[4 * word + 3]];
         let dst: &mut [u8; 4] = (&mut quants[at..at + 4]).try_into().expect("4 bytes");
         *dst = (u32::from_le_bytes(bytes) ^ flip).to_le_bytes();
@@ -245,7 +274,7 @@ fn place_words(q: &[u8; BLOCK], g: Group, b: usize, quants: &mut [u8], offset: u
 
 /// Rows of activations quantized per 32-block for one product ([`quantize_row`]).
 pub struct Quantized {
-    /// `[m, k]`, each byte `q + offset`, in [`position`]'s layout.
+    /// `[m, k]`, each byte `q + offset`, in the [`Layout`] asked for.
     pub quants: Vec<u8>,
     /// `[m, k/32]`.
     pub scales: Vec<f32>,
@@ -257,14 +286,14 @@ pub struct Quantized {
 type RowParts<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [i32]);
 
 /// Quantizes `m` rows of `k` (a multiple of [`BLOCK`]), in parallel when the product is large.
-pub fn quantize_rows(x: &[f32], m: usize, k: usize, offset: u8, max_lanes: usize) -> Quantized {
+pub fn quantize_rows(x: &[f32], m: usize, k: usize, offset: u8, layout: Layout) -> Quantized {
     let nb = k / BLOCK;
     let mut a = Quantized { quants: vec![0u8; m * k], scales: vec![0f32; m * nb], sums: vec![0i32; m * nb] };
     if k == 0 {
         return a;
     }
     let run = |(((values, quants), scales), sums): RowParts| {
-        quantize_row(values, quants, scales, sums, offset, max_lanes);
+        quantize_row(values, quants, scales, sums, offset, layout);
     };
     if m * k >= 1 << 16 {
         x.par_chunks(k)
@@ -369,7 +398,7 @@ pub fn tile_columns<const R: usize, const C: usize>(
 pub mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Plan, groups, place_words};
+    use super::{BLOCK, Layout, Plan, place};
 
     /// [`super::quantize_row`] on AVX-512: a block's 32 values as two
     /// vectors (the largest magnitude, the scaling, rounding half away from
@@ -385,47 +414,42 @@ pub mod x86 {
         scales: &mut [f32],
         sums: &mut [i32],
         offset: u8,
-        max_lanes: usize,
+        layout: Layout,
     ) {
         let nb = values.len() / BLOCK;
         let (half, one, limit) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_set1_ps(127.0));
         let sign = _mm512_set1_epi32(i32::MIN);
-        for g in groups(nb, max_lanes) {
-            for b in g.first..g.first + g.blocks {
-                // SAFETY: block `b`'s 32 values lie inside `values` (b < nb).
-                let (v0, v1) = unsafe {
-                    let p = values.as_ptr().add(b * BLOCK);
-                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                };
-                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-                let d = amax / 127.0;
-                let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-                scales[b] = d;
-                let round = |x: __m512| {
-                    // Truncate, then step away from zero where the dropped fraction is at least a half
-                    // (`x - t` is exact); clamped to ±127 as the portable body does.
-                    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
-                    let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(x, t)), half);
-                    let step = _mm512_castsi512_ps(_mm512_or_si512(
-                        _mm512_and_si512(_mm512_castps_si512(x), sign),
-                        _mm512_castps_si512(one),
-                    ));
-                    let q = _mm512_mask_add_ps(t, away, t, step);
-                    _mm512_cvttps_epi32(_mm512_min_ps(
-                        _mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), limit)),
-                        limit,
-                    ))
-                };
-                let (q0, q1) = (round(_mm512_mul_ps(v0, inv)), round(_mm512_mul_ps(v1, inv)));
-                sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-                let mut q = [0u8; BLOCK];
-                // SAFETY: two 16-byte stores into the 32-byte array.
-                unsafe {
-                    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
-                    _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
-                }
-                place_words(&q, g, b, quants, offset);
+        for b in 0..nb {
+            // SAFETY: block `b`'s 32 values lie inside `values` (b < nb).
+            let (v0, v1) = unsafe {
+                let p = values.as_ptr().add(b * BLOCK);
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let d = amax / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            scales[b] = d;
+            let round = |x: __m512| {
+                // Truncate, then step away from zero where the dropped fraction is at least a half
+                // (`x - t` is exact); clamped to ±127 as the portable body does.
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(x, t)), half);
+                let step = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_and_si512(_mm512_castps_si512(x), sign),
+                    _mm512_castps_si512(one),
+                ));
+                let q = _mm512_mask_add_ps(t, away, t, step);
+                _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(q, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit))
+            };
+            let (q0, q1) = (round(_mm512_mul_ps(v0, inv)), round(_mm512_mul_ps(v1, inv)));
+            sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            let mut q = [0u8; BLOCK];
+            // SAFETY: two 16-byte stores into the 32-byte array.
+            unsafe {
+                _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+                _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
             }
+            place(&q, layout, b, nb, quants, offset);
         }
     }
 
@@ -685,7 +709,7 @@ mod tests {
         }
     }
 
-    type QuantizeRow = fn(&[f32], &mut [u8], &mut [f32], &mut [i32], u8, usize);
+    type QuantizeRow = fn(&[f32], &mut [u8], &mut [f32], &mut [i32], u8, Layout);
 
     /// Every quantizer this CPU runs: the portable body, AVX2's and AVX-512's.
     fn quantizers() -> Vec<(&'static str, QuantizeRow)> {
@@ -710,10 +734,17 @@ mod tests {
     /// a half rounded down.
     #[test]
     fn quantize_row_matches_the_definition() {
-        for ((nb, max_lanes, offset), (name, quantize)) in
-            [(18, 8, 128u8), (18, 4, 0), (48, 8, 0), (3, 1, 128), (21, 8, 128)]
-                .into_iter()
-                .flat_map(|case| quantizers().into_iter().map(move |q| (case, q)))
+        let cases = [
+            (18, Layout::Lanes(8), 128u8),
+            (18, Layout::Lanes(4), 0),
+            (48, Layout::Lanes(8), 0),
+            (3, Layout::Lanes(1), 128),
+            (21, Layout::Lanes(8), 128),
+            (18, Layout::Blocks, 128),
+            (5, Layout::Blocks, 0),
+        ];
+        for ((nb, layout, offset), (name, quantize)) in
+            cases.into_iter().flat_map(|case| quantizers().into_iter().map(move |q| (case, q)))
         {
             let k = nb * BLOCK;
             let mut values: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
@@ -726,7 +757,7 @@ mod tests {
             values[2 * BLOCK + 1] = 0.5f32.next_down();
             values[2 * BLOCK + 2] = -0.5f32.next_down();
             let (mut quants, mut scales, mut sums) = (vec![0u8; k], vec![0f32; nb], vec![0i32; nb]);
-            quantize(&values, &mut quants, &mut scales, &mut sums, offset, max_lanes);
+            quantize(&values, &mut quants, &mut scales, &mut sums, offset, layout);
             for (b, block) in values.chunks_exact(BLOCK).enumerate() {
                 let d = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
                 assert_eq!(scales[b].to_bits(), d.to_bits(), "{name}, nb {nb}: block {b}'s scale");
@@ -734,8 +765,8 @@ mod tests {
                 let q: Vec<i8> = block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8).collect();
                 assert_eq!(sums[b], q.iter().map(|&q| i32::from(q)).sum::<i32>(), "{name}");
                 for (e, &q) in q.iter().enumerate() {
-                    let got = quants[position(b, e, nb, max_lanes)];
-                    assert_eq!(got, (q as u8).wrapping_add(offset), "{name}, nb {nb} cap {max_lanes}: ({b}, {e})");
+                    let got = quants[layout.position(b, e, nb)];
+                    assert_eq!(got, (q as u8).wrapping_add(offset), "{name}, nb {nb} {layout:?}: ({b}, {e})");
                 }
             }
         }

@@ -8,16 +8,18 @@
 //!   the values widened to F32; see [`bf16`].
 //! * `q8_0`: llama.cpp's Q8_0 scheme, int8 weights with one F32 scale per 32
 //!   (a quarter of the bytes plus 1/8 for scales), dotted with activations
-//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd`, or
+//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd` on
+//!   panels of 16 interleaved weight rows, or
 //!   AVX2's `vpmaddubsw` + `vpmaddwd` on CPUs without it; see [`q8_0`].
 //! * `q4_0`: llama.cpp's Q4_0, 4-bit weights with one F16 scale per 32
 //!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are
-//!   (VNNI, else AVX2); see [`q4_0`]. Both integer formats lay their blocks out across the
-//!   vector lanes as `lanes` describes.
+//!   (VNNI, else AVX2); see [`q4_0`]. Its rows' blocks are laid out across
+//!   the vector lanes as `lanes` describes.
 //!
 //! A packed matrix travels in a candle [`Tensor`] so it can sit wherever a
 //! weight does (`candle_nn::Linear`): BF16 as a `BF16` tensor `[n, k]`,
-//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]` in [`q8_0`]'s layout,
+//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]` in [`q8_0`]'s layout
+//! (rows interleaved 16 at a time, [`view_rows`]),
 //! Q4_0 as a `U8` tensor `[n, q4_0::row_bytes(k)]` (the widths differ for
 //! every `k`: `1.25 k` against `0.5625 k`).
 //! Only [`crate::cpu_linear`] reads them; candle's own ops refuse the U8
@@ -182,6 +184,15 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
             let bytes = q4_0::pack(&values, n, k)?;
             Ok(Tensor::from_vec(bytes, (n, q4_0::row_bytes(k)), &Device::Cpu)?)
         }
+    }
+}
+
+/// The row ranges of a packed matrix that are packed matrices themselves
+/// start and end on multiples of this (Q8_0 interleaves rows in panels).
+pub fn view_rows(dtype: ServeDtype) -> usize {
+    match dtype {
+        ServeDtype::Q8_0 => q8_0::PANEL,
+        ServeDtype::F32 | ServeDtype::Bf16 | ServeDtype::Q4_0 => 1,
     }
 }
 

@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::Kernel;
-use super::lanes::{self, BLOCK, GROUP, Group, Plan, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
+use super::lanes::{self, BLOCK, GROUP, Group, Layout, Plan, Quantized, SIDE_BY_SIDE, quantize_rows, tile_columns};
 use crate::cpu_linear::{Tiles, WIDE_TILE, run_tiled};
 use crate::error::{Error, Result};
 
@@ -139,7 +139,7 @@ pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kerne
     if k == 0 {
         return vec![0f32; m * n];
     }
-    let mut activations = quantize_rows(x, m, k, 0, MAX_LANES);
+    let mut activations = quantize_rows(x, m, k, 0, Layout::Lanes(MAX_LANES));
     activations.sums.iter_mut().for_each(|s| *s *= -8);
     let kernel = kernel.supported(has_simd());
     let plans = lanes::plans(k / BLOCK, MAX_LANES);
@@ -484,7 +484,7 @@ mod tests {
             let x = data(m * k, 0.3);
             let w = pack(&data(n * k, 1.1), n, k).unwrap();
             let wq = unpack(&w, n, k);
-            let a = quantize_rows(&x, m, k, 0, MAX_LANES);
+            let a = quantize_rows(&x, m, k, 0, Layout::Lanes(MAX_LANES));
             let nb = k / BLOCK;
             let xq: Vec<f32> = (0..m * k)
                 .map(|idx| {
