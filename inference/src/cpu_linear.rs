@@ -26,8 +26,6 @@ use crate::simd;
 /// and 10 loads feed 25 multiply-adds (a 4 × 4 tile managed 16 per 8;
 /// measured 99 against 94 GFLOP/s per core, cache-resident).
 const TILE: usize = 5;
-/// Weight rows per tile for the integer kernels ([`Tiles::COLUMNS`]).
-pub(crate) const WIDE_TILE: usize = 6;
 /// Contiguous blocks of work per compute thread. One block each would give
 /// every core a single sequential stream, but then a core that the OS lends
 /// to another thread for a moment (the HTTP runtime waking to send a token)
@@ -136,10 +134,10 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
 /// holds (activations already converted to the format's input type).
 pub(crate) trait Tiles: Sync {
     /// Weight rows per tile ([`run_tiled`] asks for `R × COLUMNS` tiles, and
-    /// `R × 1` at a block's end): [`TILE`] for the F32 and BF16 register
-    /// tiles. The integer kernels take weight rows in pairs
-    /// ([`crate::quant::lanes::SIDE_BY_SIDE`]) and a fifth row alone took as
-    /// long as a pair, so they ask for [`WIDE_TILE`].
+    /// `R × 1` at a block's end, and cuts the weight rows into tasks of
+    /// multiples of it): [`TILE`] for the F32 and BF16 register tiles; the
+    /// integer formats' panels of interleaved rows
+    /// ([`crate::quant::view_rows`]).
     const COLUMNS: usize = TILE;
 
     /// Writes the dot of input row `i + r` with weight row `j + c` to
@@ -264,7 +262,6 @@ fn kernel<T: Tiles>(tiles: &T, i0: usize, j0: usize, cols: usize, out: &mut [&mu
         let width = if cols - j >= T::COLUMNS { T::COLUMNS } else { 1 };
         match width {
             TILE => tile_column::<T, TILE>(tiles, i0, (j0, j), out),
-            WIDE_TILE => tile_column::<T, WIDE_TILE>(tiles, i0, (j0, j), out),
             _ => tile_column::<T, 1>(tiles, i0, (j0, j), out),
         }
         j += width;

@@ -8,20 +8,19 @@
 //!   the values widened to F32; see [`bf16`].
 //! * `q8_0`: llama.cpp's Q8_0 scheme, int8 weights with one F32 scale per 32
 //!   (a quarter of the bytes plus 1/8 for scales), dotted with activations
-//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd` on
-//!   panels of 16 interleaved weight rows, or
+//!   quantized the same way per 32-block by AVX-512 VNNI's `vpdpbusd`, or
 //!   AVX2's `vpmaddubsw` + `vpmaddwd` on CPUs without it; see [`q8_0`].
 //! * `q4_0`: llama.cpp's Q4_0, 4-bit weights with one F16 scale per 32
 //!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are
-//!   (VNNI, else AVX2); see [`q4_0`]. Its rows' blocks are laid out across
-//!   the vector lanes as `lanes` describes.
+//!   (VNNI, else AVX2); see [`q4_0`]. Both integer formats interleave
+//!   their weight rows 16 at a time; see `panel`.
 //!
 //! A packed matrix travels in a candle [`Tensor`] so it can sit wherever a
 //! weight does (`candle_nn::Linear`): BF16 as a `BF16` tensor `[n, k]`,
-//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]` in [`q8_0`]'s layout
-//! (rows interleaved 16 at a time, [`view_rows`]),
-//! Q4_0 as a `U8` tensor `[n, q4_0::row_bytes(k)]` (the widths differ for
-//! every `k`: `1.25 k` against `0.5625 k`).
+//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]`,
+//! Q4_0 as a `U8` tensor `[n, q4_0::row_bytes(k)]`, both with their rows
+//! interleaved 16 at a time ([`view_rows`]; the widths differ for
+//! every `k`: `1.125 k` against `0.5625 k`).
 //! Only [`crate::cpu_linear`] reads them; candle's own ops refuse the U8
 //! carrier (a dtype mismatch), so a packed weight cannot be misused silently.
 //!
@@ -29,7 +28,8 @@
 //! ([`crate::llama::Llama::with_serve_dtype`]).
 
 pub mod bf16;
-mod lanes;
+mod int8;
+mod panel;
 pub mod q4_0;
 pub mod q8_0;
 #[cfg(test)]
@@ -188,11 +188,12 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
 }
 
 /// The row ranges of a packed matrix that are packed matrices themselves
-/// start and end on multiples of this (Q8_0 interleaves rows in panels).
+/// start and end on multiples of this (the integer formats interleave rows
+/// in panels).
 pub fn view_rows(dtype: ServeDtype) -> usize {
     match dtype {
-        ServeDtype::Q8_0 => q8_0::PANEL,
-        ServeDtype::F32 | ServeDtype::Bf16 | ServeDtype::Q4_0 => 1,
+        ServeDtype::Q8_0 | ServeDtype::Q4_0 => panel::PANEL,
+        ServeDtype::F32 | ServeDtype::Bf16 => 1,
     }
 }
 

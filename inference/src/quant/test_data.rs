@@ -25,22 +25,6 @@ pub const BLOCK_SHAPES: &[(usize, usize, usize)] = &[
     (5, 23, 1056),
 ];
 
-/// Each kernel the CPU has (`product(kernel)`) against the portable loop's
-/// `portable`: the same integers and products, only the final sum of the
-/// lanes ordered differently, so a few F32 ulps of the largest result.
-pub fn assert_kernels_match_portable(
-    (m, n, k): (usize, usize, usize),
-    portable: &[f32],
-    product: impl Fn(Kernel) -> Vec<f32>,
-) {
-    for kernel in Kernel::available(super::q8_0::has_simd()) {
-        let got = product(kernel);
-        let diff = got.iter().zip(portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let tolerance = 1e-5 * portable.iter().fold(1f32, |a, v| a.max(v.abs()));
-        assert!(diff < tolerance, "{m}x{n}x{k}: {kernel:?} and portable differ by {diff}");
-    }
-}
-
 /// On each kernel the CPU has, every input row's result alone equals its
 /// row of a 16- and a 40-row product (`product(x, m, kernel)` over `n`
 /// weight rows of `k`): what a request gets does not depend on its batch.
