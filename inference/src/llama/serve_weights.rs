@@ -163,6 +163,30 @@ mod tests {
         }
     }
 
+    /// Key and value projections 8 rows wide (one KV head of 8): the integer
+    /// formats' panels (16 rows) cannot be split there, so the stacked Q/K/V
+    /// matrix is dropped and each projection packed alone; BF16 keeps it.
+    #[test]
+    fn stacks_that_split_inside_a_panel_are_packed_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec =
+            TinySpec { hidden_size: 32, num_key_value_heads: 1, intermediate_size: 64, seed: 3, ..Default::default() };
+        init_tiny(dir.path(), &spec).unwrap();
+        let load = |dtype| LoadedModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap().with_serve_dtype(dtype);
+        let reference = logits(&load(ServeDtype::F32).unwrap().model);
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (dtype, tolerance, stacked) in
+            [(ServeDtype::Bf16, 0.02, true), (ServeDtype::Q8_0, 0.03, false), (ServeDtype::Q4_0, 0.12, false)]
+        {
+            let model = load(dtype).unwrap().model;
+            assert_eq!(model.layers[0].attn.qkv.is_some(), stacked, "{dtype}");
+            assert!(model.layers[0].mlp.gate_up.is_some(), "{dtype}: 64-row gate/up parts split on panels");
+            let got = logits(&model);
+            let diff = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < tolerance * scale, "{dtype}: max logit difference {diff} (largest logit {scale})");
+        }
+    }
+
     #[test]
     fn unpackable_models_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
