@@ -65,7 +65,7 @@ fn formats() {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &(n, k) in &[(1536usize, 576usize), (576, 1536), (8192, 576)] {
         let w: Vec<f32> = (0..n * k).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
-        let wb: Vec<u16> = w.iter().map(|&v| bf16::to_bits(v)).collect();
+        let wb = bf16::pack(&w, n, k);
         let wq = q8_0::pack(&w, n, k).expect("k is a multiple of 32");
         let w4 = q4_0::pack(&w, n, k).expect("k is a multiple of 32");
         for m in [1usize, 16, 128] {

@@ -14,7 +14,7 @@
 //! F32 weights, [`crate::quant`]'s for BF16, Q8_0 and Q4_0 ones; all share the
 //! tiling and threading here ([`run_tiled`]).
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -71,7 +71,7 @@ pub fn linear_rows(x: &[f32], m: usize, w: &Tensor, bias: Option<&Tensor>) -> Re
     }
     let out = match (w.dtype(), quant::packed_dtype(w, k)) {
         (DType::F32, _) => with_host_f32(w, |w| matmul_transposed(x, m, w, n, k)).ok(),
-        (_, Some(ServeDtype::Bf16)) => with_host_bf16_bits(w, |w| quant::bf16::matmul(x, m, w, n, k)).ok(),
+        (_, Some(ServeDtype::Bf16)) => with_host_u8(w, |w| quant::bf16::matmul(x, m, w, n, k)).ok(),
         (_, Some(ServeDtype::Q8_0)) => with_host_u8(w, |w| quant::q8_0::matmul(x, m, w, n, k)).ok(),
         (_, Some(ServeDtype::Q4_0)) => with_host_u8(w, |w| quant::q4_0::matmul(x, m, w, n, k)).ok(),
         _ => None,
@@ -100,27 +100,13 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// As [`with_host_f32`] for a U8 tensor (a packed Q8_0 or Q4_0 matrix).
+/// As [`with_host_f32`] for a U8 tensor (a packed BF16, Q8_0 or Q4_0 matrix).
 fn with_host_u8<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Err(candle_core::Error::Msg("expected a contiguous tensor in CPU memory".into()).into());
     };
     Ok(f(&cpu.as_slice::<u8>()?[start..end]))
-}
-
-/// As [`with_host_f32`] for a BF16 tensor, whose values are handed over as
-/// their bit patterns.
-fn with_host_bf16_bits<R>(t: &Tensor, f: impl FnOnce(&[u16]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::BF16(values)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        return Err(candle_core::Error::Msg("expected a contiguous BF16 tensor in CPU memory".into()).into());
-    };
-    let values = &values[start..end];
-    // SAFETY: `half::bf16` is `repr(transparent)` over its `u16` bits, so the
-    // slice's memory is `values.len()` valid `u16`s for as long as `values` lives.
-    let bits = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u16>(), values.len()) };
-    Ok(f(bits))
 }
 
 /// `out[i][j] = Σ_k x[i][k] · w[j][k]`, returned row-major `[m, n]`.

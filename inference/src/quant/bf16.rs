@@ -1,33 +1,42 @@
 //! `x @ Wᵀ` with BF16 weights (half the bytes of F32): activations are
 //! rounded to BF16 once per product, then dotted in F32 on the best kernel
-//! the CPU has ([`kernel`]):
+//! the CPU has ([`kernel`]).
 //!
-//! * AVX-512 BF16: `vdpbf16ps` adds two BF16 products into each F32 lane,
-//!   twice the multiply-adds per instruction of F32 FMA.
-//! * Widening, where AVX-512 BF16 is missing: each weight chunk is widened
-//!   to F32 with two integer ops (a BF16 is the high half of an F32) and fed
-//!   to `vfmadd`; the activations are widened once per product. 32-value
-//!   chunks on AVX-512F (Skylake-X to Ice Lake, and VMs that hide AVX-512
-//!   BF16: measured on one, 256-bit chunks ran prefill at 0.71x llama.cpp's
-//!   BF16), 16-value ones on AVX2 + FMA (Haswell / Zen 1 to Zen 3).
-//! * A portable loop, the reference arithmetic (and orders of magnitude
-//!   slower).
+//! **Layout.** Weights are packed at load into [`super::panel`]'s panels of
+//! 16 interleaved rows, in 4-byte words of two BF16 values (elements `2t`
+//! and `2t + 1` of a row, the first in the low half; an odd `k` ends in a
+//! half-empty word): word `t` of a panel's row `r` at `4 p · t + 4 r`. One
+//! 64-byte load holds a word of each of 16 rows and an input row's word is
+//! broadcast, so each F32 lane accumulates one weight row's dot and 16
+//! results are stored as a vector, with no horizontal sums (the 5 × 5
+//! register tiles before spent about a third of their instructions on the
+//! 25 sums per tile with SmolLM2's 576-wide rows). The carrier is a `U8`
+//! tensor `[n, row_bytes(k)]`, which candle's own ops refuse.
 //!
-//! BF16 × BF16 products are exact in F32, so the kernels differ only in the
-//! order of the additions and agree to rounding noise; each sums every entry
-//! in one order whatever the batch. Tiling and threading are
-//! [`crate::cpu_linear::run_tiled`]'s.
+//! **Kernels.**
+//! * AVX-512 BF16: `vdpbf16ps` adds a word's two products into each lane.
+//! * Widening, where AVX-512 BF16 is missing: each word vector becomes the
+//!   F32 vectors of its odd- and even-indexed values (a mask and a shift: a
+//!   BF16 is the high half of an F32), each fed to `vfmadd` with the
+//!   activation broadcast; 16 rows a vector on AVX-512F (Skylake-X to Ice
+//!   Lake, and VMs that hide AVX-512 BF16), 8 on AVX2 + FMA (Haswell / Zen 1
+//!   to Zen 3).
+//! * A portable loop, the reference arithmetic.
+//!
+//! BF16 × BF16 products are exact in F32, and every kernel adds a word's
+//! odd product, then its even one, into the entry's sum in word order (as
+//! `vdpbf16ps` does, one rounding each): the widening kernels and the
+//! portable loop agree bit for bit, `vdpbf16ps` up to its flushing of
+//! subnormals; and an entry's sum does not depend on its batch.
 
 use rayon::prelude::*;
 
 use super::Kernel;
-use crate::cpu_linear::{Tiles, row_in_tiles, run_tiled, store};
+use super::panel::{PANEL, PanelKernel, Panels};
+use crate::cpu_linear::run_tiled;
 
-/// BF16 values per 512-bit vector.
-const LANES: usize = 32;
-
-/// Round to nearest even, as `half::bf16::from_f32` (the weights) and
-/// `vcvtne2ps2bf16` do; NaN stays a (quiet) NaN.
+/// Round to nearest even, as `half::bf16::from_f32` and `vcvtne2ps2bf16`
+/// do; NaN stays a (quiet) NaN.
 pub fn to_bits(x: f32) -> u16 {
     let b = x.to_bits();
     if x.is_nan() {
@@ -58,172 +67,175 @@ pub fn kernel() -> Kernel {
     Kernel::best(has_simd())
 }
 
+/// Two-value words per row of `k`.
+fn words(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// Bytes of one packed row of `k` weights: whole 4-byte words.
+pub fn row_bytes(k: usize) -> usize {
+    4 * words(k)
+}
+
+/// Where element `e` of a panel of `p` rows' row `r` sits (its 2 bytes).
+fn place(p: usize, r: usize, e: usize) -> usize {
+    4 * p * (e / 2) + 4 * r + 2 * (e % 2)
+}
+
+/// Packs `values` `[n, k]` (row-major F32), each rounded to BF16
+/// ([`to_bits`]), into panels of `n` rows of [`row_bytes`].
+pub fn pack(values: &[f32], n: usize, k: usize) -> Vec<u8> {
+    assert_eq!(values.len(), n * k, "bf16 pack: {} values for [{n}, {k}]", values.len());
+    let bytes = row_bytes(k);
+    let mut out = vec![0u8; n * bytes];
+    if k == 0 {
+        return out;
+    }
+    out.par_chunks_mut(PANEL * bytes).zip(values.par_chunks(PANEL * k)).for_each(|(panel, values)| {
+        let p = values.len() / k;
+        for (r, row) in values.chunks_exact(k).enumerate() {
+            for (e, &v) in row.iter().enumerate() {
+                let at = place(p, r, e);
+                panel[at..at + 2].copy_from_slice(&to_bits(v).to_le_bytes());
+            }
+        }
+    });
+    out
+}
+
 /// `out[i][j] = Σ_c bf16(x[i][c]) · w[j][c]` for `x` `[m, k]` F32 and `w`
-/// `[n, k]` BF16 bits, returned row-major `[m, n]`.
-pub fn matmul(x: &[f32], m: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+/// packed by [`pack`] (`n` rows), returned row-major `[m, n]`.
+pub fn matmul(x: &[f32], m: usize, w: &[u8], n: usize, k: usize) -> Vec<f32> {
     matmul_on(x, m, w, n, k, kernel())
 }
 
 /// [`matmul`] on a given kernel (tests and benchmarks run each one). A
 /// kernel this CPU lacks falls back to the best one below it it has.
-pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u16], n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
-    assert!(x.len() == m * k && w.len() == n * k, "bf16 matmul: slices do not match [{m}, {k}] x [{n}, {k}]");
-    let kernel = kernel.supported(has_simd());
-    let step = widening_step();
-    matmul_with(x, m, w, n, k, kernel, step)
+pub(crate) fn matmul_on(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
+    matmul_with(x, m, w, n, k, kernel.supported(has_simd()), widening_is_avx512f())
 }
 
-/// [`matmul_on`] with the widening kernel's step chosen (tests run both).
-fn matmul_with(x: &[f32], m: usize, w: &[u16], n: usize, k: usize, kernel: Kernel, step: usize) -> Vec<f32> {
+/// Whether the widening kernel runs on 512-bit vectors here.
+fn widening_is_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`matmul_on`] with the kernel checked and the widening kernel's width
+/// chosen (tests run both where the CPU has AVX-512F).
+fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel, wide: bool) -> Vec<f32> {
+    assert!(
+        x.len() == m * k && w.len() == n * row_bytes(k),
+        "bf16 matmul: slices do not match [{m}, {k}] x packed [{n}, {k}]"
+    );
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
+    // Activations as whole words (an odd row padded with a zero): BF16 bits
+    // for `vdpbf16ps` and the portable loop, their F32 values for widening.
+    let kw = 2 * words(k);
     let (mut xb, mut xf) = (Vec::new(), Vec::new());
     if kernel == Kernel::Avx2 {
-        // The widening tile reads the activations as F32 (their BF16 values),
-        // de-interleaved as it widens the weights: converted here once
-        // rather than in every tile.
-        xf = vec![0f32; m * k];
-        let convert = |(o, i): (&mut [f32], &[f32])| widen_row(i, o, step);
+        xf = vec![0f32; m * kw];
+        let convert = |(o, i): (&mut [f32], &[f32])| {
+            o.iter_mut().zip(i).for_each(|(o, &v)| *o = from_bits(to_bits(v)));
+        };
         if m * k >= 1 << 16 {
-            xf.par_chunks_mut(k.max(1)).zip(x.par_chunks(k.max(1))).for_each(convert);
+            xf.par_chunks_mut(kw).zip(x.par_chunks(k)).for_each(convert);
         } else {
-            xf.chunks_mut(k.max(1)).zip(x.chunks(k.max(1))).for_each(convert);
+            xf.chunks_mut(kw).zip(x.chunks(k)).for_each(convert);
         }
     } else {
-        xb = vec![0u16; m * k];
-        let convert = |(o, i): (&mut u16, &f32)| *o = to_bits(*i);
+        xb = vec![0u16; m * kw];
+        let convert = |(o, i): (&mut [u16], &[f32])| o.iter_mut().zip(i).for_each(|(o, &v)| *o = to_bits(v));
         if m * k >= 1 << 16 {
-            xb.par_iter_mut().zip(x.par_iter()).for_each(convert);
+            xb.par_chunks_mut(kw).zip(x.par_chunks(k)).for_each(convert);
         } else {
-            xb.iter_mut().zip(x).for_each(convert);
+            xb.chunks_mut(kw).zip(x.chunks(k)).for_each(convert);
         }
     }
-    run_tiled(m, n, &Bf16Tiles { x: &xb, xf: &xf, w, k, kernel, step })
+    run_tiled(m, n, &Panels(Bf16Panels { xb: &xb, xf: &xf, w, n, k, kernel, wide }))
 }
 
-/// Values per widening step: one load of BF16 weights, widened into an F32
-/// vector of its even-indexed values and one of its odd-indexed ones;
-/// 256-bit loads on AVX2, 512-bit ones on AVX-512F.
-const AVX2_STEP: usize = 16;
-const AVX512F_STEP: usize = 32;
-
-/// The widening kernel's step on this CPU.
-fn widening_step() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return AVX512F_STEP;
-    }
-    AVX2_STEP
-}
-
-/// One activation row as the widening tile reads it: each value rounded to
-/// BF16 and widened back, each full `step`-value chunk stored as its
-/// even-indexed values then its odd-indexed ones; the tail as it is.
-fn widen_row(x: &[f32], out: &mut [f32], step: usize) {
-    let full = x.len() / step * step;
-    for (xs, os) in x[..full].chunks_exact(step).zip(out[..full].chunks_exact_mut(step)) {
-        for l in 0..step / 2 {
-            os[l] = from_bits(to_bits(xs[2 * l]));
-            os[l + step / 2] = from_bits(to_bits(xs[2 * l + 1]));
-        }
-    }
-    for (o, &v) in out[full..].iter_mut().zip(&x[full..]) {
-        *o = from_bits(to_bits(v));
-    }
-}
-
-struct Bf16Tiles<'a> {
-    /// Activations as BF16 bits, for the AVX-512 and portable kernels.
-    x: &'a [u16],
-    /// Activations as [`widen_row`] lays them out, for the widening kernel.
+struct Bf16Panels<'a> {
+    /// Activations as BF16 bits `[m, 2 · words(k)]`, for `vdpbf16ps` and the portable loop.
+    xb: &'a [u16],
+    /// Activations as F32 values of BF16 `[m, 2 · words(k)]`, for the widening kernels.
     xf: &'a [f32],
-    w: &'a [u16],
+    w: &'a [u8],
+    n: usize,
     k: usize,
-    /// The widening kernel's step ([`AVX2_STEP`] or [`AVX512F_STEP`]).
-    step: usize,
     /// One that this CPU runs ([`Kernel::supported`]).
     kernel: Kernel,
+    /// Widening on AVX-512F rather than AVX2.
+    wide: bool,
 }
 
-impl Tiles for Bf16Tiles<'_> {
-    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
-        let k = self.k;
-        let w = &self.w[j * k..(j + C) * k];
-        let tile = match self.kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => {
-                let x = &self.x[i * k..(i + R) * k];
-                // SAFETY: `Kernel::supported` chose Avx512 only where `has_simd` holds; `x` holds R rows and `w` C rows of `k` values.
-                unsafe { x86::tile::<R, C>(x.as_ptr(), w.as_ptr(), k) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => {
-                let x = &self.xf[i * k..(i + R) * k];
-                if self.step == AVX512F_STEP {
-                    // SAFETY: `widening_step` chose this step only where AVX-512F is present; `x` holds R rows and
-                    // `w` C rows of `k` values.
-                    unsafe { x86::tile_avx512f::<R, C>(x.as_ptr(), w.as_ptr(), k) }
-                } else {
-                    // SAFETY: `Kernel::supported` chose Avx2 only where AVX2 and FMA are present; `x` holds R rows and `w` C rows of `k` values.
-                    unsafe { x86::tile_avx2::<R, C>(x.as_ptr(), w.as_ptr(), k) }
-                }
-            }
-            _ => tile_portable::<R, C>(&self.x[i * k..(i + R) * k], w, k),
-        };
-        store(out, at, &tile);
+impl PanelKernel for Bf16Panels<'_> {
+    fn weight_rows(&self) -> usize {
+        self.n
     }
 
-    /// One input row (batch-1 decode, memory-bound): on AVX-512 the weight
-    /// rows one after another, a single sequential stream the hardware
-    /// prefetchers follow, instead of five rows side by side (five short
-    /// streams); each entry summed as in [`Tiles::tile`]. Measured: the
-    /// five-row tile streamed SmolLM2's BF16 weights at ~18 GB/s where F32's
-    /// row-at-a-time kernel reached ~26 on the same machine.
-    fn row(&self, i: usize, j: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.kernel == Kernel::Avx512 {
-            let k = self.k;
-            let (x, w) = (&self.x[i * k..(i + 1) * k], &self.w[j * k..(j + out.len()) * k]);
-            for (c, o) in out.iter_mut().enumerate() {
-                // SAFETY: `Kernel::supported` chose Avx512 only where `has_simd` holds; `x` holds one row and
-                // `w` `out.len()` rows of `k` values, so row `c` is inside it.
-                *o = unsafe { x86::tile::<1, 1>(x.as_ptr(), w.as_ptr().add(c * k), k) }[0][0];
-            }
-            return;
-        }
-        row_in_tiles(self, i, j, out);
-    }
-}
-
-/// The AVX-512 kernel's arithmetic: lane `l` of each 32-value chunk takes
-/// values `2l + 1` then `2l` (as `vdpbf16ps` does), and the 16 lanes are
-/// summed by [`reduce`].
-fn tile_portable<const R: usize, const C: usize>(x: &[u16], w: &[u16], k: usize) -> [[f32; C]; R] {
-    let mut out = [[0f32; C]; R];
-    for (r, out_r) in out.iter_mut().enumerate() {
-        let xr = &x[r * k..(r + 1) * k];
-        for (c, o) in out_r.iter_mut().enumerate() {
-            let wc = &w[c * k..(c + 1) * k];
-            let mut lanes = [0f32; 16];
-            for (xs, ws) in xr.chunks(LANES).zip(wc.chunks(LANES)) {
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    for e in [2 * l + 1, 2 * l] {
-                        if e < xs.len() {
-                            *lane = from_bits(xs[e]).mul_add(from_bits(ws[e]), *lane);
-                        }
-                    }
-                }
-            }
-            *o = reduce(lanes);
+    /// Up to 8, in two equal blocks rather than a full and a short one: each
+    /// input row's sum is one chain of dependent multiply-adds as long as the
+    /// row, so a pass needs several rows to keep the unit busy (with the
+    /// integer kernels' blocks of 5, 16 rows ran as 5 + 5 + 4 + 2).
+    fn input_rows(left: usize) -> usize {
+        match left {
+            0..=8 => left,
+            9..16 => left.div_ceil(2),
+            _ => 8,
         }
     }
-    out
+
+    fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
+        let (kw, bytes) = (2 * words(self.k), row_bytes(self.k));
+        let p = PANEL.min(self.n - start);
+        let panel = &self.w[start * bytes..(start + p) * bytes];
+        let out = &mut out[a..a + R];
+        for row in out.iter_mut() {
+            assert!(row.len() >= b + p, "bf16: an output row too short for its panel");
+        }
+        match self.kernel {
+            // SAFETY (all three): the CPU has the kernel (`Kernel::supported`, `widening_is_avx512f`); the
+            // activations hold R rows of kw values from row i, `panel` a panel of p packed rows, and each
+            // output row p values from `b` (asserted above).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe {
+                x86::panel::<R>(self.xb[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 if self.wide => unsafe {
+                x86::panel_avx512f::<R>(self.xf[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe {
+                x86::panel_avx2::<R>(self.xf[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
+            },
+            _ => panel_portable::<R>(&self.xb[i * kw..(i + R) * kw], kw, panel, p, out, b),
+        }
+    }
 }
 
-/// The portable path's sum of its 16 lanes (a fixed tree order; the SIMD
-/// kernels sum theirs in their own orders, so all agree to rounding).
-pub(crate) fn reduce(l: [f32; 16]) -> f32 {
-    let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
-    let q: [f32; 4] = std::array::from_fn(|i| h[i] + h[i + 4]);
-    (q[0] + q[2]) + (q[1] + q[3])
+/// The kernels' arithmetic: per entry, word by word, the odd value's
+/// product and then the even one's added with one rounding each.
+fn panel_portable<const R: usize>(x: &[u16], kw: usize, panel: &[u8], p: usize, out: &mut [&mut [f32]], b0: usize) {
+    let value = |at: usize| from_bits(u16::from_le_bytes([panel[at], panel[at + 1]]));
+    for (r, out_row) in out.iter_mut().enumerate().take(R) {
+        let x = &x[r * kw..(r + 1) * kw];
+        for (c, o) in out_row[b0..b0 + p].iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for t in 0..kw / 2 {
+                acc = from_bits(x[2 * t + 1]).mul_add(value(place(p, c, 2 * t + 1)), acc);
+                acc = from_bits(x[2 * t]).mul_add(value(place(p, c, 2 * t)), acc);
+            }
+            *o = acc;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -231,208 +243,137 @@ pub(crate) fn reduce(l: [f32; 16]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{AVX2_STEP, AVX512F_STEP, LANES};
+    use super::PANEL;
 
+    /// Words ahead of the one being multiplied that a panel prefetches (one
+    /// 64-byte line per word of a full panel; a task's panels are contiguous).
+    const PREFETCH_WORDS: usize = 16;
+
+    /// The load and store mask of a panel of `p` rows.
+    #[inline]
+    fn rows_mask(p: usize) -> u16 {
+        if p >= PANEL { u16::MAX } else { (1u16 << p) - 1 }
+    }
+
+    /// `R` input rows (BF16 bits, `kw` per row) against a panel of `p`
+    /// rows, written to `out[r][b0..b0 + p]`.
+    ///
     /// # Safety
-    /// AVX-512F, BW, VL and BF16 must be available; `x` must hold `R · k`
-    /// values and `w` `C · k`.
+    /// AVX-512F, BW, VL and BF16 must be available; `x` must hold `R · kw`
+    /// values, `panel` a packed panel of `p ≤ 16` rows of `kw / 2` words,
+    /// and `out` `R` rows of at least `b0 + p` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn tile<const R: usize, const C: usize>(x: *const u16, w: *const u16, k: usize) -> [[f32; C]; R] {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        let mut wv = [_mm512_setzero_si512(); C];
-        let mut p = 0;
-        while p < k {
-            // A masked tail keeps the lanes' order; masked-off values load as zero.
-            let mask: __mmask32 = if k - p >= LANES { u32::MAX } else { (1u32 << (k - p)) - 1 };
-            // SAFETY (whole block): masked loads touch only `p..k` of each row; prefetches never fault.
+    pub unsafe fn panel<const R: usize>(
+        x: *const u16,
+        kw: usize,
+        panel: *const u8,
+        p: usize,
+        out: &mut [&mut [f32]],
+        b0: usize,
+    ) {
+        let rows = rows_mask(p);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for t in 0..kw / 2 {
+            // SAFETY (whole block): the masked load reads word t of the panel's p rows, the broadcasts word t
+            // of each input row (caller); prefetches never fault.
             unsafe {
-                for c in 0..C {
-                    // Weights stream from memory once per step: fetch the next tile's rows meanwhile.
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((c + C) * k + p) as *const i8);
-                    wv[c] = _mm512_maskz_loadu_epi16(mask, w.add(c * k + p) as *const i16);
-                }
+                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(4 * p * (t + PREFETCH_WORDS)) as *const i8);
+                let w: __m512bh =
+                    std::mem::transmute(_mm512_maskz_loadu_epi32(rows, panel.add(4 * p * t) as *const i32));
                 for r in 0..R {
-                    let xv: __m512bh =
-                        std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x.add(r * k + p) as *const i16));
-                    for c in 0..C {
-                        let wc: __m512bh = std::mem::transmute(wv[c]);
-                        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wc);
-                    }
+                    let xw = (x.add(r * kw + 2 * t) as *const i32).read_unaligned();
+                    acc[r] =
+                        _mm512_dpbf16_ps(acc[r], std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xw)), w);
                 }
             }
-            p += LANES;
         }
-        let mut out = [[0f32; C]; R];
         for r in 0..R {
-            for c in 0..C {
-                // The hardware reduction: copying the accumulators out to sum them
-                // in `reduce`'s order made LLVM keep them in memory (measured 2-3x slower).
-                out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-            }
+            // SAFETY: row `r` holds `p` values from `b0` (caller); the masked store writes only those.
+            unsafe { _mm512_mask_storeu_ps(out[r].as_mut_ptr().add(b0), rows, acc[r]) };
         }
-        out
     }
 
-    /// The widening kernel on AVX-512F: per 32-value step each weight row's
-    /// 64 bytes widened into its even- and odd-indexed values (a shift and a
-    /// mask), the even halves of all `C` rows first, then the odd ones, so a
-    /// 5 × 5 tile's 25 accumulators, 5 widened vectors and an input vector
-    /// fit the 32 registers. Every entry's order: its accumulator's lanes
-    /// step by step (even values, then odd), `_mm512_reduce_add_ps`, then
-    /// the tail in order, whatever `R` and `C` are.
+    /// The widening kernel on AVX-512F: each word vector split into the F32
+    /// vectors of its odd and even values, added odd first.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` must hold `R · k` values laid out by
-    /// [`super::widen_row`] with [`AVX512F_STEP`] and `w` `C · k`.
+    /// AVX-512F must be available; `x` must hold `R · kw` F32 values,
+    /// otherwise as [`panel`].
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512f<const R: usize, const C: usize>(
+    pub unsafe fn panel_avx512f<const R: usize>(
         x: *const f32,
-        w: *const u16,
-        k: usize,
-    ) -> [[f32; C]; R] {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        kw: usize,
+        panel: *const u8,
+        p: usize,
+        out: &mut [&mut [f32]],
+        b0: usize,
+    ) {
+        let rows = rows_mask(p);
         let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let full = k / AVX512F_STEP * AVX512F_STEP;
-        let mut p = 0;
-        while p < full {
-            // SAFETY (whole block): `p + 32 <= k`, so each load reads within its row; prefetches never fault.
+        let mut acc = [_mm512_setzero_ps(); R];
+        for t in 0..kw / 2 {
+            // SAFETY (whole block): as in `panel`.
             unsafe {
-                let mut wide = [_mm512_setzero_ps(); C];
-                for c in 0..C {
-                    // Weights stream from memory once per step: fetch the next tile's rows meanwhile.
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((c + C) * k + p) as *const i8);
-                    let v = _mm512_loadu_si512(w.add(c * k + p) as *const __m512i);
-                    wide[c] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                }
+                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(4 * p * (t + PREFETCH_WORDS)) as *const i8);
+                let v = _mm512_maskz_loadu_epi32(rows, panel.add(4 * p * t) as *const i32);
+                let (odd, even) =
+                    (_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)));
                 for r in 0..R {
-                    let xe = _mm512_loadu_ps(x.add(r * k + p));
-                    for c in 0..C {
-                        acc[r][c] = _mm512_fmadd_ps(xe, wide[c], acc[r][c]);
-                    }
-                }
-                for c in 0..C {
-                    let v = _mm512_loadu_si512(w.add(c * k + p) as *const __m512i);
-                    wide[c] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                }
-                for r in 0..R {
-                    let xo = _mm512_loadu_ps(x.add(r * k + p + AVX512F_STEP / 2));
-                    for c in 0..C {
-                        acc[r][c] = _mm512_fmadd_ps(xo, wide[c], acc[r][c]);
-                    }
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r * kw + 2 * t + 1)), odd, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r * kw + 2 * t)), even, acc[r]);
                 }
             }
-            p += AVX512F_STEP;
         }
-        let mut out = [[0f32; C]; R];
         for r in 0..R {
-            for c in 0..C {
-                // SAFETY: rows `r` of `x` and `c` of `w` hold `k` values (caller).
-                out[r][c] = unsafe { add_tail(_mm512_reduce_add_ps(acc[r][c]), x.add(r * k), w.add(c * k), full, k) };
-            }
+            // SAFETY: as in `panel`.
+            unsafe { _mm512_mask_storeu_ps(out[r].as_mut_ptr().add(b0), rows, acc[r]) };
         }
-        out
     }
 
-    /// `sum` plus the products of values `full..k` of an activation row and
-    /// a weight row, in order: the widening kernels' tail past their last
-    /// full step.
+    /// The widening kernel on AVX2 + FMA: a panel as two halves of 8 rows.
     ///
     /// # Safety
-    /// `x` and `w` must hold `k` values.
-    #[inline]
-    unsafe fn add_tail(mut sum: f32, x: *const f32, w: *const u16, full: usize, k: usize) -> f32 {
-        for e in full..k {
-            // SAFETY: `e < k`.
-            sum = unsafe { (*x.add(e)).mul_add(super::from_bits(*w.add(e)), sum) };
-        }
-        sum
-    }
-
-    /// # Safety
-    /// AVX2 and FMA must be available; `x` must hold `R · k` values laid out
-    /// by [`super::widen_row`] and `w` `C · k`.
+    /// AVX2 and FMA must be available; otherwise as [`panel_avx512f`].
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2<const R: usize, const C: usize>(x: *const f32, w: *const u16, k: usize) -> [[f32; C]; R] {
-        let mut out = [[0f32; C]; R];
-        // AVX2 has 16 registers: a 5 × 5 tile's 25 accumulators would live
-        // in memory. Two input rows at a time (10 accumulators, 2 widened
-        // weight vectors) stay in registers; the weight tile (5 rows of
-        // `k` BF16) is re-read from L1 for each pair.
-        let mut r = 0;
-        while r + 2 <= R {
-            // SAFETY: rows `r` and `r + 1` are within `x`'s R rows.
-            let rows = unsafe { rows_avx2::<2, C>(x.add(r * k), w, k, r == 0) };
-            out[r..r + 2].copy_from_slice(&rows);
-            r += 2;
-        }
-        if r < R {
-            // SAFETY: row `r` is within `x`'s R rows.
-            out[r] = unsafe { rows_avx2::<1, C>(x.add(r * k), w, k, r == 0) }[0];
-        }
-        out
-    }
-
-    /// [`tile_avx2`] for `G` input rows; `prefetch` fetches the next weight
-    /// tile (the first group of a tile asks, later ones find it in cache).
-    /// Every entry is summed in one order whatever `G` and `C` are: its
-    /// accumulator's lanes step by step (even values, then odd), [`hsum`],
-    /// then the tail in order.
-    ///
-    /// # Safety
-    /// As [`tile_avx2`], for `G` rows of `x`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_avx2<const G: usize, const C: usize>(
+    pub unsafe fn panel_avx2<const R: usize>(
         x: *const f32,
-        w: *const u16,
-        k: usize,
-        prefetch: bool,
-    ) -> [[f32; C]; G] {
-        let mut acc = [[_mm256_setzero_ps(); C]; G];
+        kw: usize,
+        panel: *const u8,
+        p: usize,
+        out: &mut [&mut [f32]],
+        b0: usize,
+    ) {
+        const HALF: usize = 8;
         let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-        let full = k / AVX2_STEP * AVX2_STEP;
-        let mut p = 0;
-        while p < full {
-            // SAFETY (whole block): `p + 16 <= k`, so each load reads within
-            // its row; prefetches never fault.
-            unsafe {
-                for c in 0..C {
-                    if prefetch && p % 32 == 0 {
-                        // Weights stream from memory once per step: fetch the next tile's rows meanwhile (one 64-byte line per 32 values).
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((c + C) * k + p) as *const i8);
-                    }
-                    let v = _mm256_loadu_si256(w.add(c * k + p) as *const __m256i);
-                    // Lane `l` holds values 2l (low half) and 2l + 1 (high
-                    // half); a BF16 is the high half of its F32.
-                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
-                    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-                    for r in 0..G {
-                        let xe = _mm256_loadu_ps(x.add(r * k + p));
-                        let xo = _mm256_loadu_ps(x.add(r * k + p + AVX2_STEP / 2));
-                        acc[r][c] = _mm256_fmadd_ps(xe, even, acc[r][c]);
-                        acc[r][c] = _mm256_fmadd_ps(xo, odd, acc[r][c]);
+        for half in 0..2 {
+            let lanes = p.saturating_sub(HALF * half).min(HALF);
+            if lanes == 0 {
+                break;
+            }
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let mut acc = [_mm256_setzero_ps(); R];
+            for t in 0..kw / 2 {
+                // SAFETY (whole block): the masked load reads word t of the half's rows (caller).
+                unsafe {
+                    let v = _mm256_maskload_epi32(panel.add(4 * p * t + 4 * HALF * half) as *const i32, mask);
+                    let (odd, even) = (
+                        _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                    );
+                    for r in 0..R {
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(r * kw + 2 * t + 1)), odd, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(r * kw + 2 * t)), even, acc[r]);
                     }
                 }
             }
-            p += AVX2_STEP;
-        }
-        let mut out = [[0f32; C]; G];
-        for r in 0..G {
-            for c in 0..C {
-                // SAFETY: rows `r` of `x` and `c` of `w` hold `k` values (caller).
-                out[r][c] = unsafe { add_tail(hsum(acc[r][c]), x.add(r * k), w.add(c * k), full, k) };
+            for r in 0..R {
+                let mut values = [0f32; HALF];
+                // SAFETY: an unaligned 32-byte store into the 8-value array.
+                unsafe { _mm256_storeu_ps(values.as_mut_ptr(), acc[r]) };
+                let at = b0 + HALF * half;
+                out[r][at..at + lanes].copy_from_slice(&values[..lanes]);
             }
         }
-        out
-    }
-
-    /// The 8 lanes' sum in a fixed order, without leaving registers.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 }
 
@@ -441,25 +382,33 @@ mod tests {
     use super::*;
     use crate::quant::test_data::data;
 
-    /// Every kernel this CPU runs, the widening one at each step it has, with its step.
-    fn runs() -> Vec<(Kernel, usize)> {
+    /// The BF16 bits of weight `(j, e)` of a packed matrix of `n` rows of `k`.
+    fn weight(w: &[u8], n: usize, k: usize, j: usize, e: usize) -> u16 {
+        let start = j / PANEL * PANEL;
+        let p = PANEL.min(n - start);
+        let at = start * row_bytes(k) + place(p, j - start, e);
+        u16::from_le_bytes([w[at], w[at + 1]])
+    }
+
+    /// Every kernel this CPU runs, the widening one at each width it has.
+    fn runs() -> Vec<(Kernel, bool)> {
         let mut runs = Vec::new();
         for kernel in Kernel::available(has_simd()) {
-            runs.push((kernel, AVX2_STEP));
-            if kernel == Kernel::Avx2 && widening_step() == AVX512F_STEP {
-                runs.push((kernel, AVX512F_STEP));
+            runs.push((kernel, false));
+            if kernel == Kernel::Avx2 && widening_is_avx512f() {
+                runs.push((kernel, true));
             }
         }
         runs
     }
 
     /// The exact product of the BF16-rounded operands, in F64.
-    fn reference(x: &[f32], m: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
                 out[i * n + j] = (0..k)
-                    .map(|c| f64::from(from_bits(to_bits(x[i * k + c]))) * f64::from(from_bits(w[j * k + c])))
+                    .map(|c| f64::from(from_bits(to_bits(x[i * k + c]))) * f64::from(from_bits(to_bits(w[j * k + c]))))
                     .sum::<f64>() as f32;
             }
         }
@@ -478,6 +427,23 @@ mod tests {
     }
 
     #[test]
+    fn packing_keeps_every_rounded_weight() {
+        for (n, k) in [(1, 1), (17, 33), (40, 64), (5, 7)] {
+            let values = data(n * k, 0.7);
+            let packed = pack(&values, n, k);
+            assert_eq!(packed.len(), n * row_bytes(k));
+            for j in 0..n {
+                for e in 0..k {
+                    assert_eq!(weight(&packed, n, k, j, e), to_bits(values[j * k + e]), "{n}x{k} ({j}, {e})");
+                }
+            }
+        }
+    }
+
+    /// Odd widths (a half-empty last word), partial panels, one row or
+    /// many: the portable loop within the reference's rounding, the widening
+    /// kernels bit-identical to it, `vdpbf16ps` within a few ulps.
+    #[test]
     fn every_kernel_matches_the_rounded_product_for_odd_shapes() {
         for &(m, n, k) in &[
             (1, 1, 1),
@@ -489,22 +455,25 @@ mod tests {
             (2, 11, 15),
             (7, 13, 48),
         ] {
-            let x = data(m * k, 0.3);
-            let w: Vec<u16> = data(n * k, 1.1).into_iter().map(to_bits).collect();
-            let want = reference(&x, m, &w, n, k);
-            let portable = matmul_on(&x, m, &w, n, k, Kernel::Portable);
-            let diff = portable.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-4, "portable {m}x{n}x{k}: max difference {diff}");
-            for (kernel, step) in runs() {
-                let got = matmul_with(&x, m, &w, n, k, kernel, step);
-                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-4, "{kernel:?} (step {step}) {m}x{n}x{k}: max difference {diff}");
-                // AVX-512 sums the portable loop's lanes (only the final
-                // reduction differs); AVX2's 8 lanes are an order of their own,
-                // held to the reference's bound above.
+            let (x, wf) = (data(m * k, 0.3), data(n * k, 1.1));
+            let w = pack(&wf, n, k);
+            let want = reference(&x, m, &wf, n, k);
+            // A sum in order rounds once per term: within k ulps of the sum of the terms' magnitudes.
+            let abs = |v: &[f32]| v.iter().map(|v| v.abs()).collect::<Vec<f32>>();
+            let magnitude = reference(&abs(&x), m, &abs(&wf), n, k);
+            let portable = matmul_with(&x, m, &w, n, k, Kernel::Portable, false);
+            for (e, ((got, want), magnitude)) in portable.iter().zip(&want).zip(&magnitude).enumerate() {
+                let bound = 1e-6 + k as f32 * f32::EPSILON * magnitude;
+                assert!((got - want).abs() <= bound, "portable {m}x{n}x{k} entry {e}: {got} vs {want}");
+            }
+            for (kernel, wide) in runs() {
+                let got = matmul_with(&x, m, &w, n, k, kernel, wide);
                 if kernel == Kernel::Avx512 {
                     let diff = got.iter().zip(&portable).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     assert!(diff < 1e-5, "{kernel:?} vs portable {m}x{n}x{k}: max difference {diff}");
+                } else {
+                    let same = got.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel:?} (512-bit: {wide}) {m}x{n}x{k} differs from the portable loop");
                 }
             }
         }
@@ -514,29 +483,29 @@ mod tests {
     fn within_bf16_rounding_of_the_f32_product() {
         let (m, n, k) = (4, 33, 576);
         let (x, wf) = (data(m * k, 0.5), data(n * k, 2.0));
-        let w: Vec<u16> = wf.iter().map(|&v| to_bits(v)).collect();
+        let w = pack(&wf, n, k);
         let exact = crate::cpu_linear::matmul_transposed(&x, m, &wf, n, k);
         // Each term |x·w| < 1 carries an error below 2^-8 (two roundings of
         // 2^-9), of either sign: the sum's error grows like √k, not k.
         let bound = (k as f32).sqrt() * 2f32.powi(-8);
-        for (kernel, step) in runs() {
-            let got = matmul_with(&x, m, &w, n, k, kernel, step);
+        for (kernel, wide) in runs() {
+            let got = matmul_with(&x, m, &w, n, k, kernel, wide);
             let diff = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff > 0.0 && diff < bound, "{kernel:?} (step {step}): max difference {diff} (bound {bound})");
+            assert!(diff > 0.0 && diff < bound, "{kernel:?} (512-bit: {wide}): max difference {diff} (bound {bound})");
         }
     }
 
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let (n, k) = (97, 300);
-        let w: Vec<u16> = data(n * k, 2.0).into_iter().map(to_bits).collect();
+        let w = pack(&data(n * k, 2.0), n, k);
         let x = data(40 * k, 0.5);
-        for (kernel, step) in runs() {
+        for (kernel, wide) in runs() {
             for m in [16, 40] {
-                let batched = matmul_with(&x[..m * k], m, &w, n, k, kernel, step);
+                let batched = matmul_with(&x[..m * k], m, &w, n, k, kernel, wide);
                 for i in 0..m {
-                    let alone = matmul_with(&x[i * k..(i + 1) * k], 1, &w, n, k, kernel, step);
-                    assert_eq!(alone, batched[i * n..(i + 1) * n], "{kernel:?} (step {step}): row {i} of {m}");
+                    let alone = matmul_with(&x[i * k..(i + 1) * k], 1, &w, n, k, kernel, wide);
+                    assert_eq!(alone, batched[i * n..(i + 1) * n], "{kernel:?} (512-bit: {wide}): row {i} of {m}");
                 }
             }
         }

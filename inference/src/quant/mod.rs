@@ -12,15 +12,15 @@
 //!   AVX2's `vpmaddubsw` + `vpmaddwd` on CPUs without it; see [`q8_0`].
 //! * `q4_0`: llama.cpp's Q4_0, 4-bit weights with one F16 scale per 32
 //!   (4.5 bits per weight), dotted with int8 activations as Q8_0's are
-//!   (VNNI, else AVX2); see [`q4_0`]. Both integer formats interleave
-//!   their weight rows 16 at a time; see `panel`.
+//!   (VNNI, else AVX2); see [`q4_0`].
+//!
+//! All three interleave their weight rows 16 at a time (`panel`).
 //!
 //! A packed matrix travels in a candle [`Tensor`] so it can sit wherever a
-//! weight does (`candle_nn::Linear`): BF16 as a `BF16` tensor `[n, k]`,
-//! Q8_0 as a `U8` tensor `[n, q8_0::row_bytes(k)]`,
-//! Q4_0 as a `U8` tensor `[n, q4_0::row_bytes(k)]`, both with their rows
-//! interleaved 16 at a time ([`view_rows`]; the widths differ for
-//! every `k`: `1.125 k` against `0.5625 k`).
+//! weight does (`candle_nn::Linear`), as a `U8` tensor `[n, row_bytes(k)]`
+//! of its format (BF16 `2 k` rounded up to whole words, Q8_0 `1.125 k`,
+//! Q4_0 `0.5625 k`: different for every `k`), rows interleaved 16 at a
+//! time ([`view_rows`]).
 //! Only [`crate::cpu_linear`] reads them; candle's own ops refuse the U8
 //! carrier (a dtype mismatch), so a packed weight cannot be misused silently.
 //!
@@ -173,7 +173,10 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
     let (n, k) = weight.dims2()?;
     match dtype {
         ServeDtype::F32 => Ok(weight.clone()),
-        ServeDtype::Bf16 => Ok(weight.to_dtype(DType::BF16)?.contiguous()?),
+        ServeDtype::Bf16 => {
+            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Tensor::from_vec(bf16::pack(&values, n, k), (n, bf16::row_bytes(k)), &Device::Cpu)?)
+        }
         ServeDtype::Q8_0 => {
             let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let bytes = q8_0::pack(&values, n, k)?;
@@ -188,12 +191,12 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
 }
 
 /// The row ranges of a packed matrix that are packed matrices themselves
-/// start and end on multiples of this (the integer formats interleave rows
+/// start and end on multiples of this (the packed formats interleave rows
 /// in panels).
 pub fn view_rows(dtype: ServeDtype) -> usize {
     match dtype {
-        ServeDtype::Q8_0 | ServeDtype::Q4_0 => panel::PANEL,
-        ServeDtype::F32 | ServeDtype::Bf16 => 1,
+        ServeDtype::Bf16 | ServeDtype::Q8_0 | ServeDtype::Q4_0 => panel::PANEL,
+        ServeDtype::F32 => 1,
     }
 }
 
@@ -201,7 +204,7 @@ pub fn view_rows(dtype: ServeDtype) -> usize {
 /// the packed ones.
 pub fn packed_dtype(weight: &Tensor, k: usize) -> Option<ServeDtype> {
     match (weight.dtype(), weight.dims2().ok()?) {
-        (DType::BF16, (_, cols)) if cols == k => Some(ServeDtype::Bf16),
+        (DType::U8, (_, cols)) if k > 0 && cols == bf16::row_bytes(k) => Some(ServeDtype::Bf16),
         (DType::U8, (_, cols)) if k.is_multiple_of(q8_0::BLOCK) && cols == q8_0::row_bytes(k) => Some(ServeDtype::Q8_0),
         (DType::U8, (_, cols)) if k.is_multiple_of(q8_0::BLOCK) && cols == q4_0::row_bytes(k) => Some(ServeDtype::Q4_0),
         _ => None,

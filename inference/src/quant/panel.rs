@@ -34,7 +34,9 @@
 //! converts it, and adds it times `w scale · x scale` into the output in
 //! block order: portable, AVX2 and VNNI results are bit-identical, and a
 //! row's result does not depend on its batch. Threading is
-//! [`crate::cpu_linear::run_tiled`]'s, in tasks of whole panels.
+//! [`crate::cpu_linear::run_tiled`]'s, in tasks of whole panels
+//! ([`Panels`], which BF16's panels of 2-value words run on too, see
+//! [`super::bf16`]).
 
 use std::marker::PhantomData;
 
@@ -190,10 +192,97 @@ pub(crate) fn matmul<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k: usiz
     }
     let kernel = kernel.supported(super::q8_0::has_simd());
     let activations = quantize_rows(x, m, k);
-    run_tiled(m, n, &PanelTiles::<F> { a: &activations, w, n, k, kernel, format: PhantomData })
+    run_tiled(m, n, &Panels(IntPanels::<F> { a: &activations, w, n, k, kernel, format: PhantomData }))
 }
 
-struct PanelTiles<'a, F> {
+/// A product whose weights are laid out in panels of [`PANEL`] rows: the
+/// panel kernel, which [`Panels`] runs as [`run_tiled`]'s tiles.
+pub(crate) trait PanelKernel: Sync {
+    /// Weight rows of the product.
+    fn weight_rows(&self) -> usize;
+
+    /// Input rows `i..i + R` against the panel whose first row is `start`
+    /// (a multiple of [`PANEL`]; `p` rows, 16 but in the last panel),
+    /// written to `out[a + r][b..b + p]`; `R` at most 8.
+    fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], at: (usize, usize));
+
+    /// Input rows the next pass over a panel takes when `left` remain: the
+    /// F32 tiles' blocks of up to 5 (the integer kernels measured no faster
+    /// with 8).
+    fn input_rows(left: usize) -> usize {
+        row_block(left)
+    }
+}
+
+/// [`run_tiled`]'s tiles for a [`PanelKernel`]: tasks of whole panels,
+/// each panel re-run for every block of input rows while it is in L1.
+pub(crate) struct Panels<K>(pub K);
+
+impl<K: PanelKernel> Panels<K> {
+    /// Input rows `i..i + R` against weight rows `j..j + cols`, written to
+    /// `out[a + r][b + c]`: whole panels straight into the output, a panel
+    /// the range covers only in part (not on [`run_tiled`]'s path, whose
+    /// tasks are whole panels) computed aside and the part copied.
+    fn panels<const R: usize>(&self, i: usize, j: usize, cols: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
+        let n = self.0.weight_rows();
+        let mut start = j / PANEL * PANEL;
+        while start < j + cols {
+            let p = PANEL.min(n - start);
+            if start >= j && start + p <= j + cols {
+                self.0.panel::<R>(i, start, out, (a, b + start - j));
+            } else {
+                let mut scratch = [[0f32; PANEL]; R];
+                let mut rows: Vec<&mut [f32]> = scratch.iter_mut().map(|r| &mut r[..]).collect();
+                self.0.panel::<R>(i, start, &mut rows, (0, 0));
+                let (from, to) = (start.max(j), (start + p).min(j + cols));
+                for (out_row, row) in out[a..a + R].iter_mut().zip(&scratch) {
+                    out_row[b + from - j..b + to - j].copy_from_slice(&row[from - start..to - start]);
+                }
+            }
+            start += PANEL;
+        }
+    }
+}
+
+impl<K: PanelKernel> Tiles for Panels<K> {
+    const COLUMNS: usize = PANEL;
+
+    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
+        self.panels::<R>(i, j, C, out, at);
+    }
+
+    fn row(&self, i: usize, j: usize, out: &mut [f32]) {
+        let cols = out.len();
+        self.panels::<1>(i, j, cols, &mut [out], (0, 0));
+    }
+
+    fn block(&self, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
+        let mut j = 0;
+        while j < cols {
+            let width = PANEL.min(cols - j);
+            let mut i = 0;
+            while i < out.len() {
+                let rows = K::input_rows(out.len() - i);
+                let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
+                match rows {
+                    8.. => self.panels::<8>(xi, wj, width, out, at),
+                    7 => self.panels::<7>(xi, wj, width, out, at),
+                    6 => self.panels::<6>(xi, wj, width, out, at),
+                    5 => self.panels::<5>(xi, wj, width, out, at),
+                    4 => self.panels::<4>(xi, wj, width, out, at),
+                    3 => self.panels::<3>(xi, wj, width, out, at),
+                    2 => self.panels::<2>(xi, wj, width, out, at),
+                    _ => self.panels::<1>(xi, wj, width, out, at),
+                }
+                i += rows;
+            }
+            j += width;
+        }
+    }
+}
+
+/// The integer formats' panel kernel: activations quantized per block.
+struct IntPanels<'a, F> {
     a: &'a Quantized,
     w: &'a [u8],
     n: usize,
@@ -203,32 +292,11 @@ struct PanelTiles<'a, F> {
     format: PhantomData<F>,
 }
 
-impl<F: Format> PanelTiles<'_, F> {
-    /// Input rows `i..i + R` against weight rows `j..j + cols`, written to
-    /// `out[a + r][b + c]`: whole panels straight into the output, a panel
-    /// the range covers only in part (not on [`run_tiled`]'s path, whose
-    /// tasks are whole panels) computed aside and the part copied.
-    fn panels<const R: usize>(&self, i: usize, j: usize, cols: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
-        let mut start = j / PANEL * PANEL;
-        while start < j + cols {
-            let p = PANEL.min(self.n - start);
-            if start >= j && start + p <= j + cols {
-                self.panel::<R>(i, start, out, (a, b + start - j));
-            } else {
-                let mut scratch = [[0f32; PANEL]; R];
-                let mut rows: Vec<&mut [f32]> = scratch.iter_mut().map(|r| &mut r[..]).collect();
-                self.panel::<R>(i, start, &mut rows, (0, 0));
-                let (from, to) = (start.max(j), (start + p).min(j + cols));
-                for (out_row, row) in out[a..a + R].iter_mut().zip(&scratch) {
-                    out_row[b + from - j..b + to - j].copy_from_slice(&row[from - start..to - start]);
-                }
-            }
-            start += PANEL;
-        }
+impl<F: Format> PanelKernel for IntPanels<'_, F> {
+    fn weight_rows(&self) -> usize {
+        self.n
     }
 
-    /// Input rows `i..i + R` against the panel whose first row is `start`
-    /// (a multiple of [`PANEL`]), written to `out[a + r][b..b + p]`.
     fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, F::row_bytes(self.k));
         let p = PANEL.min(self.n - start);
@@ -260,41 +328,6 @@ struct Activations {
     scales: *const f32,
     sums: *const i32,
     k: usize,
-}
-
-impl<F: Format> Tiles for PanelTiles<'_, F> {
-    const COLUMNS: usize = PANEL;
-
-    fn tile<const R: usize, const C: usize>(&self, i: usize, j: usize, out: &mut [&mut [f32]], at: (usize, usize)) {
-        self.panels::<R>(i, j, C, out, at);
-    }
-
-    fn row(&self, i: usize, j: usize, out: &mut [f32]) {
-        let cols = out.len();
-        self.panels::<1>(i, j, cols, &mut [out], (0, 0));
-    }
-
-    fn block(&self, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
-        // Panel by panel, each re-run for every block of input rows while it is in L1.
-        let mut j = 0;
-        while j < cols {
-            let width = PANEL.min(cols - j);
-            let mut i = 0;
-            while i < out.len() {
-                let rows = row_block(out.len() - i);
-                let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
-                match rows {
-                    5 => self.panels::<5>(xi, wj, width, out, at),
-                    4 => self.panels::<4>(xi, wj, width, out, at),
-                    3 => self.panels::<3>(xi, wj, width, out, at),
-                    2 => self.panels::<2>(xi, wj, width, out, at),
-                    _ => self.panels::<1>(xi, wj, width, out, at),
-                }
-                i += rows;
-            }
-            j += width;
-        }
-    }
 }
 
 /// The kernels' arithmetic, entry by entry: each block's exact integer dot
@@ -581,7 +614,7 @@ mod tests {
         let w = super::super::q8_0::pack(&data(n * k, 0.6), n, k).unwrap();
         let full = matmul::<Q8_0>(&x, m, &w, n, k, Kernel::Portable);
         let a = quantize_rows(&x, m, k);
-        let tiles = PanelTiles::<Q8_0> { a: &a, w: &w, n, k, kernel: Kernel::Portable, format: PhantomData };
+        let tiles = Panels(IntPanels::<Q8_0> { a: &a, w: &w, n, k, kernel: Kernel::Portable, format: PhantomData });
         for (j, cols) in [(5, 20), (0, 3), (30, 15), (17, 1)] {
             let mut rows = vec![vec![0f32; cols + 2]; m];
             let mut out: Vec<&mut [f32]> = rows.iter_mut().map(|r| &mut r[..]).collect();
