@@ -243,17 +243,11 @@ fn panel_portable<const R: usize>(x: &[u16], kw: usize, panel: &[u8], p: usize, 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::PANEL;
+    use super::super::panel::masks::{HALF, half_rows, rows_mask, store_half};
 
     /// Words ahead of the one being multiplied that a panel prefetches (one
     /// 64-byte line per word of a full panel; a task's panels are contiguous).
     const PREFETCH_WORDS: usize = 16;
-
-    /// The load and store mask of a panel of `p` rows.
-    #[inline]
-    fn rows_mask(p: usize) -> u16 {
-        if p >= PANEL { u16::MAX } else { (1u16 << p) - 1 }
-    }
 
     /// `R` input rows (BF16 bits, `kw` per row) against a panel of `p`
     /// rows, written to `out[r][b0..b0 + p]`.
@@ -343,14 +337,12 @@ mod x86 {
         out: &mut [&mut [f32]],
         b0: usize,
     ) {
-        const HALF: usize = 8;
         let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
         for half in 0..2 {
-            let lanes = p.saturating_sub(HALF * half).min(HALF);
+            let (lanes, mask) = half_rows(p, half);
             if lanes == 0 {
                 break;
             }
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             let mut acc = [_mm256_setzero_ps(); R];
             for t in 0..kw / 2 {
                 // SAFETY (whole block): the masked load reads word t of the half's rows (caller).
@@ -367,11 +359,7 @@ mod x86 {
                 }
             }
             for r in 0..R {
-                let mut values = [0f32; HALF];
-                // SAFETY: an unaligned 32-byte store into the 8-value array.
-                unsafe { _mm256_storeu_ps(values.as_mut_ptr(), acc[r]) };
-                let at = b0 + HALF * half;
-                out[r][at..at + lanes].copy_from_slice(&values[..lanes]);
+                store_half(out[r], b0 + HALF * half, lanes, acc[r]);
             }
         }
     }

@@ -359,12 +359,49 @@ fn panel_portable<F: Format, const R: usize>(
     }
 }
 
+/// Masks and stores every panel kernel needs (the integer formats' and BF16's).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod masks {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// Rows of a 256-bit half of a panel (AVX2 kernels).
+    pub const HALF: usize = 8;
+
+    /// The 512-bit load and store mask of a panel of `p` rows.
+    #[inline]
+    pub fn rows_mask(p: usize) -> u16 {
+        if p >= PANEL { u16::MAX } else { (1u16 << p) - 1 }
+    }
+
+    /// The rows of half `half` of a panel of `p` (0 to 8) and their 256-bit
+    /// load mask.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn half_rows(p: usize, half: usize) -> (usize, __m256i) {
+        let lanes = p.saturating_sub(HALF * half).min(HALF);
+        (lanes, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
+    }
+
+    /// Writes the first `lanes` values of `v` to `out[at..]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn store_half(out: &mut [f32], at: usize, lanes: usize, v: __m256) {
+        let mut values = [0f32; HALF];
+        // SAFETY: an unaligned 32-byte store into the 8-value array.
+        unsafe { _mm256_storeu_ps(values.as_mut_ptr(), v) };
+        out[at..at + lanes].copy_from_slice(&values[..lanes]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // Index loops over const bounds unroll into registers.
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, BLOCK, Format, PANEL, WORDS};
+    use super::masks::rows_mask;
+    use super::{Activations, BLOCK, Format, WORDS};
 
     /// Blocks ahead of the one being multiplied that a panel prefetches (a
     /// task's panels are contiguous, so past a panel's end this reaches
@@ -388,7 +425,7 @@ mod x86 {
         b0: usize,
     ) {
         let (k, nb, block_bytes) = (x.k, x.k / BLOCK, F::block_bytes(p));
-        let rows: u16 = if p >= PANEL { u16::MAX } else { (1u16 << p) - 1 };
+        let rows = rows_mask(p);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             // SAFETY (whole block): masked loads of the panel's `p` lanes stay inside block `b` of the panel,
@@ -484,10 +521,8 @@ mod x86 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::masks::{HALF, half_rows, store_half};
     use super::{Activations, BLOCK, Format, WORDS};
-
-    /// Rows of a 256-bit half.
-    const HALF: usize = 8;
 
     /// `R` input rows against a panel of `p` weight rows, written to
     /// `out[r][b0..b0 + p]`.
@@ -505,11 +540,10 @@ mod avx2 {
         let (k, nb, block_bytes) = (x.k, x.k / BLOCK, F::block_bytes(p));
         let (ones, flip, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128), _mm256_set1_epi8(15));
         for half in 0..2 {
-            let lanes = p.saturating_sub(HALF * half).min(HALF);
+            let (lanes, mask) = half_rows(p, half);
             if lanes == 0 {
                 break;
             }
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 // SAFETY (whole block): masked loads of the half's `lanes` words and scales stay inside block `b`
@@ -563,11 +597,7 @@ mod avx2 {
                 }
             }
             for r in 0..R {
-                let mut values = [0f32; HALF];
-                // SAFETY: an unaligned 32-byte store into the 8-value array.
-                unsafe { _mm256_storeu_ps(values.as_mut_ptr(), acc[r]) };
-                let at = b0 + HALF * half;
-                out[r][at..at + lanes].copy_from_slice(&values[..lanes]);
+                store_half(out[r], b0 + HALF * half, lanes, acc[r]);
             }
         }
     }
