@@ -121,9 +121,8 @@ pub fn matmul_transposed(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> 
 pub(crate) trait Tiles: Sync {
     /// Weight rows per tile ([`run_tiled`] asks for `R × COLUMNS` tiles, and
     /// `R × 1` at a block's end, and cuts the weight rows into tasks of
-    /// multiples of it): [`TILE`] for the F32 and BF16 register tiles; the
-    /// integer formats' panels of interleaved rows
-    /// ([`crate::quant::view_rows`]).
+    /// multiples of it): [`TILE`] for the F32 register tiles; the packed
+    /// formats' panels of interleaved rows ([`crate::quant::view_rows`]).
     const COLUMNS: usize = TILE;
 
     /// Writes the dot of input row `i + r` with weight row `j + c` to

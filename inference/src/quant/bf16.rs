@@ -137,28 +137,26 @@ fn matmul_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, kernel: Kernel
     }
     // Activations as whole words (an odd row padded with a zero): BF16 bits
     // for `vdpbf16ps` and the portable loop, their F32 values for widening.
-    let kw = 2 * words(k);
-    let (mut xb, mut xf) = (Vec::new(), Vec::new());
-    if kernel == Kernel::Avx2 {
-        xf = vec![0f32; m * kw];
-        let convert = |(o, i): (&mut [f32], &[f32])| {
-            o.iter_mut().zip(i).for_each(|(o, &v)| *o = from_bits(to_bits(v)));
-        };
-        if m * k >= 1 << 16 {
-            xf.par_chunks_mut(kw).zip(x.par_chunks(k)).for_each(convert);
-        } else {
-            xf.chunks_mut(kw).zip(x.chunks(k)).for_each(convert);
-        }
+    let (xb, xf) = if kernel == Kernel::Avx2 {
+        (Vec::new(), words_of(x, m, k, |v| from_bits(to_bits(v))))
     } else {
-        xb = vec![0u16; m * kw];
-        let convert = |(o, i): (&mut [u16], &[f32])| o.iter_mut().zip(i).for_each(|(o, &v)| *o = to_bits(v));
-        if m * k >= 1 << 16 {
-            xb.par_chunks_mut(kw).zip(x.par_chunks(k)).for_each(convert);
-        } else {
-            xb.chunks_mut(kw).zip(x.chunks(k)).for_each(convert);
-        }
-    }
+        (words_of(x, m, k, to_bits), Vec::new())
+    };
     run_tiled(m, n, &Panels(Bf16Panels { xb: &xb, xf: &xf, w, n, k, kernel, wide }))
+}
+
+/// `m` rows of `k` activations converted by `convert`, each row padded with
+/// zeros to whole words (`2 · words(k)` values), in parallel when large.
+fn words_of<T: Copy + Default + Send>(x: &[f32], m: usize, k: usize, convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    let kw = 2 * words(k);
+    let mut out = vec![T::default(); m * kw];
+    let row = |(o, i): (&mut [T], &[f32])| o.iter_mut().zip(i).for_each(|(o, &v)| *o = convert(v));
+    if m * k >= 1 << 16 {
+        out.par_chunks_mut(kw).zip(x.par_chunks(k)).for_each(row);
+    } else {
+        out.chunks_mut(kw).zip(x.chunks(k)).for_each(row);
+    }
+    out
 }
 
 struct Bf16Panels<'a> {
@@ -192,18 +190,13 @@ impl PanelKernel for Bf16Panels<'_> {
         }
     }
 
-    fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
+    fn panel<const R: usize>(&self, i: usize, start: usize, p: usize, out: &mut [&mut [f32]], b: usize) {
         let (kw, bytes) = (2 * words(self.k), row_bytes(self.k));
-        let p = PANEL.min(self.n - start);
         let panel = &self.w[start * bytes..(start + p) * bytes];
-        let out = &mut out[a..a + R];
-        for row in out.iter_mut() {
-            assert!(row.len() >= b + p, "bf16: an output row too short for its panel");
-        }
         match self.kernel {
             // SAFETY (all three): the CPU has the kernel (`Kernel::supported`, `widening_is_avx512f`); the
             // activations hold R rows of kw values from row i, `panel` a panel of p packed rows, and each
-            // output row p values from `b` (asserted above).
+            // output row p values from `b` (checked by `Panels`).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe {
                 x86::panel::<R>(self.xb[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)

@@ -171,23 +171,14 @@ pub fn pack(weight: &Tensor, dtype: ServeDtype) -> Result<Tensor> {
         });
     }
     let (n, k) = weight.dims2()?;
-    match dtype {
-        ServeDtype::F32 => Ok(weight.clone()),
-        ServeDtype::Bf16 => {
-            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok(Tensor::from_vec(bf16::pack(&values, n, k), (n, bf16::row_bytes(k)), &Device::Cpu)?)
-        }
-        ServeDtype::Q8_0 => {
-            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let bytes = q8_0::pack(&values, n, k)?;
-            Ok(Tensor::from_vec(bytes, (n, q8_0::row_bytes(k)), &Device::Cpu)?)
-        }
-        ServeDtype::Q4_0 => {
-            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let bytes = q4_0::pack(&values, n, k)?;
-            Ok(Tensor::from_vec(bytes, (n, q4_0::row_bytes(k)), &Device::Cpu)?)
-        }
-    }
+    let values = || -> Result<Vec<f32>> { Ok(weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (bytes, row_bytes) = match dtype {
+        ServeDtype::F32 => return Ok(weight.clone()),
+        ServeDtype::Bf16 => (bf16::pack(&values()?, n, k), bf16::row_bytes(k)),
+        ServeDtype::Q8_0 => (q8_0::pack(&values()?, n, k)?, q8_0::row_bytes(k)),
+        ServeDtype::Q4_0 => (q4_0::pack(&values()?, n, k)?, q4_0::row_bytes(k)),
+    };
+    Ok(Tensor::from_vec(bytes, (n, row_bytes), &Device::Cpu)?)
 }
 
 /// The row ranges of a packed matrix that are packed matrices themselves

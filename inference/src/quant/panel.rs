@@ -203,8 +203,9 @@ pub(crate) trait PanelKernel: Sync {
 
     /// Input rows `i..i + R` against the panel whose first row is `start`
     /// (a multiple of [`PANEL`]; `p` rows, 16 but in the last panel),
-    /// written to `out[a + r][b..b + p]`; `R` at most 8.
-    fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], at: (usize, usize));
+    /// written to `out[r][b..b + p]`: `out` holds `R` rows, each at least
+    /// `b + p` long ([`Panels`] checks); `R` at most 8.
+    fn panel<const R: usize>(&self, i: usize, start: usize, p: usize, out: &mut [&mut [f32]], b: usize);
 
     /// Input rows the next pass over a panel takes when `left` remain: the
     /// F32 tiles' blocks of up to 5 (the integer kernels measured no faster
@@ -225,17 +226,21 @@ impl<K: PanelKernel> Panels<K> {
     /// tasks are whole panels) computed aside and the part copied.
     fn panels<const R: usize>(&self, i: usize, j: usize, cols: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
         let n = self.0.weight_rows();
+        let out = &mut out[a..a + R];
         let mut start = j / PANEL * PANEL;
         while start < j + cols {
             let p = PANEL.min(n - start);
             if start >= j && start + p <= j + cols {
-                self.0.panel::<R>(i, start, out, (a, b + start - j));
+                let at = b + start - j;
+                // The kernels write `p` values from `at` in each row (unchecked stores on the SIMD paths).
+                assert!(out.iter().all(|row| row.len() >= at + p), "an output row too short for its panel");
+                self.0.panel::<R>(i, start, p, out, at);
             } else {
                 let mut scratch = [[0f32; PANEL]; R];
                 let mut rows: Vec<&mut [f32]> = scratch.iter_mut().map(|r| &mut r[..]).collect();
-                self.0.panel::<R>(i, start, &mut rows, (0, 0));
+                self.0.panel::<R>(i, start, p, &mut rows, 0);
                 let (from, to) = (start.max(j), (start + p).min(j + cols));
-                for (out_row, row) in out[a..a + R].iter_mut().zip(&scratch) {
+                for (out_row, row) in out.iter_mut().zip(&scratch) {
                     out_row[b + from - j..b + to - j].copy_from_slice(&row[from - start..to - start]);
                 }
             }
@@ -297,22 +302,17 @@ impl<F: Format> PanelKernel for IntPanels<'_, F> {
         self.n
     }
 
-    fn panel<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], (a, b): (usize, usize)) {
+    fn panel<const R: usize>(&self, i: usize, start: usize, p: usize, out: &mut [&mut [f32]], b: usize) {
         let (k, nb, bytes) = (self.k, self.k / BLOCK, F::row_bytes(self.k));
-        let p = PANEL.min(self.n - start);
         let panel = &self.w[start * bytes..(start + p) * bytes];
         let xq = &self.a.quants[i * k..(i + R) * k];
         let xs = &self.a.scales[i * nb..(i + R) * nb];
         let sums = &self.a.sums[i * nb..(i + R) * nb];
-        let out = &mut out[a..a + R];
-        for row in out.iter_mut() {
-            assert!(row.len() >= b + p, "{}: an output row too short for its panel", F::NAME);
-        }
         let x = Activations { quants: xq.as_ptr(), scales: xs.as_ptr(), sums: sums.as_ptr(), k };
         match self.kernel {
             // SAFETY (both kernels): the CPU has `kernel` (checked in `matmul`); `x` points at R rows of k quants
             // and nb scales and sums, `panel` holds a panel of p packed rows, and each output row p values from
-            // `b` (asserted above).
+            // `b` (checked by `Panels`).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe { x86::panel::<F, R>(&x, panel.as_ptr(), p, out, b) },
             #[cfg(target_arch = "x86_64")]
@@ -546,7 +546,7 @@ mod avx2 {
             }
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                // SAFETY (whole block): masked loads of the half's `lanes` words and scales stay inside block `b`
+                // SAFETY (whole block): loads of the half's `lanes` words and scales stay inside block `b`
                 // of the panel, the broadcast words inside the input rows' block `b` (caller).
                 unsafe {
                     let block = panel.add(b * block_bytes);
@@ -585,7 +585,10 @@ mod avx2 {
                     let scales = block.add(F::quant_bytes() * p + F::SCALE_BYTES * HALF * half);
                     let w_scales = if F::SCALE_BYTES == 4 {
                         _mm256_maskload_ps(scales as *const f32, mask)
+                    } else if lanes == HALF {
+                        _mm256_cvtph_ps(_mm_loadu_si128(scales as *const __m128i))
                     } else {
+                        // A short last panel: only its `lanes` F16 scales are there (AVX2 has no 16-bit masked load).
                         let mut halfs = [0u16; HALF];
                         std::ptr::copy_nonoverlapping(scales as *const u16, halfs.as_mut_ptr(), lanes);
                         _mm256_cvtph_ps(_mm_loadu_si128(halfs.as_ptr() as *const __m128i))
