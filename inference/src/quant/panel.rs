@@ -204,7 +204,7 @@ pub(crate) trait PanelKernel: Sync {
     /// Input rows `i..i + R` against the panel whose first row is `start`
     /// (a multiple of [`PANEL`]; `p` rows, 16 but in the last panel),
     /// written to `out[r][b..b + p]`: `out` holds `R` rows, each at least
-    /// `b + p` long ([`Panels`] checks); `R` at most 8.
+    /// `b + p` long ([`Panels`] checks); `R` at most 12.
     fn panel<const R: usize>(&self, i: usize, start: usize, p: usize, out: &mut [&mut [f32]], b: usize);
 
     /// Input rows the next pass over a panel takes when `left` remain: the
@@ -212,6 +212,22 @@ pub(crate) trait PanelKernel: Sync {
     /// with 8).
     fn input_rows(left: usize) -> usize {
         row_block(left)
+    }
+
+    /// Whether passes take two whole panels at once ([`PanelKernel::pair`]).
+    const PAIRS: bool = false;
+
+    /// Input rows `i..i + R` against the two whole panels from `start`
+    /// (32 rows), written to `out[r][b..b + 32]`: each broadcast input word
+    /// feeds two multiply-adds. By default two single passes.
+    fn pair<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], b: usize) {
+        self.panel::<R>(i, start, PANEL, out, b);
+        self.panel::<R>(i, start + PANEL, PANEL, out, b + PANEL);
+    }
+
+    /// As [`PanelKernel::input_rows`], for passes over a pair of panels.
+    fn pair_rows(left: usize) -> usize {
+        Self::input_rows(left)
     }
 }
 
@@ -249,6 +265,24 @@ impl<K: PanelKernel> Panels<K> {
     }
 }
 
+impl<K: PanelKernel> Panels<K> {
+    /// One pass of `R` input rows over a panel or a pair of panels, for [`Tiles::block`].
+    #[inline(always)]
+    fn pass<const R: usize>(
+        &self,
+        (i, j, width, paired, (a, b)): (usize, usize, usize, bool, (usize, usize)),
+        out: &mut [&mut [f32]],
+    ) {
+        if paired {
+            let out = &mut out[a..a + R];
+            assert!(out.iter().all(|row| row.len() >= b + 2 * PANEL), "an output row too short for its panels");
+            self.0.pair::<R>(i, j, out, b);
+        } else {
+            self.panels::<R>(i, j, width, out, (a, b));
+        }
+    }
+}
+
 impl<K: PanelKernel> Tiles for Panels<K> {
     const COLUMNS: usize = PANEL;
 
@@ -264,20 +298,28 @@ impl<K: PanelKernel> Tiles for Panels<K> {
     fn block(&self, i0: usize, j0: usize, cols: usize, out: &mut [&mut [f32]]) {
         let mut j = 0;
         while j < cols {
-            let width = PANEL.min(cols - j);
+            // A task's columns start on a panel and end on one or at the matrix's end, so 32 of them are two
+            // whole panels.
+            let paired = K::PAIRS && cols - j >= 2 * PANEL;
+            let width = if paired { 2 * PANEL } else { PANEL.min(cols - j) };
             let mut i = 0;
             while i < out.len() {
-                let rows = K::input_rows(out.len() - i);
-                let (xi, wj, at) = (i0 + i, j0 + j, (i, j));
+                let left = out.len() - i;
+                let rows = if paired { K::pair_rows(left) } else { K::input_rows(left) };
+                let pass = (i0 + i, j0 + j, width, paired, (i, j));
                 match rows {
-                    8.. => self.panels::<8>(xi, wj, width, out, at),
-                    7 => self.panels::<7>(xi, wj, width, out, at),
-                    6 => self.panels::<6>(xi, wj, width, out, at),
-                    5 => self.panels::<5>(xi, wj, width, out, at),
-                    4 => self.panels::<4>(xi, wj, width, out, at),
-                    3 => self.panels::<3>(xi, wj, width, out, at),
-                    2 => self.panels::<2>(xi, wj, width, out, at),
-                    _ => self.panels::<1>(xi, wj, width, out, at),
+                    12.. => self.pass::<12>(pass, out),
+                    11 => self.pass::<11>(pass, out),
+                    10 => self.pass::<10>(pass, out),
+                    9 => self.pass::<9>(pass, out),
+                    8 => self.pass::<8>(pass, out),
+                    7 => self.pass::<7>(pass, out),
+                    6 => self.pass::<6>(pass, out),
+                    5 => self.pass::<5>(pass, out),
+                    4 => self.pass::<4>(pass, out),
+                    3 => self.pass::<3>(pass, out),
+                    2 => self.pass::<2>(pass, out),
+                    _ => self.pass::<1>(pass, out),
                 }
                 i += rows;
             }
