@@ -17,6 +17,8 @@
 # (bench/llamacpp/quantize.py: bf16, q8_0 or q4_0; f16 for llama.cpp's F16
 # path). llama.cpp's Q4_0 file keeps its output matrix in Q6_K (its quantizer's
 # rule), where instructd packs every projection, the LM head included, in Q4_0.
+# KV_DTYPE (default f16, llama.cpp's default cache type, which its side runs)
+# is instructd's `--kv-dtype`; KV_DTYPE=f32 runs ours with exact F32 keys.
 #
 #   ROUNDS=3 FORMAT=q8_0 bash bench/compare.sh [PROMPT_TOKENS] [GEN_TOKENS] [CONCURRENCY]
 set -euo pipefail
@@ -30,6 +32,7 @@ BIN=target/release/instructd
 MODEL=models/smollm2-135m-instruct
 F32_GGUF=.cache/smollm2-135m-instruct.f32.gguf
 FORMAT="${FORMAT:-f32}"
+KV_DTYPE="${KV_DTYPE:-f16}"
 case "$FORMAT" in
     f32) SERVE_DTYPE=f32 ;;
     bf16|q8_0|q4_0) SERVE_DTYPE="$FORMAT" ;;
@@ -63,7 +66,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 run_instructd() {
     echo "== instructd (round $1) =="
-    "$BIN" bench --model "$MODEL" --serve-dtype "$SERVE_DTYPE" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --json | tee "$OUT/raw"
+    "$BIN" bench --model "$MODEL" --serve-dtype "$SERVE_DTYPE" --kv-dtype "$KV_DTYPE" --prompt-tokens "$P" --gen-tokens "$G" --concurrency "$C" --json | tee "$OUT/raw"
     tail -n 1 "$OUT/raw" | sed "s/^{/{\"round\":$1,/" >> "$OUT/results.jsonl"
 }
 

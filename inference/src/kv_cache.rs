@@ -19,7 +19,7 @@ use candle_nn::kv_cache::KvCache;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kv_pool::{BlockShape, DEFAULT_BLOCK_TOKENS, KvBlock};
+use crate::kv_pool::{BlockShape, DEFAULT_BLOCK_TOKENS, KvBlock, KvDtype, Plane};
 use crate::simd::{self, HeadRows};
 
 /// Prompts up to this many new tokens are attended position by position;
@@ -89,7 +89,7 @@ impl SequenceCache {
     pub(crate) fn new(layers: usize, capacity: usize, kv_width: usize, device: &Device) -> Self {
         let storage = match device {
             Device::Cpu => Storage::Host(HostBlocks {
-                shape: BlockShape { layers, tokens: DEFAULT_BLOCK_TOKENS, kv_width },
+                shape: BlockShape { layers, tokens: DEFAULT_BLOCK_TOKENS, kv_width, dtype: KvDtype::F32 },
                 blocks: Vec::new(),
                 own: Some(Arc::new(AtomicUsize::new(0))),
             }),
@@ -217,22 +217,22 @@ impl HostBlocks {
                 .and_then(Arc::get_mut)
                 .ok_or_else(|| Error::EngineFailure("a KV block to write is missing or shared".into()))?;
             let rows = done * kw..(done + take) * kw;
-            block.plane_mut(layer, false)[row * kw..(row + take) * kw].copy_from_slice(&new_k[rows.clone()]);
-            block.plane_mut(layer, true)[row * kw..(row + take) * kw].copy_from_slice(&new_v[rows]);
+            block.write(layer, false, row, &new_k[rows.clone()]);
+            block.write(layer, true, row, &new_v[rows]);
             done += take;
         }
         Ok(())
     }
 
-    /// `(first position, keys or values of layer `layer`)` of each block
-    /// holding positions below `visible`.
-    fn planes(&self, layer: usize, value: bool, visible: usize) -> impl Iterator<Item = (usize, &[f32])> {
+    /// `(first position, positions below `visible` in it, keys or values of
+    /// layer `layer`)` of each block holding positions below `visible`.
+    fn planes(&self, layer: usize, value: bool, visible: usize) -> impl Iterator<Item = (usize, usize, Plane<'_>)> {
         let bs = self.shape.tokens;
         self.blocks
             .iter()
             .take(visible.div_ceil(bs))
             .enumerate()
-            .map(move |(b, block)| (b * bs, block.plane(layer, value)))
+            .map(move |(b, block)| (b * bs, (visible - b * bs).min(bs), block.plane(layer, value)))
     }
 }
 
@@ -337,16 +337,17 @@ fn attend_host_long(
     let scale = 1.0 / (d as f32).sqrt();
     // keys_t[kvh][c][p]: component `c` of kv head `kvh`'s key at position `p`.
     let mut keys_t = vec![0f32; dims.num_kv_heads * d * total];
-    for (start, plane) in cache.planes(layer, false, total) {
-        for (p, row) in (start..total).zip(plane.chunks_exact(kw)) {
+    let mut scratch = Vec::new();
+    for (start, count, plane) in cache.planes(layer, false, total) {
+        for (p, row) in (start..).zip(plane.to_f32(count * kw, &mut scratch).chunks_exact(kw)) {
             for (hc, &x) in row.iter().enumerate() {
                 keys_t[hc * total + p] = x;
             }
         }
     }
     let mut values = Vec::with_capacity(total * kw);
-    for (start, plane) in cache.planes(layer, true, total) {
-        values.extend_from_slice(&plane[..(total - start).min(cache.shape.tokens) * kw]);
+    for (_, count, plane) in cache.planes(layer, true, total) {
+        values.extend_from_slice(plane.to_f32(count * kw, &mut scratch));
     }
     out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
         let visible = offset + i + 1;
@@ -378,33 +379,40 @@ fn attend_host(
     out: &mut [f32],
 ) {
     let d = dims.head_dim;
-    let (qw, kw, g, bs) = (dims.q_width(), dims.kv_width(), dims.groups(), cache.shape.tokens);
+    let (qw, kw, g, heads) = (dims.q_width(), dims.kv_width(), dims.groups(), dims.num_heads);
     let scale = 1.0 / (d as f32).sqrt();
     let total = offset + len;
-    // The `g` query heads of a kv head together (each cached row loaded once
-    // for all of them): their scores `[g][total]`, their outputs contiguous.
-    let mut scores = vec![0f32; g * total];
+    // Every head's scores `[heads][total]`; a kv head's `g` query heads are
+    // scored together (each cached row loaded once for all of them). Blocks
+    // are the outer loop so that a block stored as F16 is widened once.
+    let mut scores = vec![0f32; heads * total];
     let mut part = vec![0f32; g * d];
+    let mut scratch = Vec::new();
     for i in 0..len {
         let visible = offset + i + 1;
-        for kvh in 0..dims.num_kv_heads {
-            let heads = i * qw + kvh * g * d..i * qw + (kvh + 1) * g * d;
-            for (start, keys) in cache.planes(layer, false, visible) {
-                let count = (start + bs).min(visible) - start;
-                let keys = HeadRows { data: &keys[kvh * d..], stride: kw, count };
-                simd::scaled_dots_heads(&q[heads.clone()], g, keys, scale, &mut scores[start..], total);
+        let q_row = &q[i * qw..(i + 1) * qw];
+        for (start, count, keys) in cache.planes(layer, false, visible) {
+            let keys = keys.to_f32(count * kw, &mut scratch);
+            for kvh in 0..dims.num_kv_heads {
+                let rows = HeadRows { data: &keys[kvh * d..], stride: kw, count };
+                let q_heads = &q_row[kvh * g * d..(kvh + 1) * g * d];
+                simd::scaled_dots_heads(q_heads, g, rows, scale, &mut scores[kvh * g * total + start..], total);
             }
-            for head_scores in scores.chunks_exact_mut(total) {
-                simd::softmax_in_place(&mut head_scores[..visible]);
-            }
-            let out_heads = &mut out[heads];
-            for (start, values) in cache.planes(layer, true, visible) {
-                let count = (start + bs).min(visible) - start;
-                let values = HeadRows { data: &values[kvh * d..], stride: kw, count };
+        }
+        for head_scores in scores.chunks_exact_mut(total) {
+            simd::softmax_in_place(&mut head_scores[..visible]);
+        }
+        let out_row = &mut out[i * qw..(i + 1) * qw];
+        for (start, count, values) in cache.planes(layer, true, visible) {
+            let values = values.to_f32(count * kw, &mut scratch);
+            for kvh in 0..dims.num_kv_heads {
+                let rows = HeadRows { data: &values[kvh * d..], stride: kw, count };
+                let weights = &scores[kvh * g * total + start..];
+                let out_heads = &mut out_row[kvh * g * d..(kvh + 1) * g * d];
                 if start == 0 {
-                    simd::weighted_sum_heads(&scores[start..], total, g, values, out_heads);
+                    simd::weighted_sum_heads(weights, total, g, rows, out_heads);
                 } else {
-                    simd::weighted_sum_heads(&scores[start..], total, g, values, &mut part);
+                    simd::weighted_sum_heads(weights, total, g, rows, &mut part);
                     out_heads.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
                 }
             }
@@ -475,7 +483,7 @@ mod tests {
     /// A self-allocating host cache of `layers` layers holding `k` / `v`
     /// (`[total][kv_width]`) in layer 0, in blocks of `block` positions.
     fn host_cache(k: &[f32], v: &[f32], dims: AttentionDims, block: usize) -> HostBlocks {
-        let shape = BlockShape { layers: 1, tokens: block, kv_width: dims.kv_width() };
+        let shape = BlockShape { layers: 1, tokens: block, kv_width: dims.kv_width(), dtype: KvDtype::F32 };
         let own = Arc::new(AtomicUsize::new(0));
         let total = k.len() / dims.kv_width();
         let blocks = (0..shape.blocks_for(total)).map(|_| Arc::new(KvBlock::new(shape, &own))).collect();
@@ -518,7 +526,7 @@ mod tests {
     /// refuses to grow by itself.
     #[test]
     fn forks_share_full_blocks_and_pooled_caches_wait_for_theirs() {
-        let shape = BlockShape { layers: 1, tokens: 4, kv_width: 2 };
+        let shape = BlockShape { layers: 1, tokens: 4, kv_width: 2, dtype: KvDtype::F32 };
         let own = Arc::new(AtomicUsize::new(0));
         let mut cache = SequenceCache::pooled(shape, Vec::new());
         assert!(cache.prepare(6).is_err(), "a pooled cache gets its blocks from the pool");

@@ -26,12 +26,55 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Positions per block unless configured otherwise.
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
 
-/// Shape of one block: `[layer][k | v][position][kv_width]` F32 values.
+/// How cached keys and values are stored (`[engine] kv_dtype`). Attention
+/// always computes in F32; F16 halves the bytes each decode step reads from
+/// memory (with 16 sequences of ~160 positions, SmolLM2's cache reads are
+/// 40% of its BF16 weights' per step) and doubles what a pool holds, at one
+/// F16 rounding of each key and value (llama.cpp's default cache type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!("unknown KV dtype {other:?} (f32 or f16)")),
+        }
+    }
+}
+
+/// Shape of one block: `[layer][k | v][position][kv_width]` values of `dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockShape {
     pub layers: usize,
     pub tokens: usize,
     pub kv_width: usize,
+    pub dtype: KvDtype,
 }
 
 impl BlockShape {
@@ -41,7 +84,7 @@ impl BlockShape {
 
     /// Bytes one block takes.
     pub fn bytes(&self) -> usize {
-        self.values() * std::mem::size_of::<f32>()
+        self.values() * self.dtype.bytes()
     }
 
     /// Blocks that hold `positions` positions.
@@ -58,16 +101,48 @@ impl BlockShape {
 /// One block of keys and values. Dropping it returns its slot to the pool
 /// (or to whatever counter it was allocated against).
 pub struct KvBlock {
-    data: Box<[f32]>,
+    data: BlockData,
     shape: BlockShape,
     live: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+enum BlockData {
+    F32(Box<[f32]>),
+    /// IEEE half bits.
+    F16(Box<[u16]>),
+}
+
+/// One layer's keys or values in a block, `[tokens][kv_width]`, as stored.
+#[derive(Clone, Copy)]
+pub(crate) enum Plane<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> Plane<'a> {
+    /// The first `len` values as F32: borrowed when stored so, else widened into `scratch`.
+    pub(crate) fn to_f32(self, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            Plane::F32(values) => &values[..len],
+            Plane::F16(bits) => {
+                scratch.resize(len, 0.0);
+                crate::simd::f16_to_f32(&bits[..len], scratch);
+                scratch
+            }
+        }
+    }
 }
 
 impl KvBlock {
     /// A zeroed block counted in `live`.
     pub(crate) fn new(shape: BlockShape, live: &Arc<AtomicUsize>) -> Self {
         live.fetch_add(1, Ordering::Relaxed);
-        Self { data: vec![0f32; shape.values()].into_boxed_slice(), shape, live: live.clone() }
+        let data = match shape.dtype {
+            KvDtype::F32 => BlockData::F32(vec![0f32; shape.values()].into_boxed_slice()),
+            KvDtype::F16 => BlockData::F16(vec![0u16; shape.values()].into_boxed_slice()),
+        };
+        Self { data, shape, live: live.clone() }
     }
 
     /// A copy of `self`, counted in `live`.
@@ -77,14 +152,27 @@ impl KvBlock {
     }
 
     /// Keys (`value = false`) or values of one layer: `[tokens][kv_width]`.
-    pub(crate) fn plane(&self, layer: usize, value: bool) -> &[f32] {
-        let start = self.shape.plane(layer, value);
-        &self.data[start..start + self.shape.tokens * self.shape.kv_width]
+    pub(crate) fn plane(&self, layer: usize, value: bool) -> Plane<'_> {
+        let range = self.plane_range(layer, value);
+        match &self.data {
+            BlockData::F32(data) => Plane::F32(&data[range]),
+            BlockData::F16(data) => Plane::F16(&data[range]),
+        }
     }
 
-    pub(crate) fn plane_mut(&mut self, layer: usize, value: bool) -> &mut [f32] {
+    /// Stores `values` (whole rows) from row `row` of a layer's keys or values.
+    pub(crate) fn write(&mut self, layer: usize, value: bool, row: usize, values: &[f32]) {
+        let range = self.plane_range(layer, value);
+        let at = range.start + row * self.shape.kv_width;
+        match &mut self.data {
+            BlockData::F32(data) => data[at..at + values.len()].copy_from_slice(values),
+            BlockData::F16(data) => crate::simd::f32_to_f16(values, &mut data[at..at + values.len()]),
+        }
+    }
+
+    fn plane_range(&self, layer: usize, value: bool) -> std::ops::Range<usize> {
         let start = self.shape.plane(layer, value);
-        &mut self.data[start..start + self.shape.tokens * self.shape.kv_width]
+        start..start + self.shape.tokens * self.shape.kv_width
     }
 }
 
@@ -336,17 +424,30 @@ impl PrefixIndex {
 mod tests {
     use super::*;
 
-    const SHAPE: BlockShape = BlockShape { layers: 2, tokens: 4, kv_width: 3 };
+    const SHAPE: BlockShape = BlockShape { layers: 2, tokens: 4, kv_width: 3, dtype: KvDtype::F32 };
 
-    /// A pool's block filled with `tag` so tests can tell blocks apart.
+    /// A pool's block tagged with `tag` so tests can tell blocks apart.
     fn block(pool: &mut BlockPool, tag: f32) -> Arc<KvBlock> {
         let mut block = pool.allocate().expect("a free block");
-        block.plane_mut(0, false).fill(tag);
+        block.write(0, false, 0, &[tag; 3]);
         Arc::new(block)
     }
 
     fn tag(block: &KvBlock) -> f32 {
-        block.plane(0, false)[0]
+        block.plane(0, false).to_f32(1, &mut Vec::new())[0]
+    }
+
+    #[test]
+    fn f16_blocks_take_half_the_bytes_and_round_their_values() {
+        let shape = BlockShape { dtype: KvDtype::F16, ..SHAPE };
+        assert_eq!(2 * shape.bytes(), SHAPE.bytes());
+        let mut block = KvBlock::new(shape, &Arc::new(AtomicUsize::new(0)));
+        block.write(1, true, 2, &[1.0, -0.1, 1e6]);
+        let mut scratch = Vec::new();
+        let row = &block.plane(1, true).to_f32(12, &mut scratch)[6..9];
+        // 1e6 is past F16's range: stored as its largest finite value, not infinity.
+        assert_eq!(row, [1.0, half::f16::from_f32(-0.1).to_f32(), 65504.0]);
+        assert!(block.plane(0, true).to_f32(12, &mut scratch).iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -231,6 +231,39 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Largest finite F16: values past it are stored as it, not as infinity.
+const F16_MAX: f32 = 65504.0;
+
+/// `out[i] = f32(bits[i])`, IEEE half to single (exact).
+pub fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
+    assert_eq!(bits.len(), out.len(), "f16_to_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        // SAFETY: the CPU has AVX-512F; the lengths match.
+        return unsafe { x86::f16_to_f32_avx512(bits, out) };
+    } else if level() == Level::Avx2 && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2 and F16C; the lengths match.
+        return unsafe { x86::f16_to_f32_f16c(bits, out) };
+    }
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = half::f16::from_bits(b).to_f32();
+    }
+}
+
+/// `out[i] = f16(values[i])`, rounded to nearest even, clamped to the finite
+/// range (NaN stays NaN); every path gives the same bits.
+pub fn f32_to_f16(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "f32_to_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        // SAFETY: the CPU has AVX-512F; the lengths match.
+        return unsafe { x86::f32_to_f16_avx512(values, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits();
+    }
+}
+
 /// `out[j] = Σ_c q[c] · keys_t[c * stride + j]`: scores of one query
 /// against keys stored transposed (component-major), `out.len()` of them.
 /// Used for long prompts, where transposing the keys once pays for itself.
@@ -662,6 +695,61 @@ mod x86 {
     }
 
     /// # Safety
+    /// AVX-512F must be available; the slices as long as each other.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f16_to_f32_avx512(bits: &[u16], out: &mut [f32]) {
+        let (n, mut i) = (out.len(), 0);
+        while i < n {
+            let mask = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+            // SAFETY: masked to the `n - i` values left in both slices.
+            unsafe {
+                let h = _mm256_maskz_loadu_epi16(mask, bits.as_ptr().add(i) as *const i16);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, _mm512_cvtph_ps(h));
+            }
+            i += 16;
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and F16C must be available; the slices as long as each other.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_to_f32_f16c(bits: &[u16], out: &mut [f32]) {
+        let n = out.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: 8 values from `i` in both slices.
+            unsafe {
+                let h = _mm_loadu_si128(bits.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for (o, &b) in out[i..].iter_mut().zip(&bits[i..]) {
+            *o = half::f16::from_bits(b).to_f32();
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available; the slices as long as each other.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn f32_to_f16_avx512(values: &[f32], out: &mut [u16]) {
+        let (n, mut i) = (out.len(), 0);
+        let (lo, hi) = (_mm512_set1_ps(-super::F16_MAX), _mm512_set1_ps(super::F16_MAX));
+        while i < n {
+            let mask = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+            // SAFETY: masked to the `n - i` values left in both slices.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, values.as_ptr().add(i));
+                // `max`/`min` return their second operand when either is NaN: NaN passes through.
+                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, mask, h);
+            }
+            i += 16;
+        }
+    }
+
+    /// # Safety
     /// AVX-512F and VL must be available; `keys_t` must hold
     /// `(q.len() - 1) * stride + out.len()` values.
     #[target_feature(enable = "avx512f,avx512vl")]
@@ -801,6 +889,25 @@ mod tests {
             let want = (*g as f64 / (1.0 + (-*g as f64).exp()) * *u as f64) as f32;
             assert!((y - want).abs() <= 1e-6 * want.abs().max(1.0), "silu({g}) * {u}: {y} vs {want}");
         }
+    }
+
+    #[test]
+    fn f16_conversions_round_trip_and_match_the_half_crate() {
+        let mut values: Vec<f32> = (0..37).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        values.extend([1e6, -1e6, 65504.0, 6e-8, -0.0, f32::NAN, f32::INFINITY]);
+        let mut bits = vec![0u16; values.len()];
+        f32_to_f16(&values, &mut bits);
+        for (&v, &b) in values.iter().zip(&bits) {
+            let want = half::f16::from_f32(v.clamp(-65504.0, 65504.0));
+            assert!(b == want.to_bits() || (v.is_nan() && half::f16::from_bits(b).is_nan()), "{v}: {b:#x}");
+        }
+        let mut back = vec![0f32; bits.len()];
+        f16_to_f32(&bits, &mut back);
+        for (&b, &f) in bits.iter().zip(&back) {
+            let want = half::f16::from_bits(b).to_f32();
+            assert!(f == want || (f.is_nan() && want.is_nan()), "{b:#x}: {f} vs {want}");
+        }
+        assert_eq!(back[37..41], [65504.0, -65504.0, 65504.0, half::f16::from_f32(6e-8).to_f32()]);
     }
 
     #[test]

@@ -180,3 +180,39 @@ fn an_engine_on_weights_that_training_updates_keeps_no_prefix_cache() {
     tokens(&engine, &rt, request(shared, 2));
     assert_eq!(engine.stats().kv.prefix_hit_tokens.load(Ordering::Relaxed), 0);
 }
+
+/// An F16 pool (`kv_dtype = "f16"`) holds twice the blocks of an F32 one in
+/// the same memory, its prefix-cache hits are still exact, and its outputs
+/// stay within F16 rounding of the F32 cache's.
+#[test]
+fn an_f16_cache_holds_twice_the_positions_and_stays_close_to_f32() {
+    use inference::kv_pool::KvDtype;
+    let dir = tempfile::tempdir().unwrap();
+    let sized =
+        |prefix_cache: bool, kv_dtype: KvDtype| EngineConfig { kv_cache_mb: 8, kv_dtype, ..config(prefix_cache, 0, 4) };
+    let exact = tiny_engine(dir.path(), 5, "a", sized(false, KvDtype::F32));
+    let half = tiny_engine(dir.path(), 5, "a", sized(false, KvDtype::F16));
+    let half_cached = tiny_engine(dir.path(), 5, "a", sized(true, KvDtype::F16));
+    let total = |e: &Engine| e.stats().kv.blocks_total.load(Ordering::Relaxed);
+    assert_eq!(total(&half), 2 * total(&exact));
+    let rt = runtime();
+    let system = prompt(1, 37);
+    let mut compared = 0;
+    for question in [[9u32, 8, 7], [4, 5, 6], [20, 30, 40]] {
+        let p = [system.as_slice(), &question].concat();
+        let completion = |e: &Engine| rt.block_on(e.generate(request(p.clone(), 8))).unwrap().choices.remove(0).tokens;
+        let (a, b) = (completion(&exact), completion(&half));
+        assert_eq!(completion(&half_cached), b, "a prefix-cache hit changes nothing in F16 either");
+        // Compare positions up to the first differing token (a near-tie may flip).
+        for (x, y) in a.iter().zip(&b) {
+            let (lx, ly) = (x.logprob.unwrap(), y.logprob.unwrap());
+            if x.token != y.token {
+                assert!((lx - ly).abs() < 0.05, "a flipped token was not a near-tie: {lx} vs {ly}");
+                break;
+            }
+            assert!((lx - ly).abs() < 1e-2, "logprob {lx} (f32 cache) vs {ly} (f16 cache)");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 8, "only {compared} positions agreed");
+}

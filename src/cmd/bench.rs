@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// the context attends over contiguous keys, as before the block pool.
     #[arg(long, default_value_t = inference::kv_pool::DEFAULT_BLOCK_TOKENS)]
     kv_block_tokens: usize,
+    /// How cached keys and values are stored (`[engine] kv_dtype`): f32 or f16.
+    #[arg(long, default_value = "f32")]
+    kv_dtype: inference::kv_pool::KvDtype,
     /// Shared prefix of the prefix-cache row (0: no such row).
     #[arg(long, default_value_t = 512)]
     prefix_tokens: usize,
@@ -79,6 +82,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         queue_capacity: 1024,
         compute_threads: args.threads,
         kv_block_tokens: args.kv_block_tokens,
+        kv_dtype: args.kv_dtype,
         ..Default::default()
     };
     let threads = config.resolved_compute_threads();
@@ -302,10 +306,11 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let peak_rss_mb = super::peak_rss_kb().map(|kb| kb as f64 / 1024.0);
     println!(
-        "model {} ({}, serve_dtype {}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
+        "model {} ({}, serve_dtype {}, kv_dtype {}), {cpu}, {cores} cores, {threads} compute threads, load {load_s:.2}s",
         args.model.display(),
         args.dtype,
-        args.serve_dtype
+        args.serve_dtype,
+        args.kv_dtype.name()
     );
     println!();
     println!("| workload | tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | TPOT p50 ms |");
@@ -329,7 +334,7 @@ fn print_report(args: &BenchArgs, threads: usize, load_s: f64, rows: &[Row]) {
     if args.json {
         let json = serde_json::json!({
             "engine": "instructd", "model": args.model, "dtype": args.dtype,
-            "serve_dtype": args.serve_dtype, "cpu": cpu, "cores": cores,
+            "serve_dtype": args.serve_dtype, "kv_dtype": args.kv_dtype.name(), "cpu": cpu, "cores": cores,
             "threads": threads, "load_s": load_s, "peak_rss_mb": peak_rss_mb, "rows": rows,
         });
         println!("{json}");

@@ -270,7 +270,7 @@ impl Batcher {
         eos.dedup();
         let waiting = FairQueue::new(config.fair_sharing);
         let pool = model.kv_in_blocks().then(|| {
-            let shape = model.kv_block_shape(config.kv_block_tokens);
+            let shape = model.kv_block_shape(config.kv_block_tokens, config.kv_dtype);
             let total = match config.kv_cache_blocks {
                 0 => BlockPool::blocks_in(config.kv_cache_mb.saturating_mul(1 << 20), shape),
                 blocks => blocks,

@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub kv_cache_blocks: usize,
     /// Positions per KV block.
     pub kv_block_tokens: usize,
+    /// How the pool stores keys and values: `f32` (exact) or `f16` (half the
+    /// memory and the bytes a decode step reads; llama.cpp's default).
+    pub kv_dtype: crate::kv_pool::KvDtype,
     /// Keep the KV blocks of prompts (and finished chats) and reuse them for
     /// later requests that start with the same tokens: system prompts, chat
     /// history, few-shot examples, the playground's K samples of a prompt.
@@ -109,6 +112,7 @@ impl Default for EngineConfig {
             kv_cache_mb: 4096,
             kv_cache_blocks: 0,
             kv_block_tokens: crate::kv_pool::DEFAULT_BLOCK_TOKENS,
+            kv_dtype: crate::kv_pool::KvDtype::F32,
             prefix_cache: true,
             kind: EngineKind::Builtin,
             openai_http: OpenAiHttpConfig::default(),

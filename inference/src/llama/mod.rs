@@ -204,10 +204,10 @@ impl Llama {
         SequenceCache::new(self.layers.len(), capacity, kv_width, &self.device)
     }
 
-    /// The shape of this model's KV blocks of `tokens` positions.
-    pub fn kv_block_shape(&self, tokens: usize) -> crate::kv_pool::BlockShape {
+    /// The shape of this model's KV blocks of `tokens` positions stored as `dtype`.
+    pub fn kv_block_shape(&self, tokens: usize, dtype: crate::kv_pool::KvDtype) -> crate::kv_pool::BlockShape {
         let kv_width = self.config.num_kv_heads() * self.config.head_dim();
-        crate::kv_pool::BlockShape { layers: self.layers.len(), tokens: tokens.max(1), kv_width }
+        crate::kv_pool::BlockShape { layers: self.layers.len(), tokens: tokens.max(1), kv_width, dtype }
     }
 
     /// Whether any weight is a trainable variable, which training may update in
