@@ -198,6 +198,17 @@ mod tests {
     }
 
     #[test]
+    fn kv_dtype_comes_from_file_or_environment() {
+        use inference::kv_pool::KvDtype;
+        assert_eq!(load("", &[]).unwrap().engine.kv_dtype, KvDtype::F32);
+        assert_eq!(load("[engine]\nkv_dtype = \"f16\"\n", &[]).unwrap().engine.kv_dtype, KvDtype::F16);
+        let env = load("[engine]\nkv_dtype = \"f16\"\n", &[("INSTRUCTD__ENGINE__KV_DTYPE", "f32")]).unwrap();
+        assert_eq!(env.engine.kv_dtype, KvDtype::F32);
+        assert_eq!(load("", &[("INSTRUCTD__ENGINE__KV_DTYPE", "f16")]).unwrap().engine.kv_dtype, KvDtype::F16);
+        assert!(load("[engine]\nkv_dtype = \"bf16\"\n", &[]).is_err());
+    }
+
+    #[test]
     fn reward_model_margin_comes_from_file_or_environment() {
         assert_eq!(load("", &[]).unwrap().trainer.reward_model.margin_per_rank, 0.0);
         let text = "[trainer.reward_model]\nmargin_per_rank = 0.25\n";
