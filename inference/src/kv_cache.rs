@@ -85,11 +85,12 @@ struct HostBlocks {
 }
 
 impl SequenceCache {
-    /// A cache that grows on its own (no pool); `capacity` sizes a device cache's first buffer.
-    pub(crate) fn new(layers: usize, capacity: usize, kv_width: usize, device: &Device) -> Self {
+    /// A cache that grows on its own (no pool), host blocks stored as
+    /// `dtype`; `capacity` sizes a device cache's first buffer.
+    pub(crate) fn new(layers: usize, capacity: usize, kv_width: usize, dtype: KvDtype, device: &Device) -> Self {
         let storage = match device {
             Device::Cpu => Storage::Host(HostBlocks {
-                shape: BlockShape { layers, tokens: DEFAULT_BLOCK_TOKENS, kv_width, dtype: KvDtype::F32 },
+                shape: BlockShape { layers, tokens: DEFAULT_BLOCK_TOKENS, kv_width, dtype },
                 blocks: Vec::new(),
                 own: Some(Arc::new(AtomicUsize::new(0))),
             }),

@@ -8,12 +8,15 @@
 //! F32's (teacher-forced), and greedy decoding on the evaluation prompts:
 //! how many generated tokens match F32's before the first divergence.
 //! The project's bar: BF16 within 0.5% NLL of F32, 8-bit within 1.5% (4-bit
-//! has no bar: it is reported).
+//! has no bar: it is reported). `--kv-dtype f16` measures the formats with
+//! an F16 KV cache (and F32 weights with one), against the same exact
+//! reference.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use inference::kv_pool::KvDtype;
 use inference::llama::{BatchChunk, Llama};
 use inference::load::{LoadedModel, default_device};
 use inference::model_files::parse_dtype;
@@ -43,6 +46,11 @@ pub struct BenchQualityArgs {
     /// Greedy tokens per prompt.
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
+    /// How the measured formats' caches store keys and values (`[engine]
+    /// kv_dtype`); with f16, F32 weights are measured with it too. The
+    /// reference is always F32 weights with an F32 cache.
+    #[arg(long, default_value = "f32")]
+    kv_dtype: KvDtype,
     /// Also print the results as one JSON object.
     #[arg(long)]
     json: bool,
@@ -54,6 +62,7 @@ const WINDOWS_PER_STEP: usize = 8;
 #[derive(Debug, serde::Serialize)]
 struct FormatRow {
     serve_dtype: String,
+    kv_dtype: &'static str,
     nll: f64,
     nll_change_percent: f64,
     top1_agreement: f64,
@@ -99,24 +108,30 @@ pub fn run(args: BenchQualityArgs) -> anyhow::Result<()> {
         prompts.len(),
         args.gen_tokens
     );
-    let base = measure(&f32_model, &windows, &prompts, args.gen_tokens)?;
+    let exact = KvDtype::F32;
+    let base = measure(&f32_model, exact, &windows, &prompts, args.gen_tokens)?;
+    let mut rows = vec![row(ServeDtype::F32, exact, &base, &base)];
+    if args.kv_dtype != exact {
+        let measured = measure(&f32_model, args.kv_dtype, &windows, &prompts, args.gen_tokens)?;
+        rows.push(row(ServeDtype::F32, args.kv_dtype, &measured, &base));
+    }
     drop(f32_model);
-    let mut rows = vec![row(ServeDtype::F32, &base, &base)];
     for &format in args.formats.iter().filter(|f| **f != ServeDtype::F32) {
         let loaded = LoadedModel::load(&dir, f32, &device)?.with_serve_dtype(format)?;
-        let measured = measure(&loaded.model, &windows, &prompts, args.gen_tokens)?;
-        rows.push(row(format, &measured, &base));
+        let measured = measure(&loaded.model, args.kv_dtype, &windows, &prompts, args.gen_tokens)?;
+        rows.push(row(format, args.kv_dtype, &measured, &base));
     }
     drop(tokenizer);
     println!();
     println!(
-        "| serve_dtype | held-out NLL | vs F32 | top-1 agreement | greedy tokens before divergence | identical greedy |"
+        "| serve_dtype | kv_dtype | held-out NLL | vs F32 | top-1 agreement | greedy tokens before divergence | identical greedy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.4} | {:+.2}% | {:.1}% | {:.1}% | {}/{} |",
+            "| {} | {} | {:.4} | {:+.2}% | {:.1}% | {:.1}% | {}/{} |",
             r.serve_dtype,
+            r.kv_dtype,
             r.nll,
             r.nll_change_percent,
             100.0 * r.top1_agreement,
@@ -136,13 +151,14 @@ pub fn run(args: BenchQualityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn row(format: ServeDtype, m: &Measured, base: &Measured) -> FormatRow {
+fn row(format: ServeDtype, kv: KvDtype, m: &Measured, base: &Measured) -> FormatRow {
     let agree = m.argmax.iter().zip(&base.argmax).filter(|(a, b)| a == b).count();
     let gen_total: usize = base.greedy.iter().map(Vec::len).sum();
     let before: usize =
         m.greedy.iter().zip(&base.greedy).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum();
     FormatRow {
         serve_dtype: format.to_string(),
+        kv_dtype: kv.name(),
         nll: m.nll,
         nll_change_percent: 100.0 * (m.nll - base.nll) / base.nll,
         top1_agreement: agree as f64 / base.argmax.len().max(1) as f64,
@@ -152,10 +168,16 @@ fn row(format: ServeDtype, m: &Measured, base: &Measured) -> FormatRow {
     }
 }
 
-fn measure(model: &Llama, windows: &[Vec<u32>], prompts: &[Vec<u32>], gen_tokens: usize) -> anyhow::Result<Measured> {
+fn measure(
+    model: &Llama,
+    kv: KvDtype,
+    windows: &[Vec<u32>],
+    prompts: &[Vec<u32>],
+    gen_tokens: usize,
+) -> anyhow::Result<Measured> {
     let (mut nll, mut count, mut argmax) = (0f64, 0usize, Vec::new());
     for step in windows.chunks(WINDOWS_PER_STEP) {
-        let mut caches: Vec<_> = step.iter().map(|w| model.new_cache(w.len())).collect();
+        let mut caches: Vec<_> = step.iter().map(|w| model.new_cache_as(w.len(), kv)).collect();
         let mut chunks: Vec<BatchChunk> = step
             .iter()
             .zip(caches.iter_mut())
@@ -174,7 +196,7 @@ fn measure(model: &Llama, windows: &[Vec<u32>], prompts: &[Vec<u32>], gen_tokens
     }
     let mut greedy = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let mut cache = model.new_cache(prompt.len() + gen_tokens);
+        let mut cache = model.new_cache_as(prompt.len() + gen_tokens, kv);
         let mut out = Vec::with_capacity(gen_tokens);
         let mut next: Vec<u32> = prompt.clone();
         while out.len() < gen_tokens {

@@ -199,9 +199,15 @@ impl Llama {
 
     /// An empty cache with room for `capacity` positions before it regrows.
     pub fn new_cache(&self, capacity: usize) -> SequenceCache {
+        self.new_cache_as(capacity, crate::kv_pool::KvDtype::F32)
+    }
+
+    /// [`Llama::new_cache`] storing keys and values as `dtype` on the CPU
+    /// (a device cache stays candle's, in the model's dtype).
+    pub fn new_cache_as(&self, capacity: usize, dtype: crate::kv_pool::KvDtype) -> SequenceCache {
         let capacity = capacity.clamp(1, self.max_positions());
         let kv_width = self.config.num_kv_heads() * self.config.head_dim();
-        SequenceCache::new(self.layers.len(), capacity, kv_width, &self.device)
+        SequenceCache::new(self.layers.len(), capacity, kv_width, dtype, &self.device)
     }
 
     /// The shape of this model's KV blocks of `tokens` positions stored as `dtype`.
