@@ -63,7 +63,7 @@ pub struct EngineConfig {
     /// Memory for the keys and values of every running and cached sequence,
     /// in MiB (CPU serving). Sequences are admitted by the blocks they need
     /// and preempted (recomputed later) when decoding outgrows it. SmolLM2
-    /// (F32 KV, 46 KiB a position): 4096 MiB is ~93k positions.
+    /// (F32 KV, 46 KiB a position; F16 23 KiB): 4096 MiB is ~93k positions (F16 ~186k).
     pub kv_cache_mb: usize,
     /// The pool's size in blocks instead of `kv_cache_mb` (0: from `kv_cache_mb`).
     pub kv_cache_blocks: usize,

@@ -35,11 +35,12 @@
 use rayon::prelude::*;
 
 use super::Kernel;
+use super::panel::{PANEL, PanelKernel, Panels};
+use crate::cpu_linear::run_tiled;
+
 /// Input rows per pass over a pair of panels: 2 × 12 accumulators, two
 /// weight vectors and a broadcast fill 27 of the 32 registers.
 const PAIR_ROWS: usize = 12;
-use super::panel::{PANEL, PanelKernel, Panels};
-use crate::cpu_linear::run_tiled;
 
 /// Round to nearest even, as `half::bf16::from_f32` and `vcvtne2ps2bf16`
 /// do; NaN stays a (quiet) NaN.
@@ -337,7 +338,7 @@ mod x86 {
             // SAFETY: row `r` holds 32 values from `b0` (caller).
             unsafe {
                 _mm512_storeu_ps(out[r].as_mut_ptr().add(b0), acc[0][r]);
-                _mm512_storeu_ps(out[r].as_mut_ptr().add(b0 + 16), acc[1][r]);
+                _mm512_storeu_ps(out[r].as_mut_ptr().add(b0 + super::PANEL), acc[1][r]);
             }
         }
     }

@@ -214,7 +214,8 @@ pub(crate) trait PanelKernel: Sync {
         row_block(left)
     }
 
-    /// Whether passes take two whole panels at once ([`PanelKernel::pair`]).
+    /// Whether passes with several input rows take two whole panels at
+    /// once ([`PanelKernel::pair`]; BF16 does, see [`super::bf16`]).
     const PAIRS: bool = false;
 
     /// Input rows `i..i + R` against the two whole panels from `start`
@@ -263,9 +264,7 @@ impl<K: PanelKernel> Panels<K> {
             start += PANEL;
         }
     }
-}
 
-impl<K: PanelKernel> Panels<K> {
     /// One pass of `R` input rows over a panel or a pair of panels, for [`Tiles::block`].
     #[inline(always)]
     fn pass<const R: usize>(
