@@ -260,8 +260,13 @@ pub fn f32_to_f16(values: &[f32], out: &mut [u16]) {
         return unsafe { x86::f32_to_f16_avx512(values, out) };
     }
     for (o, &v) in out.iter_mut().zip(values) {
-        *o = half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits();
+        *o = f16_bits(v);
     }
+}
+
+/// One value as [`f32_to_f16`] stores it.
+fn f16_bits(v: f32) -> u16 {
+    half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits()
 }
 
 /// `out[j] = Σ_c q[c] · keys_t[c * stride + j]`: scores of one query
@@ -694,19 +699,26 @@ mod x86 {
         _mm512_scalef_ps(e, n)
     }
 
+    /// Whole vectors of 16, the rest by the half crate (no AVX-512BW masked
+    /// 16-bit loads: `Level::Avx512` does not check for BW, and an intrinsic
+    /// whose features the function lacks is not inlined but called).
+    ///
     /// # Safety
     /// AVX-512F must be available; the slices as long as each other.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn f16_to_f32_avx512(bits: &[u16], out: &mut [f32]) {
-        let (n, mut i) = (out.len(), 0);
-        while i < n {
-            let mask = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
-            // SAFETY: masked to the `n - i` values left in both slices.
+        let n = out.len();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: 16 values from `i` in both slices.
             unsafe {
-                let h = _mm256_maskz_loadu_epi16(mask, bits.as_ptr().add(i) as *const i16);
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, _mm512_cvtph_ps(h));
+                let h = _mm256_loadu_si256(bits.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
             }
             i += 16;
+        }
+        for (o, &b) in out[i..].iter_mut().zip(&bits[i..]) {
+            *o = half::f16::from_bits(b).to_f32();
         }
     }
 
@@ -729,23 +741,28 @@ mod x86 {
         }
     }
 
+    /// Whole vectors of 16, the rest as [`super::f32_to_f16`]'s portable loop.
+    ///
     /// # Safety
     /// AVX-512F must be available; the slices as long as each other.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn f32_to_f16_avx512(values: &[f32], out: &mut [u16]) {
-        let (n, mut i) = (out.len(), 0);
+        let n = out.len();
         let (lo, hi) = (_mm512_set1_ps(-super::F16_MAX), _mm512_set1_ps(super::F16_MAX));
-        while i < n {
-            let mask = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
-            // SAFETY: masked to the `n - i` values left in both slices.
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: 16 values from `i` in both slices.
             unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, values.as_ptr().add(i));
+                let v = _mm512_loadu_ps(values.as_ptr().add(i));
                 // `max`/`min` return their second operand when either is NaN: NaN passes through.
                 let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
                 let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, mask, h);
+                _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, h);
             }
             i += 16;
+        }
+        for (o, &v) in out[i..].iter_mut().zip(&values[i..]) {
+            *o = super::f16_bits(v);
         }
     }
 

@@ -570,8 +570,10 @@ mod avx2 {
     /// `out[r][b0..b0 + p]`.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; otherwise as the VNNI kernel's.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C must be available ([`super::Kernel::has_avx2`]);
+    /// otherwise as the VNNI kernel's. (Without F16C enabled here, Q4_0's
+    /// F16 scale conversion compiled to a function call per block.)
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn panel<F: Format, const R: usize>(
         x: &Activations,
         panel: *const u8,
