@@ -206,41 +206,51 @@ impl PanelKernel for Bf16Panels<'_> {
     }
 
     fn pair<const R: usize>(&self, i: usize, start: usize, out: &mut [&mut [f32]], b: usize) {
-        let (kw, bytes) = (2 * words(self.k), row_bytes(self.k));
-        match self.kernel {
-            // SAFETY: as in `panel`, for two whole panels from `start`.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe {
-                let panels = &self.w[start * bytes..(start + 2 * PANEL) * bytes];
-                x86::pair::<R>(self.xb[i * kw..(i + R) * kw].as_ptr(), kw, panels.as_ptr(), out, b)
-            },
-            _ => {
-                self.panel::<R>(i, start, PANEL, out, b);
-                self.panel::<R>(i, start + PANEL, PANEL, out, b + PANEL);
-            }
-        }
+        self.panels::<2, R>(i, start, PANEL, out, b);
     }
 
     fn panel<const R: usize>(&self, i: usize, start: usize, p: usize, out: &mut [&mut [f32]], b: usize) {
+        self.panels::<1, R>(i, start, p, out, b);
+    }
+}
+
+impl Bf16Panels<'_> {
+    /// Input rows `i..i + R` against `P` consecutive panels of `p` rows from
+    /// `start` (two only when whole), written to `out[r][b..b + P · p]`:
+    /// `vdpbf16ps` runs them in one pass, the other kernels one at a time.
+    fn panels<const P: usize, const R: usize>(
+        &self,
+        i: usize,
+        start: usize,
+        p: usize,
+        out: &mut [&mut [f32]],
+        b: usize,
+    ) {
         let (kw, bytes) = (2 * words(self.k), row_bytes(self.k));
-        let panel = &self.w[start * bytes..(start + p) * bytes];
-        match self.kernel {
-            // SAFETY (all three): the CPU has the kernel (`Kernel::supported`, `widening_is_avx512f`); the
-            // activations hold R rows of kw values from row i, `panel` a panel of p packed rows, and each
-            // output row p values from `b` (checked by `Panels`).
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe {
-                x86::panel::<R>(self.xb[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
-            },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 if self.wide => unsafe {
-                x86::panel_avx512f::<R>(self.xf[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
-            },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe {
-                x86::panel_avx2::<R>(self.xf[i * kw..(i + R) * kw].as_ptr(), kw, panel.as_ptr(), p, out, b)
-            },
-            _ => panel_portable::<R>(&self.xb[i * kw..(i + R) * kw], kw, panel, p, out, b),
+        let panels = &self.w[start * bytes..(start + P * p) * bytes];
+        let rows = i * kw..(i + R) * kw;
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx512 {
+            // SAFETY: the CPU has AVX-512 BF16 (`Kernel::supported`); the activations hold R rows of kw values
+            // from row i, `panels` P panels of p packed rows, and each output row P · p values from `b`
+            // (checked by `Panels`).
+            return unsafe { x86::panels::<P, R>(self.xb[rows].as_ptr(), kw, panels.as_ptr(), p, out, b) };
+        }
+        for (q, panel) in panels.chunks_exact(p * bytes).enumerate() {
+            let b = b + q * p;
+            match self.kernel {
+                // SAFETY (both): the CPU has the kernel (`Kernel::supported`, `widening_is_avx512f`); as above,
+                // for one panel.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 if self.wide => unsafe {
+                    x86::panel_avx512f::<R>(self.xf[rows.clone()].as_ptr(), kw, panel.as_ptr(), p, out, b)
+                },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe {
+                    x86::panel_avx2::<R>(self.xf[rows.clone()].as_ptr(), kw, panel.as_ptr(), p, out, b)
+                },
+                _ => panel_portable::<R>(&self.xb[rows.clone()], kw, panel, p, out, b),
+            }
         }
     }
 }
@@ -273,72 +283,53 @@ mod x86 {
     /// 64-byte line per word of a full panel; a task's panels are contiguous).
     const PREFETCH_WORDS: usize = 16;
 
-    /// `R` input rows (BF16 bits, `kw` per row) against a panel of `p`
-    /// rows, written to `out[r][b0..b0 + p]`.
+    /// `R` input rows (BF16 bits, `kw` per row) against `P` consecutive
+    /// panels of `p` rows, written to `out[r][b0..b0 + P · p]`: with two
+    /// panels each broadcast word feeds two products.
     ///
     /// # Safety
     /// AVX-512F, BW, VL and BF16 must be available; `x` must hold `R · kw`
-    /// values, `panel` a packed panel of `p ≤ 16` rows of `kw / 2` words,
-    /// and `out` `R` rows of at least `b0 + p` values.
+    /// values, `panels` `P` packed panels of `p ≤ 16` rows of `kw / 2`
+    /// words, and `out` `R` rows of at least `b0 + P · p` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn panel<const R: usize>(
+    pub unsafe fn panels<const P: usize, const R: usize>(
         x: *const u16,
         kw: usize,
-        panel: *const u8,
+        panels: *const u8,
         p: usize,
         out: &mut [&mut [f32]],
         b0: usize,
     ) {
         let rows = rows_mask(p);
-        let mut acc = [_mm512_setzero_ps(); R];
+        // A panel of p rows takes p · 2 kw bytes. (A loop, not `array::from_fn`: closures do not inherit the
+        // target features and stay calls.)
+        let mut starts = [panels; P];
+        for q in 0..P {
+            starts[q] = panels.wrapping_add(q * 2 * p * kw);
+        }
+        let mut acc = [[_mm512_setzero_ps(); R]; P];
         for t in 0..kw / 2 {
-            // SAFETY (whole block): the masked load reads word t of the panel's p rows, the broadcasts word t
+            // SAFETY (whole block): the masked loads read word t of each panel's p rows, the broadcasts word t
             // of each input row (caller); prefetches never fault.
             unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(4 * p * (t + PREFETCH_WORDS)) as *const i8);
-                let w: __m512bh =
-                    std::mem::transmute(_mm512_maskz_loadu_epi32(rows, panel.add(4 * p * t) as *const i32));
-                for r in 0..R {
-                    let xw = (x.add(r * kw + 2 * t) as *const i32).read_unaligned();
-                    acc[r] =
-                        _mm512_dpbf16_ps(acc[r], std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xw)), w);
+                let mut w = [_mm512_setzero_si512(); P];
+                for q in 0..P {
+                    _mm_prefetch::<_MM_HINT_T0>(starts[q].wrapping_add(4 * p * (t + PREFETCH_WORDS)) as *const i8);
+                    w[q] = _mm512_maskz_loadu_epi32(rows, starts[q].add(4 * p * t) as *const i32);
                 }
-            }
-        }
-        for r in 0..R {
-            // SAFETY: row `r` holds `p` values from `b0` (caller); the masked store writes only those.
-            unsafe { _mm512_mask_storeu_ps(out[r].as_mut_ptr().add(b0), rows, acc[r]) };
-        }
-    }
-
-    /// As [`panel`] for two whole panels side by side (`out[r][b0..b0 + 32]`).
-    ///
-    /// # Safety
-    /// As [`panel`], with `panels` two whole packed panels.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn pair<const R: usize>(x: *const u16, kw: usize, panels: *const u8, out: &mut [&mut [f32]], b0: usize) {
-        let second = panels.wrapping_add(2 * super::PANEL * kw);
-        let mut acc = [[_mm512_setzero_ps(); R]; 2];
-        for t in 0..kw / 2 {
-            // SAFETY (whole block): as in `panel`, for both panels.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(panels.wrapping_add(64 * (t + PREFETCH_WORDS)) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add(64 * (t + PREFETCH_WORDS)) as *const i8);
-                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panels.add(64 * t) as *const __m512i));
-                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(second.add(64 * t) as *const __m512i));
                 for r in 0..R {
                     let xw = (x.add(r * kw + 2 * t) as *const i32).read_unaligned();
                     let xb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(xw));
-                    acc[0][r] = _mm512_dpbf16_ps(acc[0][r], xb, w0);
-                    acc[1][r] = _mm512_dpbf16_ps(acc[1][r], xb, w1);
+                    for q in 0..P {
+                        acc[q][r] = _mm512_dpbf16_ps(acc[q][r], xb, std::mem::transmute::<__m512i, __m512bh>(w[q]));
+                    }
                 }
             }
         }
         for r in 0..R {
-            // SAFETY: row `r` holds 32 values from `b0` (caller).
-            unsafe {
-                _mm512_storeu_ps(out[r].as_mut_ptr().add(b0), acc[0][r]);
-                _mm512_storeu_ps(out[r].as_mut_ptr().add(b0 + super::PANEL), acc[1][r]);
+            for q in 0..P {
+                // SAFETY: row `r` holds `P · p` values from `b0` (caller); the masked store writes only panel q's.
+                unsafe { _mm512_mask_storeu_ps(out[r].as_mut_ptr().add(b0 + q * p), rows, acc[q][r]) };
             }
         }
     }
@@ -348,7 +339,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512F must be available; `x` must hold `R · kw` F32 values,
-    /// otherwise as [`panel`].
+    /// otherwise as [`panels`] for one panel.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn panel_avx512f<const R: usize>(
         x: *const f32,
@@ -362,7 +353,7 @@ mod x86 {
         let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
         let mut acc = [_mm512_setzero_ps(); R];
         for t in 0..kw / 2 {
-            // SAFETY (whole block): as in `panel`.
+            // SAFETY (whole block): as in `panels`.
             unsafe {
                 _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(4 * p * (t + PREFETCH_WORDS)) as *const i8);
                 let v = _mm512_maskz_loadu_epi32(rows, panel.add(4 * p * t) as *const i32);
@@ -375,7 +366,7 @@ mod x86 {
             }
         }
         for r in 0..R {
-            // SAFETY: as in `panel`.
+            // SAFETY: as in `panels`.
             unsafe { _mm512_mask_storeu_ps(out[r].as_mut_ptr().add(b0), rows, acc[r]) };
         }
     }
