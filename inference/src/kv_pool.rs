@@ -60,11 +60,10 @@ impl std::str::FromStr for KvDtype {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(KvDtype::F32),
-            "f16" => Ok(KvDtype::F16),
-            other => Err(format!("unknown KV dtype {other:?} (f32 or f16)")),
-        }
+        [KvDtype::F32, KvDtype::F16]
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown KV dtype {s:?} (f32 or f16)"))
     }
 }
 

@@ -237,15 +237,15 @@ const F16_MAX: f32 = 65504.0;
 /// `out[i] = f32(bits[i])`, IEEE half to single (exact).
 pub fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
     assert_eq!(bits.len(), out.len(), "f16_to_f32: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 {
-        // SAFETY: the CPU has AVX-512F; the lengths match.
-        return unsafe { x86::f16_to_f32_avx512(bits, out) };
-    } else if level() == Level::Avx2 && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has AVX2 and F16C; the lengths match.
-        return unsafe { x86::f16_to_f32_f16c(bits, out) };
-    }
-    for (o, &b) in out.iter_mut().zip(bits) {
+    let done = match level() {
+        // SAFETY (both): the CPU has the features; the lengths match.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { x86::f16_to_f32_avx512(bits, out) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 if std::arch::is_x86_feature_detected!("f16c") => unsafe { x86::f16_to_f32_f16c(bits, out) },
+        _ => 0,
+    };
+    for (o, &b) in out[done..].iter_mut().zip(&bits[done..]) {
         *o = half::f16::from_bits(b).to_f32();
     }
 }
@@ -254,19 +254,15 @@ pub fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
 /// range (NaN stays NaN); every path gives the same bits.
 pub fn f32_to_f16(values: &[f32], out: &mut [u16]) {
     assert_eq!(values.len(), out.len(), "f32_to_f16: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 {
+    let done = match level() {
         // SAFETY: the CPU has AVX-512F; the lengths match.
-        return unsafe { x86::f32_to_f16_avx512(values, out) };
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { x86::f32_to_f16_avx512(values, out) },
+        _ => 0,
+    };
+    for (o, &v) in out[done..].iter_mut().zip(&values[done..]) {
+        *o = half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits();
     }
-    for (o, &v) in out.iter_mut().zip(values) {
-        *o = f16_bits(v);
-    }
-}
-
-/// One value as [`f32_to_f16`] stores it.
-fn f16_bits(v: f32) -> u16 {
-    half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits()
 }
 
 /// `out[j] = Σ_c q[c] · keys_t[c * stride + j]`: scores of one query
@@ -699,58 +695,53 @@ mod x86 {
         _mm512_scalef_ps(e, n)
     }
 
-    /// Whole vectors of 16, the rest by the half crate (no AVX-512BW masked
-    /// 16-bit loads: `Level::Avx512` does not check for BW, and an intrinsic
-    /// whose features the function lacks is not inlined but called).
+    /// The whole vectors of 16 of [`super::f16_to_f32`], returning how many
+    /// values it converted (plain loads, not AVX-512BW masked ones:
+    /// `Level::Avx512` does not check for BW, and an intrinsic whose features
+    /// the function lacks is not inlined but called).
     ///
     /// # Safety
     /// AVX-512F must be available; the slices as long as each other.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn f16_to_f32_avx512(bits: &[u16], out: &mut [f32]) {
-        let n = out.len();
-        let mut i = 0;
-        while i + 16 <= n {
+    pub unsafe fn f16_to_f32_avx512(bits: &[u16], out: &mut [f32]) -> usize {
+        let whole = out.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
             // SAFETY: 16 values from `i` in both slices.
             unsafe {
                 let h = _mm256_loadu_si256(bits.as_ptr().add(i) as *const __m256i);
                 _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
             }
-            i += 16;
         }
-        for (o, &b) in out[i..].iter_mut().zip(&bits[i..]) {
-            *o = half::f16::from_bits(b).to_f32();
-        }
+        whole
     }
 
+    /// As [`f16_to_f32_avx512`], in vectors of 8.
+    ///
     /// # Safety
     /// AVX2 and F16C must be available; the slices as long as each other.
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn f16_to_f32_f16c(bits: &[u16], out: &mut [f32]) {
-        let n = out.len();
-        let mut i = 0;
-        while i + 8 <= n {
+    pub unsafe fn f16_to_f32_f16c(bits: &[u16], out: &mut [f32]) -> usize {
+        let whole = out.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
             // SAFETY: 8 values from `i` in both slices.
             unsafe {
                 let h = _mm_loadu_si128(bits.as_ptr().add(i) as *const __m128i);
                 _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
             }
-            i += 8;
         }
-        for (o, &b) in out[i..].iter_mut().zip(&bits[i..]) {
-            *o = half::f16::from_bits(b).to_f32();
-        }
+        whole
     }
 
-    /// Whole vectors of 16, the rest as [`super::f32_to_f16`]'s portable loop.
+    /// The whole vectors of 16 of [`super::f32_to_f16`], returning how many
+    /// values it converted.
     ///
     /// # Safety
     /// AVX-512F must be available; the slices as long as each other.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn f32_to_f16_avx512(values: &[f32], out: &mut [u16]) {
-        let n = out.len();
+    pub unsafe fn f32_to_f16_avx512(values: &[f32], out: &mut [u16]) -> usize {
         let (lo, hi) = (_mm512_set1_ps(-super::F16_MAX), _mm512_set1_ps(super::F16_MAX));
-        let mut i = 0;
-        while i + 16 <= n {
+        let whole = out.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
             // SAFETY: 16 values from `i` in both slices.
             unsafe {
                 let v = _mm512_loadu_ps(values.as_ptr().add(i));
@@ -759,11 +750,8 @@ mod x86 {
                 let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
                 _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, h);
             }
-            i += 16;
         }
-        for (o, &v) in out[i..].iter_mut().zip(&values[i..]) {
-            *o = super::f16_bits(v);
-        }
+        whole
     }
 
     /// # Safety
